@@ -1,0 +1,238 @@
+"""``manifest.json``: the dataset's table of contents, written last.
+
+It lists every shard in order with its sample count, byte sizes and sha256,
+plus the field schema seen while writing, so readers know exact counts
+before opening a shard.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import tempfile
+from dataclasses import asdict, dataclass, field
+from typing import Any
+
+import numpy as np
+
+from .errors import ManifestError, StorageError
+
+__all__ = ["MANIFEST_NAME", "FORMAT_VERSION", "ShardInfo", "Manifest", "SchemaBuilder",
+           "load_manifest"]
+
+MANIFEST_NAME = "manifest.json"
+FORMAT_NAME = "shardstream"
+FORMAT_VERSION = 1
+
+
+@dataclass(frozen=True)
+class ShardInfo:
+    """One shard as the manifest lists it."""
+
+    name: str
+    num_samples: int
+    bytes: int
+    sha256: str
+    num_blocks: int
+    index: str
+    index_bytes: int
+    index_sha256: str
+
+
+@dataclass
+class Manifest:
+    """The dataset description stored in ``manifest.json``."""
+
+    shards: list[ShardInfo] = field(default_factory=list)
+    schema: dict[str, dict[str, Any]] = field(default_factory=dict)
+    key_field: str = "__key__"
+    block_bytes: int = 65536
+    version: int = FORMAT_VERSION
+    created_by: str = ""
+
+    @property
+    def num_samples(self) -> int:
+        return sum(s.num_samples for s in self.shards)
+
+    @property
+    def total_bytes(self) -> int:
+        return sum(s.bytes + s.index_bytes for s in self.shards)
+
+    def shard_starts(self) -> list[int]:
+        """Global ordinal of each shard's first sample."""
+        out, acc = [], 0
+        for s in self.shards:
+            out.append(acc)
+            acc += s.num_samples
+        return out
+
+    def to_json(self) -> str:
+        doc = {"format": FORMAT_NAME, "version": self.version, "created_by": self.created_by,
+               "codec": {"name": "msgpack", "ndarray_ext": 1},
+               "key_field": self.key_field, "block_bytes": self.block_bytes,
+               "num_samples": self.num_samples, "total_bytes": self.total_bytes,
+               "num_shards": len(self.shards),
+               "shards": [asdict(s) for s in self.shards], "schema": self.schema}
+        return json.dumps(doc, indent=1) + "\n"
+
+    @classmethod
+    def from_json(cls, text: str, *, where: str = MANIFEST_NAME) -> "Manifest":
+        try:
+            doc = json.loads(text)
+        except ValueError as exc:
+            raise ManifestError(f"{where}: not valid JSON ({exc}); rewrite the dataset") from exc
+        if not isinstance(doc, dict) or doc.get("format") != FORMAT_NAME:
+            raise ManifestError(f"{where}: not a shardstream manifest")
+        version = doc.get("version")
+        if version != FORMAT_VERSION:
+            raise ManifestError(f"{where}: format version {version!r} is not supported by this "
+                                f"shardstream (reads {FORMAT_VERSION}); upgrade shardstream")
+        try:
+            shards = [ShardInfo(**s) for s in doc["shards"]]
+            return cls(shards=shards, schema=doc.get("schema", {}),
+                       key_field=doc.get("key_field", "__key__"),
+                       block_bytes=int(doc.get("block_bytes", 65536)), version=version,
+                       created_by=doc.get("created_by", ""))
+        except (KeyError, TypeError, ValueError) as exc:
+            raise ManifestError(f"{where}: malformed shard list ({exc})") from exc
+
+    def save(self, directory: str) -> None:
+        """Write atomically: temp file, fsync, rename, fsync the directory."""
+        atomic_write(os.path.join(directory, MANIFEST_NAME), self.to_json().encode())
+
+
+def load_manifest(directory: str) -> Manifest:
+    path = os.path.join(directory, MANIFEST_NAME)
+    try:
+        with open(path, "rb") as f:
+            text = f.read().decode("utf-8")
+    except FileNotFoundError:
+        raise ManifestError(f"{path} does not exist: {directory} is not a (finished) "
+                            "shardstream dataset") from None
+    except OSError as exc:
+        raise StorageError(f"cannot read {path}: {exc.strerror or exc}") from exc
+    return Manifest.from_json(text, where=path)
+
+
+def fsync_dir(directory: str) -> None:
+    try:
+        fd = os.open(directory, os.O_RDONLY)
+    except OSError:
+        return
+    try:
+        os.fsync(fd)
+    except OSError:
+        pass
+    finally:
+        os.close(fd)
+
+
+def atomic_write(path: str, data: bytes) -> None:
+    directory = os.path.dirname(path) or "."
+    fd, tmp = tempfile.mkstemp(prefix="." + os.path.basename(path) + ".", suffix=".tmp",
+                               dir=directory)
+    try:
+        with os.fdopen(fd, "wb") as f:
+            f.write(data)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        try:
+            os.unlink(tmp)
+        except OSError:
+            pass
+        raise
+    fsync_dir(directory)
+
+
+# ---------------------------------------------------------------- schema
+_TYPE_NAMES = {int: "int", float: "float", bool: "bool", str: "str", bytes: "bytes",
+               type(None): "null", list: "list", tuple: "list", np.ndarray: "ndarray"}
+
+
+class SchemaBuilder:
+    """Accumulates the fields seen: dotted path -> count, types, array dtype/shape."""
+
+    def __init__(self) -> None:
+        self._fields: dict[str, dict[str, Any]] = {}
+
+    def observe(self, sample: dict, prefix: str = "") -> None:
+        fields = self._fields
+        for k, v in sample.items():
+            t = type(v)
+            if t is dict:
+                self.observe(v, f"{prefix}{k}.")
+                continue
+            path = prefix + k if prefix else k
+            f = fields.get(path)
+            if f is None:
+                f = fields[path] = {"count": 0, "types": set()}
+            f["count"] += 1
+            name = _TYPE_NAMES.get(t) or _type_name(v)
+            f["types"].add(name)
+            if name in ("ndarray", "tensor"):
+                _observe_array(f, v)
+
+    def merge(self, other: "SchemaBuilder | dict[str, dict[str, Any]]") -> None:
+        items = other.to_dict() if isinstance(other, SchemaBuilder) else other
+        for path, g in items.items():
+            f = self._fields.setdefault(path, {"count": 0, "types": set()})
+            f["count"] += g["count"]
+            f["types"].update(g["types"])
+            if "dtypes" in g:
+                f.setdefault("dtypes", set()).update(g["dtypes"])
+                shape = g["shape"]
+                if "shape" not in f:
+                    f["shape"] = list(shape) if shape is not None else None
+                else:
+                    f["shape"] = _merge_shape(f["shape"], shape)
+
+    def to_dict(self) -> dict[str, dict[str, Any]]:
+        out = {}
+        for path, f in sorted(self._fields.items()):
+            d: dict[str, Any] = {"count": f["count"], "types": sorted(f["types"])}
+            if "dtypes" in f:
+                d["dtypes"] = sorted(f["dtypes"])
+                d["shape"] = f["shape"]
+            out[path] = d
+        return out
+
+
+def _type_name(v: Any) -> str:
+    if isinstance(v, bool) or isinstance(v, np.bool_):
+        return "bool"
+    if isinstance(v, (int, np.integer)):
+        return "int"
+    if isinstance(v, (float, np.floating)):
+        return "float"
+    if isinstance(v, str):
+        return "str"
+    if isinstance(v, (bytes, bytearray)):
+        return "bytes"
+    if isinstance(v, (list, tuple)):
+        return "list"
+    if isinstance(v, np.ndarray):
+        return "ndarray"
+    if type(v).__module__ == "torch":
+        return "tensor"
+    return type(v).__name__
+
+
+def _observe_array(f: dict[str, Any], v: Any) -> None:
+    dtype = str(v.dtype).replace("torch.", "")
+    shape = list(v.shape)
+    if "dtypes" not in f:
+        f["dtypes"] = {dtype}
+        f["shape"] = shape
+        return
+    f["dtypes"].add(dtype)
+    if f["shape"] != shape:
+        f["shape"] = _merge_shape(f["shape"], shape)
+
+
+def _merge_shape(a: list | None, b: list | None) -> list | None:
+    """Per-dimension size where all agree, None where they vary; None if ndim varies."""
+    if a is None or b is None or len(a) != len(b):
+        return None
+    return [x if x == y else None for x, y in zip(a, b)]

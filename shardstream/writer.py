@@ -1,0 +1,410 @@
+"""ShardWriter: samples -> blocks -> tar shards + indexes, staged, then published.
+
+Shards are written into a hidden staging folder inside the output directory
+and only moved to their final names (``<prefix>-000000.tar``) when the writer
+closes cleanly; ``manifest.json`` is written last. A crash, an exception or
+Ctrl-C therefore never leaves a shard that a manifest lists but that is
+incomplete, and an existing dataset survives a failed overwrite or append.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import os
+import re
+import shutil
+import tempfile
+from typing import Any, BinaryIO
+
+import numpy as np
+
+from . import __version__
+from .codec import encode_sample
+from .errors import DatasetExistsError, EncodeError, ManifestError, StorageError
+from .index import INDEX_SUFFIX, TAR_END, ShardIndex, member_name, padded, tar_header
+from .manifest import MANIFEST_NAME, Manifest, SchemaBuilder, ShardInfo, fsync_dir, load_manifest
+
+__all__ = ["ShardWriter", "DEFAULT_MAX_BYTES", "DEFAULT_BLOCK_BYTES"]
+
+DEFAULT_MAX_BYTES = 256 * 1024 * 1024
+DEFAULT_BLOCK_BYTES = 64 * 1024
+STAGING_PREFIX = ".staging-"
+_PAD = b"\0" * 512
+
+
+def _storage_error(action: str, path: str, exc: OSError) -> StorageError:
+    return StorageError(f"cannot {action} {path}: {exc.strerror or exc}", exc.errno)
+
+
+class ShardSink:
+    """Writes shards into one (staging) directory; knows nothing about datasets.
+
+    ``first_ordinal`` numbers samples for error messages and default keys.
+    """
+
+    def __init__(self, directory: str, *, max_samples: int | None = None,
+                 max_bytes: int = DEFAULT_MAX_BYTES, block_bytes: int = DEFAULT_BLOCK_BYTES,
+                 key_field: str = "__key__", first_ordinal: int = 0, fsync: bool = True,
+                 name_format: str = "part-{:06d}.tar") -> None:
+        if max_samples is not None and max_samples < 1:
+            raise ValueError(f"max_samples must be >= 1, got {max_samples}")
+        if max_bytes < 4096:
+            raise ValueError(f"max_bytes must be >= 4096, got {max_bytes}")
+        if block_bytes < 1:
+            raise ValueError(f"block_bytes must be >= 1, got {block_bytes}")
+        self.directory = directory
+        self.max_samples = max_samples
+        self.max_bytes = max_bytes
+        self.block_bytes = block_bytes
+        self.key_field = key_field
+        self.fsync = fsync
+        self.name_format = name_format
+        self.schema = SchemaBuilder()
+        self.shards: list[ShardInfo] = []
+        self.num_samples = 0
+        self.bytes_written = 0
+        self._ordinal = first_ordinal
+        self._block: list[bytes] = []
+        self._block_len = 0
+        self._file: BinaryIO | None = None
+        self._reset_shard()
+
+    # -- samples -------------------------------------------------------------
+    def write(self, sample: dict[str, Any]) -> None:
+        key = self._key_of(sample)
+        data = encode_sample(sample, key=key)
+        self.schema.observe(sample)
+        size = len(data)
+        if self._block and self._block_len + size > self.block_bytes:
+            self._flush_block()
+        if self._shard_samples + len(self._block) > 0 and self._shard_full(size):
+            self._flush_block()
+            self._finish_shard()
+        self._block.append(data)
+        self._block_len += size
+        self._ordinal += 1
+        self.num_samples += 1
+        if self._block_len >= self.block_bytes:
+            self._flush_block()
+
+    def _key_of(self, sample: Any) -> object:
+        if not isinstance(sample, dict):
+            raise EncodeError(f"sample {self._ordinal}: a sample must be a dict, got "
+                              f"{type(sample).__name__}", sample=self._ordinal)
+        key = sample.get(self.key_field)
+        if key is None:
+            if self.key_field != "__key__":
+                raise EncodeError(f"sample {self._ordinal}: key field {self.key_field!r} is "
+                                  "missing; every sample needs it", sample=self._ordinal,
+                                  path=self.key_field)
+            return self._ordinal
+        if not isinstance(key, (str, int)) or isinstance(key, bool):
+            raise EncodeError(f"sample {self._ordinal}: key field {self.key_field!r} must be "
+                              f"str or int, got {type(key).__name__}", sample=self._ordinal,
+                              path=self.key_field)
+        return key
+
+    def _shard_full(self, size: int) -> bool:
+        if self.max_samples is not None and \
+                self._shard_samples + len(self._block) + 1 > self.max_samples:
+            return True
+        member = 512 + padded(self._block_len + size)
+        return self._shard_bytes + member + len(TAR_END) > self.max_bytes
+
+    # -- blocks and shards -----------------------------------------------------
+    def _reset_shard(self) -> None:
+        self._shard_bytes = 0
+        self._shard_samples = 0
+        self._sha = hashlib.sha256()
+        self._offsets: list[int] = []
+        self._sizes: list[int] = []
+        self._firsts: list[int] = []
+        self._sample_offsets: list[int] = []
+
+    def _path(self, n: int) -> str:
+        return os.path.join(self.directory, self.name_format.format(n))
+
+    def _emit(self, data: bytes | memoryview) -> None:
+        assert self._file is not None
+        try:
+            self._file.write(data)
+        except OSError as exc:
+            raise _storage_error("write", self._file.name, exc) from exc
+        self._sha.update(data)
+        self._shard_bytes += len(data)
+
+    def _flush_block(self) -> None:
+        if not self._block:
+            return
+        if self._file is None:
+            path = self._path(len(self.shards))
+            try:
+                self._file = open(path, "wb")
+            except OSError as exc:
+                raise _storage_error("create", path, exc) from exc
+        pos = 0
+        for data in self._block:
+            self._sample_offsets.append(pos)
+            pos += len(data)
+        payload = b"".join(self._block)
+        self._emit(tar_header(member_name(len(self._offsets)), len(payload)))
+        self._offsets.append(self._shard_bytes)
+        self._sizes.append(len(payload))
+        self._firsts.append(self._shard_samples)
+        self._emit(payload)
+        if len(payload) % 512:
+            self._emit(_PAD[: 512 - len(payload) % 512])
+        self._shard_samples += len(self._block)
+        self._block = []
+        self._block_len = 0
+
+    def _finish_shard(self) -> None:
+        if self._file is None:
+            return
+        self._emit(TAR_END)
+        f, self._file = self._file, None
+        try:
+            f.flush()
+            if self.fsync:
+                os.fsync(f.fileno())
+        except OSError as exc:
+            raise _storage_error("write", f.name, exc) from exc
+        finally:
+            f.close()
+        index = ShardIndex(self._shard_samples, self._shard_bytes, self._sha.hexdigest(),
+                           np.array(self._offsets, np.uint64), np.array(self._sizes, np.uint64),
+                           np.array(self._firsts, np.uint64), np.array(self._sample_offsets))
+        idx_bytes = index.to_bytes()
+        idx_path = f.name + INDEX_SUFFIX
+        try:
+            with open(idx_path, "wb") as g:
+                g.write(idx_bytes)
+                g.flush()
+                if self.fsync:
+                    os.fsync(g.fileno())
+        except OSError as exc:
+            raise _storage_error("write", idx_path, exc) from exc
+        name = os.path.basename(f.name)
+        self.shards.append(ShardInfo(
+            name=name, num_samples=self._shard_samples, bytes=self._shard_bytes,
+            sha256=index.shard_sha256, num_blocks=index.num_blocks, index=name + INDEX_SUFFIX,
+            index_bytes=len(idx_bytes), index_sha256=hashlib.sha256(idx_bytes).hexdigest()))
+        self.bytes_written += self._shard_bytes + len(idx_bytes)
+        self._reset_shard()
+
+    def finish(self) -> list[ShardInfo]:
+        """Flush the open block and shard; returns every shard written."""
+        self._flush_block()
+        self._finish_shard()
+        return self.shards
+
+    def close_files(self) -> None:
+        if self._file is not None:
+            self._file.close()
+            self._file = None
+
+
+# ---------------------------------------------------------------- datasets
+def _existing_entries(output_dir: str) -> list[str]:
+    try:
+        return sorted(os.listdir(output_dir))
+    except FileNotFoundError:
+        return []
+    except OSError as exc:
+        raise _storage_error("list", output_dir, exc) from exc
+
+
+def publish(output_dir: str, staged: list[tuple[str, ShardInfo]], schema: SchemaBuilder, *,
+            prefix: str, base: Manifest | None, replace: Manifest | None, key_field: str,
+            block_bytes: int) -> Manifest:
+    """Move staged shards to their final names and write the manifest last.
+
+    ``base``: the dataset being appended to (kept); ``replace``: the dataset
+    being overwritten (its manifest goes first, then its shards).
+    """
+    if replace is not None:
+        _remove(os.path.join(output_dir, MANIFEST_NAME))
+        for s in replace.shards:
+            _remove(os.path.join(output_dir, s.name))
+            _remove(os.path.join(output_dir, s.index))
+    kept = list(base.shards) if base else []
+    taken = {s.name for s in kept}
+    number = _next_number(kept, prefix)
+    final: list[ShardInfo] = []
+    for staging_dir, info in staged:
+        while f"{prefix}-{number:06d}.tar" in taken:
+            number += 1
+        name = f"{prefix}-{number:06d}.tar"
+        number += 1
+        for src, dst in ((info.name, name), (info.index, name + INDEX_SUFFIX)):
+            try:
+                os.replace(os.path.join(staging_dir, src), os.path.join(output_dir, dst))
+            except OSError as exc:
+                raise _storage_error("move into place", os.path.join(output_dir, dst), exc) from exc
+        final.append(ShardInfo(**{**info.__dict__, "name": name, "index": name + INDEX_SUFFIX}))
+    fsync_dir(output_dir)
+    merged = SchemaBuilder()
+    if base:
+        merged.merge(_schema_sets(base.schema))
+    merged.merge(schema)
+    manifest = Manifest(shards=kept + final, schema=merged.to_dict(), key_field=key_field,
+                        block_bytes=block_bytes, created_by=f"shardstream {__version__}")
+    try:
+        manifest.save(output_dir)
+    except OSError as exc:
+        raise _storage_error("write", os.path.join(output_dir, MANIFEST_NAME), exc) from exc
+    return manifest
+
+
+def _schema_sets(schema: dict[str, dict[str, Any]]) -> dict[str, dict[str, Any]]:
+    out = {}
+    for path, f in schema.items():
+        g = {"count": f["count"], "types": set(f["types"])}
+        if "dtypes" in f:
+            g["dtypes"], g["shape"] = set(f["dtypes"]), f["shape"]
+        out[path] = g
+    return out
+
+
+def _next_number(shards: list[ShardInfo], prefix: str) -> int:
+    pat = re.compile(re.escape(prefix) + r"-(\d+)\.tar$")
+    nums = [int(m.group(1)) for s in shards if (m := pat.match(s.name))]
+    return max(nums) + 1 if nums else 0
+
+
+def _remove(path: str) -> None:
+    try:
+        os.unlink(path)
+    except FileNotFoundError:
+        pass
+    except OSError as exc:
+        raise _storage_error("remove", path, exc) from exc
+
+
+def prepare_output(output_dir: str, *, prefix: str, overwrite: bool, append: bool,
+                   key_field: str) -> tuple[Manifest | None, Manifest | None]:
+    """Check the output location; returns (base to append to, dataset to replace)."""
+    if overwrite and append:
+        raise ValueError("overwrite and append are mutually exclusive")
+    try:
+        os.makedirs(output_dir, exist_ok=True)
+    except OSError as exc:
+        raise _storage_error("create directory", output_dir, exc) from exc
+    entries = _existing_entries(output_dir)
+    has_manifest = MANIFEST_NAME in entries
+    old = load_manifest(output_dir) if has_manifest and (append or overwrite) else None
+    if append:
+        if old is not None and old.key_field != key_field:
+            raise ManifestError(f"{output_dir} uses key field {old.key_field!r}, not "
+                                f"{key_field!r}; append with the same key field")
+        return old, None
+    if entries and not overwrite:
+        shown = ", ".join(entries[:5]) + (", ..." if len(entries) > 5 else "")
+        what = "a dataset" if has_manifest else "files"
+        raise DatasetExistsError(
+            f"{output_dir} already holds {what} ({shown}); pass overwrite=True "
+            "(--overwrite) to replace it or append=True (--append) to add shards")
+    if overwrite:
+        for e in entries:  # leftovers of crashed writes
+            if e.startswith(STAGING_PREFIX):
+                shutil.rmtree(os.path.join(output_dir, e), ignore_errors=True)
+        pat = re.compile(re.escape(prefix) + r"-\d+\.tar(\.idx)?$")
+        stray = [e for e in entries if pat.match(e)]
+        if old is None:
+            old = Manifest()
+        listed = {n for s in old.shards for n in (s.name, s.index)}
+        old.shards = old.shards + [ShardInfo(e, 0, 0, "", 0, e, 0, "") for e in stray
+                                   if e not in listed]
+    return None, old
+
+
+def make_staging(output_dir: str) -> str:
+    try:
+        return tempfile.mkdtemp(prefix=STAGING_PREFIX, dir=output_dir)
+    except OSError as exc:
+        raise _storage_error("create staging directory in", output_dir, exc) from exc
+
+
+class ShardWriter:
+    """Write sample dicts into a shardstream dataset directory.
+
+    >>> with ShardWriter("out", max_bytes=64 << 20) as w:   # doctest: +SKIP
+    ...     for sample in samples:
+    ...         w.write(sample)
+
+    Shards roll at ``max_bytes`` real bytes on disk (tar headers and padding
+    counted) or ``max_samples`` samples, whichever comes first. Small samples
+    are packed into blocks of about ``block_bytes``; a larger sample is a
+    block of its own. An existing dataset is refused unless ``overwrite=True``
+    (replaced only when this writer succeeds) or ``append=True``.
+    """
+
+    def __init__(self, output_dir: str | os.PathLike, *, prefix: str = "shard",
+                 max_samples: int | None = None, max_bytes: int = DEFAULT_MAX_BYTES,
+                 block_bytes: int = DEFAULT_BLOCK_BYTES, key_field: str = "__key__",
+                 overwrite: bool = False, append: bool = False, fsync: bool = True) -> None:
+        if not re.fullmatch(r"[A-Za-z0-9_.][A-Za-z0-9_.-]*", prefix):
+            raise ValueError(f"prefix {prefix!r} must be letters, digits, '_', '.' or '-'")
+        self.output_dir = os.fspath(output_dir)
+        self.prefix = prefix
+        self.key_field = key_field
+        self.block_bytes = block_bytes
+        self._base, self._replace = prepare_output(self.output_dir, prefix=prefix,
+                                                   overwrite=overwrite, append=append,
+                                                   key_field=key_field)
+        self._staging = make_staging(self.output_dir)
+        first = self._base.num_samples if self._base else 0
+        self._sink = ShardSink(self._staging, max_samples=max_samples, max_bytes=max_bytes,
+                               block_bytes=block_bytes, key_field=key_field,
+                               first_ordinal=first, fsync=fsync)
+        self.manifest: Manifest | None = None
+        self._closed = False
+
+    @property
+    def num_samples(self) -> int:
+        """Samples written by this writer so far."""
+        return self._sink.num_samples
+
+    @property
+    def bytes_written(self) -> int:
+        """Bytes of finished shards and indexes so far."""
+        return self._sink.bytes_written
+
+    def write(self, sample: dict[str, Any]) -> None:
+        if self._closed:
+            raise ValueError("write() on a closed ShardWriter")
+        self._sink.write(sample)
+
+    def close(self) -> Manifest:
+        """Finish the last shard, publish the shards, write ``manifest.json``."""
+        if self._closed:
+            if self.manifest is None:
+                raise ValueError("this ShardWriter was aborted")
+            return self.manifest
+        try:
+            infos = self._sink.finish()
+            self.manifest = publish(self.output_dir, [(self._staging, i) for i in infos],
+                                    self._sink.schema, prefix=self.prefix, base=self._base,
+                                    replace=self._replace, key_field=self.key_field,
+                                    block_bytes=self.block_bytes)
+        except BaseException:
+            self.abort()
+            raise
+        self._closed = True
+        shutil.rmtree(self._staging, ignore_errors=True)
+        return self.manifest
+
+    def abort(self) -> None:
+        """Drop everything this writer wrote; an existing dataset stays as it was."""
+        self._closed = True
+        self._sink.close_files()
+        shutil.rmtree(self._staging, ignore_errors=True)
+
+    def __enter__(self) -> "ShardWriter":
+        return self
+
+    def __exit__(self, exc_type: Any, exc: Any, tb: Any) -> None:
+        if exc_type is None:
+            self.close()
+        else:
+            self.abort()
