@@ -1,3 +1,29 @@
-"""shardstream: pack lists of dicts into tar shards and stream them into PyTorch."""
+"""shardstream: pack lists of dicts into tar shards and stream them into PyTorch.
+
+The public API is what ``__all__`` lists; everything else is internal.
+"""
 
 __version__ = "0.1.0"
+
+from .codec import decode_sample, encode_sample, iter_samples
+from .errors import (CorruptShardError, DatasetExistsError, DecodeError, EncodeError,
+                     IndexMismatchError, InputError, ManifestError, ShardNotFoundError,
+                     ShardstreamError, StorageError)
+from .manifest import Manifest, ShardInfo, load_manifest
+from .parallel import write_shards
+from .verify import verify
+from .writer import ShardWriter
+
+__all__ = [
+    "__version__",
+    # codec
+    "encode_sample", "decode_sample", "iter_samples",
+    # writing
+    "ShardWriter", "write_shards",
+    # datasets
+    "Manifest", "ShardInfo", "load_manifest", "verify",
+    # errors
+    "ShardstreamError", "EncodeError", "DecodeError", "InputError", "DatasetExistsError",
+    "ManifestError", "ShardNotFoundError", "CorruptShardError", "IndexMismatchError",
+    "StorageError",
+]

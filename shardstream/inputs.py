@@ -39,6 +39,12 @@ _EXTENSIONS = {
 }
 _JSON_TYPES = {dict: "object", list: "array", str: "string", int: "number",
                float: "number", bool: "boolean", type(None): "null"}
+_REFUSE_PICKLE = ("refusing to unpickle {}: pickle can run arbitrary code; "
+                  "pass --allow-pickle if you trust this file")
+
+
+def _jtype(obj: Any) -> str:
+    return _JSON_TYPES.get(type(obj), type(obj).__name__)
 
 
 @dataclass(frozen=True)
@@ -94,14 +100,11 @@ def _row_groups(path: str, _mtime: int, _size: int) -> tuple[tuple[int, int], ..
     pq = _pq()
     try:
         meta = pq.ParquetFile(path).metadata
-    except Exception as exc:  # pyarrow raises ArrowInvalid / OSError flavours
+    except (OSError, ValueError) as exc:  # ArrowInvalid is a ValueError, ArrowIOError an OSError
         raise InputError(f"{path}: not a readable Parquet file: {exc}") from exc
-    out = []
-    for i in range(meta.num_row_groups):
-        rg = meta.row_group(i)
-        nbytes = sum(rg.column(j).total_compressed_size for j in range(rg.num_columns))
-        out.append((rg.num_rows, nbytes))
-    return tuple(out)
+    groups = (meta.row_group(i) for i in range(meta.num_row_groups))
+    return tuple((rg.num_rows, sum(rg.column(j).total_compressed_size for j in range(rg.num_columns)))
+                 for rg in groups)
 
 
 def _parquet_groups(path: str) -> tuple[tuple[int, int], ...]:
@@ -199,17 +202,17 @@ def _iter_jsonl(lines: Iterable[bytes], label: str, pos: int, stop: int | None,
         if stop is not None and pos >= stop:
             return
         lineno += 1
-        text = line.strip()
+        text = line.rstrip()  # keep leading blanks so error columns match the file
         if text:
             where = (f"{label}:{lineno}" if numbered else
                      f"{label}: line at byte offset {pos} (split read, line number unknown)")
             try:
                 obj = _loads(text)
-            except (ValueError, RecursionError) as exc:
-                raise InputError(f"{where}: invalid JSON: {exc}; fix or remove the line") from None
+            except (ValueError, RecursionError) as exc:  # say "column", not json's "line 1"
+                why = f"{exc.msg} at column {exc.colno}" if isinstance(exc, json.JSONDecodeError) else exc
+                raise InputError(f"{where}: invalid JSON: {why}; fix or remove the line") from None
             if type(obj) is not dict:
-                raise InputError(f"{where}: expected a JSON object per line, got a "
-                                 f"{_JSON_TYPES.get(type(obj), type(obj).__name__)}")
+                raise InputError(f"{where}: expected a JSON object per line, got {_jtype(obj)}")
             yield obj
         pos += len(line)
 
@@ -241,12 +244,11 @@ def _iter_json_array(task: InputTask) -> Iterator[dict]:
         except (ValueError, RecursionError) as exc:
             raise InputError(f"{task.path}: invalid JSON: {exc}") from None
     if not isinstance(data, list):
-        raise InputError(f"{task.path}: expected a JSON array of objects, got a "
-                         f"{_JSON_TYPES.get(type(data), type(data).__name__)}")
+        raise InputError(f"{task.path}: expected a JSON array of objects, got {_jtype(data)}")
     for i, item in enumerate(data):
         if type(item) is not dict:
-            raise InputError(f"{task.path}: element [{i}] of the array is a "
-                             f"{_JSON_TYPES.get(type(item), type(item).__name__)}, expected an object")
+            raise InputError(f"{task.path}: element [{i}] of the array is {_jtype(item)}, "
+                             "expected an object")
         yield item
 
 
@@ -311,12 +313,16 @@ def _column(col: Any) -> list:
     if not (pa.types.is_integer(vt) or pa.types.is_floating(vt) or pa.types.is_boolean(vt)):
         return col.to_pylist()
     flat_arr = col.flatten()  # items of the non-null rows, slice offset applied
-    if flat_arr.null_count:
-        return col.to_pylist()  # null items inside lists: keep Python's None
-    flat = flat_arr.to_numpy(zero_copy_only=False)
+    holes = flat_arr.null_count
+    flat = (flat_arr.fill_null(False if pa.types.is_boolean(vt) else 0) if holes else flat_arr
+            ).to_numpy(zero_copy_only=False)
     lengths = pc.list_value_length(col).fill_null(0).to_numpy(zero_copy_only=False)
-    offs = [0, *np.cumsum(lengths).tolist()]
-    rows = [flat[a:b] for a, b in zip(offs, offs[1:])]
+    offs = np.concatenate([[0], np.cumsum(lengths)])
+    rows: list = [flat[a:b] for a, b in zip(offs.tolist(), offs[1:].tolist())]
+    if holes:  # a row holding null items stays a Python list with None in it
+        bad = np.flatnonzero(~flat_arr.is_valid().to_numpy(zero_copy_only=False))
+        for r in set(np.searchsorted(offs, bad, side="right").tolist()):
+            rows[r - 1] = col[r - 1].as_py()
     if col.null_count:
         rows = [r if ok else None for r, ok in zip(rows, col.is_valid().to_pylist())]
     return rows
@@ -328,18 +334,19 @@ def _iter_parquet(task: InputTask, batch_rows: int) -> Iterator[dict]:
     groups = list(range(task.start, n if task.stop is None else min(task.stop, n)))
     if not groups:
         return
-    try:
-        batches = pq.ParquetFile(task.path).iter_batches(batch_size=batch_rows, row_groups=groups)
-        for batch in batches:
-            names = batch.schema.names
-            for row in zip(*[_column(c) for c in batch.columns]):
-                yield dict(zip(names, row))
-    except InputError:
-        raise
-    except Exception as exc:
-        if type(exc).__module__.startswith("pyarrow"):
+    import pyarrow as pa
+
+    batches = pq.ParquetFile(task.path).iter_batches(batch_size=batch_rows, row_groups=groups)
+    while True:
+        try:
+            batch = next(batches, None)
+        except pa.ArrowException as exc:
             raise InputError(f"{task.path}: cannot read Parquet: {exc}") from exc
-        raise
+        if batch is None:
+            return
+        names = batch.schema.names
+        for row in zip(*[_column(c) for c in batch.columns]):
+            yield dict(zip(names, row))
 
 
 def _open(path: str) -> Any:
@@ -355,25 +362,18 @@ def iter_task(task: InputTask, *, allow_pickle: bool = False, batch_rows: int = 
     Parquet list columns of numbers/bools come back as read-only numpy views
     (``None`` for a null list); Parquet is read ``batch_rows`` rows at a time.
     """
-    kind = task.kind
-    if kind == "jsonl":
-        return _iter_plain_jsonl(task)
-    if kind == "jsonl.gz":
-        return _iter_gzip(task)
-    if kind == "json":
-        return _iter_json_array(task)
-    if kind == "msgpack":
-        return _iter_msgpack(task)
-    if kind == "parquet":
-        return _iter_parquet(task, batch_rows)
-    if kind == "pickle":
-        if not allow_pickle:  # refuse now, not on first next()
-            raise InputError(f"refusing to unpickle {task.path}: pickle can run arbitrary code; "
-                             "pass --allow-pickle if you trust this file")
-        return _iter_pickle(task)
-    if kind == "stdin":
+    if task.kind == "pickle" and not allow_pickle:  # refuse now, not on first next()
+        raise InputError(_REFUSE_PICKLE.format(task.path))
+    if task.kind == "stdin":
         return _iter_jsonl(sys.stdin.buffer, "<stdin>", 0, None, numbered=True)
-    raise InputError(f"unknown input kind {kind!r} for {task.path}; expected one of {', '.join(KINDS)}")
+    if task.kind == "parquet":
+        return _iter_parquet(task, batch_rows)
+    readers = {"jsonl": _iter_plain_jsonl, "jsonl.gz": _iter_gzip, "json": _iter_json_array,
+               "msgpack": _iter_msgpack, "pickle": _iter_pickle}
+    if task.kind not in readers:
+        raise InputError(f"unknown input kind {task.kind!r} for {task.path}; "
+                         f"expected one of {', '.join(KINDS)}")
+    return readers[task.kind](task)
 
 
 def iter_inputs(paths: list[str], *, allow_pickle: bool = False) -> Iterator[dict]:

@@ -32,6 +32,23 @@ STAGING_PREFIX = ".staging-"
 _PAD = b"\0" * 512
 
 
+def sample_key(sample: Any, key_field: str, ordinal: object) -> object:
+    """The key that labels ``sample`` (checked); ``ordinal`` when it has none."""
+    if not isinstance(sample, dict):
+        raise EncodeError(f"sample {ordinal}: a sample must be a dict, got "
+                          f"{type(sample).__name__}", sample=ordinal)
+    key = sample.get(key_field)
+    if key is None:
+        if key_field != "__key__":
+            raise EncodeError(f"sample {ordinal}: key field {key_field!r} is missing; every "
+                              "sample needs it", sample=ordinal, path=key_field)
+        return ordinal
+    if not isinstance(key, (str, int)) or isinstance(key, bool):
+        raise EncodeError(f"sample {ordinal}: key field {key_field!r} must be str or int, "
+                          f"got {type(key).__name__}", sample=ordinal, path=key_field)
+    return key
+
+
 def _storage_error(action: str, path: str, exc: OSError) -> StorageError:
     return StorageError(f"cannot {action} {path}: {exc.strerror or exc}", exc.errno)
 
@@ -71,9 +88,13 @@ class ShardSink:
 
     # -- samples -------------------------------------------------------------
     def write(self, sample: dict[str, Any]) -> None:
-        key = self._key_of(sample)
+        key = sample_key(sample, self.key_field, self._ordinal)
         data = encode_sample(sample, key=key)
         self.schema.observe(sample)
+        self.write_encoded(data)
+
+    def write_encoded(self, data: bytes) -> None:
+        """Append one already encoded (and key-checked) sample."""
         size = len(data)
         if self._block and self._block_len + size > self.block_bytes:
             self._flush_block()
@@ -86,23 +107,6 @@ class ShardSink:
         self.num_samples += 1
         if self._block_len >= self.block_bytes:
             self._flush_block()
-
-    def _key_of(self, sample: Any) -> object:
-        if not isinstance(sample, dict):
-            raise EncodeError(f"sample {self._ordinal}: a sample must be a dict, got "
-                              f"{type(sample).__name__}", sample=self._ordinal)
-        key = sample.get(self.key_field)
-        if key is None:
-            if self.key_field != "__key__":
-                raise EncodeError(f"sample {self._ordinal}: key field {self.key_field!r} is "
-                                  "missing; every sample needs it", sample=self._ordinal,
-                                  path=self.key_field)
-            return self._ordinal
-        if not isinstance(key, (str, int)) or isinstance(key, bool):
-            raise EncodeError(f"sample {self._ordinal}: key field {self.key_field!r} must be "
-                              f"str or int, got {type(key).__name__}", sample=self._ordinal,
-                              path=self.key_field)
-        return key
 
     def _shard_full(self, size: int) -> bool:
         if self.max_samples is not None and \
@@ -370,10 +374,24 @@ class ShardWriter:
         """Bytes of finished shards and indexes so far."""
         return self._sink.bytes_written
 
+    @property
+    def first_ordinal(self) -> int:
+        """Dataset-global ordinal of this writer's first sample (non-zero when appending)."""
+        return self._base.num_samples if self._base else 0
+
     def write(self, sample: dict[str, Any]) -> None:
+        """Encode and add one sample; raises :class:`EncodeError` naming the field."""
         if self._closed:
             raise ValueError("write() on a closed ShardWriter")
         self._sink.write(sample)
+
+    def write_encoded(self, samples: list[bytes], schema: dict[str, Any]) -> None:
+        """Add samples encoded elsewhere (by :func:`encode_sample`) with their schema."""
+        if self._closed:
+            raise ValueError("write_encoded() on a closed ShardWriter")
+        for data in samples:
+            self._sink.write_encoded(data)
+        self._sink.schema.merge(schema)
 
     def close(self) -> Manifest:
         """Finish the last shard, publish the shards, write ``manifest.json``."""

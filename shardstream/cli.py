@@ -1,0 +1,270 @@
+"""Command line: ``shardstream-write`` and ``shardstream {write,info,verify,index,cat}``.
+
+A thin layer: parse, call the library, print ``ErrorType: message`` for
+shardstream errors. Exit codes: 0 ok, 1 data or storage error, 2 usage.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import re
+import signal
+import sys
+import time
+from itertools import chain
+from typing import Any, Callable, Iterator, Sequence
+
+from . import __version__
+from .errors import ShardstreamError, StorageError
+
+__all__ = ["main", "write_main", "parse_size"]
+
+_UNITS = {"": 1, "b": 1, "k": 10**3, "kb": 10**3, "m": 10**6, "mb": 10**6, "g": 10**9,
+          "gb": 10**9, "t": 10**12, "tb": 10**12, "kib": 2**10, "mib": 2**20, "gib": 2**30,
+          "tib": 2**40}
+
+
+def parse_size(text: str) -> int:
+    """``"256MB"`` -> 256_000_000, ``"64KiB"`` -> 65536, ``"1e6"`` -> 1_000_000."""
+    m = re.fullmatch(r"\s*([0-9]*\.?[0-9]+(?:e[0-9]+)?)\s*([a-zA-Z]*)\s*", text)
+    if not m or m.group(2).lower() not in _UNITS:
+        raise argparse.ArgumentTypeError(
+            f"invalid size {text!r}: use a number with an optional unit (KB, MB, GB, KiB, MiB, GiB)")
+    return int(float(m.group(1)) * _UNITS[m.group(2).lower()])
+
+
+def _positive(text: str) -> int:
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected an integer, got {text!r}") from None
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"must be >= 1, got {value}")
+    return value
+
+
+def _add_write_args(p: argparse.ArgumentParser) -> None:
+    p.add_argument("inputs", nargs="+", metavar="INPUT",
+                   help="JSONL (.jsonl, .jsonl.gz), JSON array, msgpack stream, Parquet, "
+                        "pickle (with --allow-pickle), or - for JSONL on stdin")
+    p.add_argument("-o", "--output", required=True, help="output dataset directory")
+    p.add_argument("--prefix", default="shard", help="shard name prefix (default: shard)")
+    p.add_argument("--max-samples", type=_positive, default=None, help="samples per shard")
+    p.add_argument("--max-size", type=parse_size, default="256MiB",
+                   help="bytes per shard on disk, e.g. 256MB, 1GiB (default: 256MiB)")
+    p.add_argument("--block-size", type=parse_size, default="64KiB",
+                   help="target size of a block of small samples (default: 64KiB)")
+    p.add_argument("--workers", type=_positive, default=1, help="packing processes")
+    p.add_argument("--key-field", default="__key__",
+                   help="field holding each sample's key (default: __key__; absent -> ordinal)")
+    mode = p.add_mutually_exclusive_group()
+    mode.add_argument("--overwrite", action="store_true", help="replace an existing dataset")
+    mode.add_argument("--append", action="store_true", help="add shards to an existing dataset")
+    p.add_argument("--allow-pickle", action="store_true",
+                   help="allow .pkl inputs (unpickling runs code: only for files you trust)")
+    p.add_argument("--no-fsync", action="store_true", help="skip fsync (faster, less durable)")
+    p.add_argument("-q", "--quiet", action="store_true", help="no progress bar or summary")
+
+
+def _parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="shardstream", description=__doc__.splitlines()[0])
+    p.add_argument("--version", action="version", version=f"shardstream {__version__}")
+    sub = p.add_subparsers(dest="command", required=True, metavar="COMMAND")
+    _add_write_args(sub.add_parser("write", help="pack input files into shards"))
+    info = sub.add_parser("info", help="counts, sizes and schema of a dataset")
+    info.add_argument("dataset")
+    info.add_argument("--json", action="store_true", help="print the manifest summary as JSON")
+    ver = sub.add_parser("verify", help="recompute checksums and decode every sample")
+    ver.add_argument("dataset")
+    ver.add_argument("--no-decode", action="store_true", help="checksums and structure only")
+    ver.add_argument("-q", "--quiet", action="store_true")
+    idx = sub.add_parser("index", help="build indexes + manifest for existing tar shards")
+    idx.add_argument("shards", nargs="+", help="tar files (webdataset or shardstream)")
+    idx.add_argument("-o", "--output", default=None,
+                     help="where manifest.json goes (default: the shards' directory)")
+    idx.add_argument("--overwrite", action="store_true", help="replace an existing manifest")
+    cat = sub.add_parser("cat", help="print samples as JSON lines")
+    cat.add_argument("dataset")
+    cat.add_argument("--limit", type=_positive, default=None)
+    cat.add_argument("--key", default=None, help="only the sample with this key")
+    cat.add_argument("--index", type=int, default=None, help="only the sample at this position")
+    cat.add_argument("--full", action="store_true", help="print arrays and bytes in full")
+    return p
+
+
+def _run(fn: Callable[[argparse.Namespace], int], args: argparse.Namespace) -> int:
+    previous = signal.signal(signal.SIGTERM, _sigterm)
+    try:
+        return fn(args)
+    except ShardstreamError as exc:
+        print(f"{type(exc).__name__}: {exc}", file=sys.stderr)
+        return 1
+    except OSError as exc:  # not translated deeper down: still say what and where
+        err = StorageError(f"{exc.filename or ''}: {exc.strerror or exc}".lstrip(": "))
+        print(f"StorageError: {err}", file=sys.stderr)
+        return 1
+    except KeyboardInterrupt:
+        print("interrupted: nothing was published", file=sys.stderr)
+        return 130
+    finally:
+        signal.signal(signal.SIGTERM, previous)
+
+
+def _sigterm(signum: int, frame: Any) -> None:
+    raise KeyboardInterrupt  # unwinds through the writer, which drops its staging files
+
+
+# ---------------------------------------------------------------- write
+class _Progress:
+    """tqdm bar on a TTY (samples/s, MB/s); silent otherwise."""
+
+    def __init__(self, enabled: bool, total: int | None) -> None:
+        self.samples = 0
+        self.bar = None
+        if enabled and sys.stderr.isatty():
+            from tqdm import tqdm
+            self.bar = tqdm(total=total, unit=" samples", unit_scale=True, dynamic_ncols=True,
+                            file=sys.stderr)
+
+    def __call__(self, samples: int, nbytes: int) -> None:
+        self.samples += samples
+        if self.bar is not None:
+            self.bar.update(samples)
+
+    def close(self) -> None:
+        if self.bar is not None:
+            self.bar.close()
+
+
+def _cmd_write(args: argparse.Namespace) -> int:
+    from .inputs import estimate_total, group_tasks, iter_task, plan_tasks
+    from .parallel import run_workers
+    from .writer import ShardWriter
+
+    tasks = plan_tasks(args.inputs, args.workers)
+    allow = args.allow_pickle
+
+    def slice_of(group: list) -> Callable[[], Iterator[dict]]:
+        return lambda: chain.from_iterable(iter_task(t, allow_pickle=allow) for t in group)
+
+    common = dict(prefix=args.prefix, overwrite=args.overwrite, append=args.append,
+                  key_field=args.key_field)
+    sink = dict(max_samples=args.max_samples, max_bytes=args.max_size,
+                block_bytes=args.block_size, fsync=not args.no_fsync)
+    progress = _Progress(not args.quiet, estimate_total(tasks))
+    start = time.perf_counter()
+    try:
+        groups = [g for g in group_tasks(tasks, args.workers) if g]
+        if args.workers > 1 and len(groups) > 1 and "-" not in args.inputs:
+            manifest = run_workers(args.output, [slice_of(g) for g in groups],
+                                   progress=progress, **common, **sink)
+        else:
+            with ShardWriter(args.output, **common, **sink) as w:
+                for sample in slice_of(tasks)():
+                    w.write(sample)
+                    if w.num_samples & 255 == 0:
+                        progress(256, 0)
+            progress(w.num_samples & 255, 0)
+            manifest = w.close()
+    finally:
+        progress.close()
+    seconds = time.perf_counter() - start
+    if not args.quiet:
+        n, mb = progress.samples, manifest.total_bytes / 1e6
+        print(f"wrote {n:,} samples to {args.output} in {seconds:.1f} s "
+              f"({n / max(seconds, 1e-9):,.0f} samples/s); the dataset now holds "
+              f"{manifest.num_samples:,} samples in {len(manifest.shards)} shards, {mb:,.1f} MB",
+              file=sys.stderr)
+    return 0
+
+
+# ---------------------------------------------------------------- info / verify
+def _cmd_info(args: argparse.Namespace) -> int:
+    from .shard import open_dataset
+
+    ds = open_dataset(args.dataset)
+    m = ds.manifest
+    if args.json:
+        doc = json.loads(m.to_json())
+        doc.pop("shards")
+        doc["shards"] = [s.name for s in m.shards]
+        print(json.dumps(doc, indent=1))
+        return 0
+    sizes = [s.bytes for s in m.shards] or [0]
+    print(f"dataset      {os.path.abspath(ds.root)}")
+    print(f"format       shardstream v{m.version} ({m.created_by})")
+    print(f"samples      {m.num_samples:,}")
+    print(f"shards       {len(m.shards)} (bytes min/max {min(sizes):,}/{max(sizes):,})")
+    print(f"size         {m.total_bytes / 1e6:,.1f} MB with indexes")
+    print(f"key field    {m.key_field}")
+    print("schema")
+    for path, f in m.schema.items():
+        extra = ""
+        if "dtypes" in f:
+            shape = "?" if f["shape"] is None else \
+                "(" + ", ".join("*" if d is None else str(d) for d in f["shape"]) + ")"
+            extra = f" {'|'.join(f['dtypes'])} {shape}"
+        print(f"  {path:<24} {'|'.join(f['types'])}{extra}  in {f['count']:,} samples")
+    return 0
+
+
+def _cmd_verify(args: argparse.Namespace) -> int:
+    from .verify import verify
+
+    start = time.perf_counter()
+    report = verify(args.dataset, decode=not args.no_decode)
+    for p in report.problems:
+        print(f"BAD {p}", file=sys.stderr)
+    if report.problems:
+        print(f"verify: {len(report.problems)} of {report.shards} shards have problems",
+              file=sys.stderr)
+        return 1
+    if not args.quiet:
+        print(f"OK: {report.shards} shards, {report.samples:,} samples, "
+              f"{report.bytes / 1e6:,.1f} MB verified in {time.perf_counter() - start:.1f} s")
+    return 0
+
+
+def _cmd_index(args: argparse.Namespace) -> int:
+    from .wdsindex import build_index
+
+    manifest = build_index(args.shards, args.output, overwrite=args.overwrite)
+    print(f"indexed {len(manifest.shards)} shards, {manifest.num_samples:,} samples")
+    return 0
+
+
+def _cmd_cat(args: argparse.Namespace) -> int:
+    from .inspect import cat_lines
+
+    for line in cat_lines(args.dataset, limit=args.limit, key=args.key, index=args.index,
+                          full=args.full):
+        print(line)
+    return 0
+
+
+_COMMANDS = {"write": _cmd_write, "info": _cmd_info, "verify": _cmd_verify,
+             "index": _cmd_index, "cat": _cmd_cat}
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    """``shardstream COMMAND ...``; returns the exit code."""
+    args = _parser().parse_args(argv)
+    try:
+        return _run(_COMMANDS[args.command], args)
+    except BrokenPipeError:  # `shardstream cat | head`
+        sys.stderr.close()
+        return 0
+
+
+def write_main(argv: Sequence[str] | None = None) -> int:
+    """``shardstream-write INPUT... -o OUT``: the same as ``shardstream write``."""
+    p = argparse.ArgumentParser(prog="shardstream-write",
+                                description="Pack input files of dicts into shardstream shards.")
+    _add_write_args(p)
+    return _run(_cmd_write, p.parse_args(argv))
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,125 @@
+"""``shardstream verify``: recompute checksums and decode every sample."""
+
+from __future__ import annotations
+
+import hashlib
+import os
+import tarfile
+from dataclasses import dataclass, field
+from typing import Callable
+
+from .errors import ShardstreamError
+from .index import TAR_BLOCK, ShardIndex, member_name
+from .manifest import ShardInfo
+from .shard import Dataset, iter_block_samples, open_dataset, sha256_file
+
+__all__ = ["Problem", "VerifyReport", "verify"]
+
+
+@dataclass(frozen=True)
+class Problem:
+    """The first thing wrong with one shard."""
+
+    shard: str
+    reason: str
+    key: str | None = None
+
+    def __str__(self) -> str:
+        where = f"{self.shard}, sample {self.key}" if self.key is not None else self.shard
+        return f"{where}: {self.reason}"
+
+
+@dataclass
+class VerifyReport:
+    shards: int = 0
+    samples: int = 0
+    bytes: int = 0
+    problems: list[Problem] = field(default_factory=list)
+
+    @property
+    def ok(self) -> bool:
+        return not self.problems
+
+
+def verify(source: str, *, decode: bool = True,
+           progress: Callable[[int], None] | None = None) -> VerifyReport:
+    """Check every shard listed in the manifest; never raises for bad shards.
+
+    ``progress(nbytes)`` is called as shard bytes are checked.
+    """
+    ds = open_dataset(source)
+    report = VerifyReport()
+    start = 0
+    for info in ds.manifest.shards:
+        problem = _check_shard(ds, info, start, decode, report)
+        if problem:
+            report.problems.append(problem)
+        report.shards += 1
+        start += info.num_samples
+        if progress:
+            progress(info.bytes)
+    return report
+
+
+def _key(ds: Dataset, sample: dict | None, ordinal: int) -> str:
+    value = sample.get(ds.manifest.key_field) if sample else None
+    return str(value) if value is not None else f"{ordinal:09d}"
+
+
+def _check_shard(ds: Dataset, info: ShardInfo, start: int, decode: bool,
+                 report: VerifyReport) -> Problem | None:
+    path, idx_path = ds.shard_path(info), ds.index_path(info)
+    for p in (path, idx_path):
+        if not os.path.exists(p):
+            return Problem(info.name, f"{p} is missing")
+    size = os.path.getsize(path)
+    if size != info.bytes:
+        return Problem(info.name, f"size {size} != {info.bytes} in the manifest (truncated?)")
+    if sha256_file(path) != info.sha256:
+        return Problem(info.name, "sha256 differs from the manifest: the shard was modified")
+    with open(idx_path, "rb") as f:
+        idx_bytes = f.read()
+    if hashlib.sha256(idx_bytes).hexdigest() != info.index_sha256:
+        return Problem(info.name, f"index {info.index} sha256 differs from the manifest; "
+                       "rebuild it with `shardstream index`")
+    try:
+        index = ShardIndex.from_bytes(idx_bytes, where=idx_path)
+    except ShardstreamError as exc:
+        return Problem(info.name, str(exc))
+    if index.shard_sha256 != info.sha256 or index.num_samples != info.num_samples:
+        return Problem(info.name, "index does not describe this shard; rebuild it with "
+                       "`shardstream index`")
+    report.bytes += size
+    with open(path, "rb") as f:
+        for b in range(index.num_blocks):
+            first, stop = index.block_samples(b)
+            problem = _check_block(f, index, b, info.name)
+            if problem:
+                return Problem(info.name, problem, f"{start + first:09d}")
+            if not decode:
+                report.samples += stop - first
+                continue
+            f.seek(int(index.block_offset[b]))
+            data = f.read(int(index.block_size[b]))
+            ordinal, last = start + first, None
+            try:
+                for last in iter_block_samples(data, index, b, where=info.name):
+                    ordinal += 1
+                    report.samples += 1
+            except ShardstreamError as exc:
+                return Problem(info.name, str(exc), _key(ds, None, ordinal))
+    return None
+
+
+def _check_block(f, index: ShardIndex, block: int, shard: str) -> str | None:
+    """The tar header in front of the block must name it and give its size."""
+    off = int(index.block_offset[block]) - TAR_BLOCK
+    f.seek(off)
+    try:
+        header = tarfile.TarInfo.frombuf(f.read(TAR_BLOCK), "utf-8", "surrogateescape")
+    except tarfile.TarError as exc:
+        return f"block {block}: bad tar header at offset {off} ({exc})"
+    if header.name != member_name(block) or header.size != int(index.block_size[block]):
+        return (f"block {block}: tar header says {header.name!r} of {header.size} bytes, the "
+                "index disagrees")
+    return None
