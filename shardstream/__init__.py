@@ -5,7 +5,7 @@ The public API is what ``__all__`` lists; everything else is internal.
 
 __version__ = "0.1.0"
 
-from .codec import decode_sample, encode_sample, iter_samples
+from .codec import decode_sample, encode_sample, iter_samples, unpack_blocks
 from .errors import (CorruptShardError, DatasetExistsError, DecodeError, EncodeError,
                      IndexMismatchError, InputError, ManifestError, ShardNotFoundError,
                      ShardstreamError, StorageError)
@@ -17,7 +17,7 @@ from .writer import ShardWriter
 __all__ = [
     "__version__",
     # codec
-    "encode_sample", "decode_sample", "iter_samples",
+    "encode_sample", "decode_sample", "iter_samples", "unpack_blocks",
     # writing
     "ShardWriter", "write_shards",
     # datasets

@@ -20,7 +20,8 @@ import numpy as np
 
 from .errors import DecodeError, EncodeError
 
-__all__ = ["NDARRAY_EXT", "encode_sample", "decode_sample", "iter_samples", "check_sample"]
+__all__ = ["NDARRAY_EXT", "encode_sample", "decode_sample", "iter_samples", "check_sample",
+           "unpack_blocks"]
 
 #: msgpack ext type code of an n-dimensional array.
 NDARRAY_EXT = 1
@@ -178,30 +179,39 @@ def _ext_hook(code: int, data: bytes) -> Any:
     if code != NDARRAY_EXT:
         raise DecodeError(f"unknown msgpack ext type {code} (this shardstream reads type "
                           f"{NDARRAY_EXT}); upgrade shardstream to read this data")
-    if not data or data[0] != _EXT_LAYOUT:
-        raise DecodeError(f"unknown ndarray layout {data[:1]!r}")
-    n = data[1]
-    code_b = data[2:2 + n]
-    dt = _dtype_cache.get(code_b)
-    if dt is None:
-        try:
-            dt = np.dtype(code_b.decode("ascii"))
-        except (TypeError, UnicodeDecodeError) as exc:
-            raise DecodeError(f"bad ndarray dtype {code_b!r}") from exc
-        if dt.kind not in _ARRAY_KINDS:
-            raise DecodeError(f"ndarray dtype {dt} is not allowed")
-        _dtype_cache[code_b] = dt
-    pos = 2 + n
-    ndim = data[pos]
-    pos += 1
-    shape = struct.unpack_from(f"<{ndim}Q", data, pos) if ndim != 1 else _u64.unpack_from(data, pos)
-    pos += 8 * ndim
     try:
-        arr = np.frombuffer(data, dtype=dt, offset=pos)
-        return arr.reshape(shape) if ndim != 1 else arr
-    except ValueError as exc:
-        raise DecodeError(f"ndarray of shape {shape} and dtype {dt} does not match its "
-                          f"{len(data) - pos} data bytes") from exc
+        if data[0] != _EXT_LAYOUT:
+            raise DecodeError(f"unknown ndarray layout {data[0]}")
+        n = data[1]
+        code_b = data[2:2 + n]
+        dt = _dtype_cache.get(code_b) or _parse_dtype(code_b)
+        pos = 3 + n
+        ndim = data[pos - 1]
+        if ndim == 1:
+            (length,) = _u64.unpack_from(data, pos)
+            arr = np.frombuffer(data, dtype=dt, offset=pos + 8)
+            if len(arr) == length:
+                return arr
+            shape: tuple[int, ...] = (length,)
+        else:
+            shape = struct.unpack_from(f"<{ndim}Q", data, pos)
+            return np.frombuffer(data, dtype=dt, offset=pos + 8 * ndim).reshape(shape)
+    except DecodeError:
+        raise
+    except (IndexError, struct.error, ValueError) as exc:
+        raise DecodeError(f"malformed ndarray ({exc})") from exc
+    raise DecodeError(f"ndarray of shape {shape} and dtype {dt} does not match its data bytes")
+
+
+def _parse_dtype(code_b: bytes) -> np.dtype:
+    try:
+        dt = np.dtype(code_b.decode("ascii"))
+    except (TypeError, UnicodeDecodeError) as exc:
+        raise DecodeError(f"bad ndarray dtype {code_b!r}") from exc
+    if dt.kind not in _ARRAY_KINDS:
+        raise DecodeError(f"ndarray dtype {dt} is not allowed")
+    _dtype_cache[code_b] = dt
+    return dt
 
 
 _unpack_options = {"ext_hook": _ext_hook, "raw": False, "strict_map_key": True,
@@ -234,3 +244,15 @@ def iter_samples(data: bytes | bytearray | memoryview) -> Iterator[dict]:
         raise
     except Exception as exc:
         raise DecodeError(f"not a valid block: {type(exc).__name__}: {exc}") from exc
+    if unpacker.tell() != len(data):
+        raise DecodeError(f"block ends inside a sample ({len(data) - unpacker.tell()} stray "
+                          "bytes): truncated or corrupt")
+
+
+def unpack_blocks(members: Iterator[dict], field: str = "ssb") -> Iterator[dict]:
+    """webdataset stage: turn block members (``{"ssb": bytes, ...}``) into samples.
+
+    ``wds.WebDataset(urls, shardshuffle=False).compose(shardstream.unpack_blocks)``
+    """
+    for member in members:
+        yield from iter_samples(member[field])

@@ -18,7 +18,7 @@ from .errors import CorruptShardError, DecodeError, IndexMismatchError, ShardNot
 from .index import ShardIndex
 from .manifest import MANIFEST_NAME, Manifest, ShardInfo, load_manifest
 
-__all__ = ["Dataset", "open_dataset", "load_index", "read_block", "iter_block_samples",
+__all__ = ["Dataset", "open_dataset", "load_index", "read_block", "iter_block_samples", "iter_dataset",
            "sha256_file"]
 
 
@@ -111,3 +111,15 @@ def iter_block_samples(data: bytes, index: ShardIndex, block: int, *,
     if count != stop - first:
         raise CorruptShardError(f"shard {where}: block {block} holds {count} samples, the "
                                 f"index says {stop - first}")
+
+
+def iter_dataset(source: str | os.PathLike) -> Iterator[dict]:
+    """Every sample of a local dataset in order (single process, no shuffling)."""
+    ds = open_dataset(source)
+    for info in ds.manifest.shards:
+        index = load_index(ds, info)
+        path = ds.shard_path(info)
+        with open(path, "rb") as f:
+            for b in range(index.num_blocks):
+                yield from iter_block_samples(read_block(f, index, b, where=path), index, b,
+                                              where=path)

@@ -1,0 +1,185 @@
+"""Columnar collation: a list of sample dicts -> one dict of tensors.
+
+One pass per field, not per sample. Rules (first non-None value decides):
+
+==========================  ===============================================
+value                       batch value
+==========================  ===============================================
+bool                        ``torch.bool`` tensor ``[n]``
+int                         ``int_dtype`` tensor (default ``torch.int64``)
+float (or int/float mix)    ``float_dtype`` tensor (default ``torch.float32``)
+ndarray / tensor, one shape stacked ``[n, *shape]``, dtype kept
+ndarray / tensor, ragged    right-padded with ``pad_value`` along dim 0 (other
+dim 0, same trailing dims   dims equal) + ``<field>_lengths`` int64 tensor
+str, bytes, list            a Python list
+dict                        collated recursively (nested dict)
+None / missing somewhere    a Python list with ``None`` at those positions
+==========================  ===============================================
+
+Arrays whose shapes differ in other ways come back as a list of tensors.
+"""
+
+from __future__ import annotations
+
+from typing import Any, Sequence
+
+import numpy as np
+import torch
+
+__all__ = ["Collate", "collate"]
+
+_NP_OF_TORCH = {torch.int64: np.int64, torch.int32: np.int32, torch.int16: np.int16,
+                torch.int8: np.int8, torch.uint8: np.uint8, torch.float64: np.float64,
+                torch.float32: np.float32, torch.float16: np.float16}
+
+
+class Collate:
+    """Configurable collate function (see the module docstring for the rules).
+
+    ``cast_arrays=True`` also casts integer/float arrays to ``int_dtype`` /
+    ``float_dtype``; by default arrays keep the dtype they were written with.
+    """
+
+    def __init__(self, *, int_dtype: torch.dtype = torch.int64,
+                 float_dtype: torch.dtype = torch.float32, pad_value: int | float = 0,
+                 lengths: bool = True, cast_arrays: bool = False) -> None:
+        for name, dt in (("int_dtype", int_dtype), ("float_dtype", float_dtype)):
+            if not isinstance(dt, torch.dtype):
+                raise TypeError(f"{name} must be a torch.dtype, got {dt!r}")
+        self.int_dtype = int_dtype
+        self.float_dtype = float_dtype
+        self.pad_value = pad_value
+        self.lengths = lengths
+        self.cast_arrays = cast_arrays
+
+    def __repr__(self) -> str:
+        return (f"Collate(int_dtype={self.int_dtype}, float_dtype={self.float_dtype}, "
+                f"pad_value={self.pad_value!r}, lengths={self.lengths}, "
+                f"cast_arrays={self.cast_arrays})")
+
+    def __call__(self, samples: Sequence[dict]) -> dict[str, Any]:
+        if not samples:
+            raise ValueError("cannot collate an empty list of samples")
+        first = samples[0]
+        keys0 = first.keys()
+        keys: Any = keys0
+        uniform = True
+        for s in samples:
+            if s.keys() != keys0:
+                uniform = False
+                break
+        if not uniform:
+            merged: dict[str, None] = {}
+            for s in samples:
+                merged.update(dict.fromkeys(s))
+            keys = merged
+        out: dict[str, Any] = {}
+        for k in keys:
+            vals = [s[k] for s in samples] if uniform else [s.get(k) for s in samples]
+            self._field(out, k, vals)
+        return out
+
+    # -- one column --------------------------------------------------------
+    def _field(self, out: dict[str, Any], key: str, vals: list) -> None:
+        v0 = vals[0]
+        if v0 is None:
+            v0 = next((v for v in vals if v is not None), None)
+            if v0 is None:
+                out[key] = vals
+                return
+            out[key] = vals  # some None: keep a list (documented)
+            return
+        t = type(v0)
+        if t is int or t is float or t is bool:
+            out[key] = self._scalars(vals, t)
+        elif t is np.ndarray or t is torch.Tensor:
+            self._arrays(out, key, vals)
+        elif t is dict:
+            if all(type(v) is dict for v in vals):
+                out[key] = self(vals)
+            else:
+                out[key] = vals
+        elif isinstance(v0, np.generic):
+            out[key] = self._scalars([v.item() if isinstance(v, np.generic) else v
+                                      for v in vals], type(v0.item()))
+        else:  # str, bytes, list, anything else
+            out[key] = vals
+
+    def _scalars(self, vals: list, t: type) -> Any:
+        try:
+            if t is bool:
+                arr = np.array(vals)
+                if arr.dtype != np.bool_:
+                    return vals
+                return torch.from_numpy(arr)
+            arr = np.array(vals)
+        except (OverflowError, ValueError, TypeError):
+            return vals
+        kind = arr.dtype.kind
+        if kind in "iu":
+            return _to_torch(arr, self.int_dtype)
+        if kind == "f":
+            return _to_torch(arr, self.float_dtype)
+        if kind == "b":
+            return torch.from_numpy(arr)
+        return vals  # None mixed in, str mixed in, huge ints: object dtype
+
+    def _arrays(self, out: dict[str, Any], key: str, vals: list) -> None:
+        try:
+            arrs = [v if type(v) is np.ndarray else _as_numpy(v) for v in vals]
+        except TypeError:
+            out[key] = vals
+            return
+        shape0 = arrs[0].shape
+        dt0 = arrs[0].dtype
+        same = all(a.shape == shape0 and a.dtype == dt0 for a in arrs)
+        if same:
+            out[key] = self._cast(torch.from_numpy(np.stack(arrs)))
+            return
+        if not (arrs[0].ndim >= 1 and all(a.ndim == arrs[0].ndim and a.shape[1:] == shape0[1:]
+                                          and a.dtype == dt0 for a in arrs)):
+            out[key] = [torch.from_numpy(np.array(a)) for a in arrs]
+            return
+        out[key] = self._cast(torch.from_numpy(self._pad(arrs, dt0)))
+        if self.lengths:
+            out[f"{key}_lengths"] = torch.from_numpy(
+                np.fromiter((a.shape[0] for a in arrs), dtype=np.int64, count=len(arrs)))
+
+    def _pad(self, arrs: list[np.ndarray], dtype: np.dtype) -> np.ndarray:
+        """Right-pad along dim 0 into one preallocated buffer, one vectorised copy."""
+        lens = np.fromiter((a.shape[0] for a in arrs), dtype=np.int64, count=len(arrs))
+        tail = arrs[0].shape[1:]
+        buf = np.full((len(arrs), int(lens.max()), *tail), self.pad_value, dtype=dtype)
+        mask = np.arange(buf.shape[1]) < lens[:, None]
+        buf[mask] = np.concatenate(arrs)
+        return buf
+
+    def _cast(self, t: torch.Tensor) -> torch.Tensor:
+        if not self.cast_arrays or t.dtype == torch.bool:
+            return t
+        if t.is_floating_point():
+            return t.to(self.float_dtype)
+        return t.to(self.int_dtype)
+
+
+def _as_numpy(v: Any) -> np.ndarray:
+    if isinstance(v, torch.Tensor):
+        return v.detach().cpu().numpy()
+    if isinstance(v, np.ndarray):
+        return v
+    raise TypeError(type(v).__name__)
+
+
+def _to_torch(arr: np.ndarray, dtype: torch.dtype) -> torch.Tensor:
+    np_dt = _NP_OF_TORCH.get(dtype)
+    if np_dt is not None:
+        return torch.from_numpy(arr.astype(np_dt, copy=False))
+    return torch.from_numpy(arr).to(dtype)
+
+
+_default = Collate()
+
+
+def collate(samples: Sequence[dict]) -> dict[str, Any]:
+    """Collate with the default rules (int64, float32, pad 0, lengths)."""
+    return _default(samples)

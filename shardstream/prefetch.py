@@ -1,0 +1,371 @@
+"""CUDAPrefetcher: copy batches to the GPU on a side stream while the model runs.
+
+Design (see docs/prefetch.md). Each batch taken from the source is copied on a
+dedicated side stream ``S`` (``torch.cuda.Stream(device)``), optionally
+transformed there, and an event ``ready`` is recorded on ``S``. Up to ``depth``
+batches are kept in flight in a ring of slots. When the consumer asks for a
+batch, its current stream ``C`` does ``C.wait_event(ready)``: no host sync.
+
+Memory safety without ``record_stream``. The caching allocator gives a freed
+block back to the pool of the stream it was *allocated* on (not the stream
+current when Python frees it) and hands it to the next allocation on that
+stream with no regard to work queued on other streams. Copy and transform
+outputs are allocated on ``S``; once the consumer drops them, ``S`` could reuse
+their memory while kernels queued on ``C`` still read or write it. Keeping a
+reference to the handed-out batch until the next hand-over (FFCV style) is not
+enough on its own: the user often holds the last reference (loop variable,
+autograd saving the input for backward) and frees it later. So instead, right
+before *every* piece of side-stream work, we record a ``fence`` event on ``C``
+and make ``S`` wait on it. Race-free because (single consuming thread):
+
+1. every free of a handed-out batch happens on the host before the next call
+   into the prefetcher, after the kernels that use it were queued on ``C``;
+2. the next side-stream allocation happens inside that later call, after
+   ``S.wait_event(fence)`` where ``fence`` was recorded on ``C`` after all of
+   those kernels, so any reuse of the block runs after them on the GPU;
+3. blocks used only on ``S`` (copies dropped by ``close()``, transform
+   temporaries) are reused only by later ``S`` work, which is stream-ordered;
+4. everything a slot reads (host batch, device tensors a transform reads) is
+   kept alive until ``C`` has waited on ``ready``; ``close()`` synchronises
+   ``S`` before dropping slots still in flight. Pinned host memory freed while
+   its copy is in flight is protected by PyTorch's pinned-memory allocator,
+   which records an event for every ``non_blocking`` copy.
+
+The fence costs no overlap: the copy of batch ``n + depth`` is issued when
+batch ``n`` is handed over, so it waits only for the compute of batch ``n - 1``.
+Limits: tensors used on a stream other than the consumer's current stream
+need ``record_stream`` as usual; do not iterate from several threads; sources
+must not modify host tensors after yielding them.
+"""
+
+from __future__ import annotations
+
+import collections
+import copy
+import dataclasses
+import os
+import time
+import warnings
+from collections.abc import Callable, Iterable, Iterator, Mapping
+from typing import Any
+
+import torch
+
+__all__ = ["CUDAPrefetcher", "PrefetchStats", "to_device"]
+
+def _map_tensors(obj: Any, fn: Callable[[torch.Tensor], Any]) -> Any:
+    """Apply ``fn`` to every tensor in a nested dict/list/tuple batch.
+
+    Containers keep their type (namedtuples, dict subclasses) and are returned
+    unchanged (same object) when no leaf changed; other leaves pass through.
+    """
+    if isinstance(obj, torch.Tensor):
+        return fn(obj)
+    if isinstance(obj, Mapping):
+        items = {k: _map_tensors(v, fn) for k, v in obj.items()}
+        if all(items[k] is v for k, v in obj.items()):
+            return obj
+        if type(obj) is not dict:
+            try:
+                out = copy.copy(obj)
+                out.update(items)  # type: ignore[attr-defined]
+                return out
+            except Exception:  # immutable or exotic mapping: plain dict
+                pass
+        return items
+    if isinstance(obj, (list, tuple)):
+        seq = [_map_tensors(v, fn) for v in obj]
+        if all(a is b for a, b in zip(seq, obj)):
+            return obj
+        if isinstance(obj, tuple) and hasattr(obj, "_fields"):
+            return type(obj)(*seq)  # namedtuple
+        if type(obj) in (list, tuple):
+            return type(obj)(seq)
+        try:
+            return type(obj)(seq)
+        except Exception:
+            return seq if isinstance(obj, list) else tuple(seq)
+    return obj
+
+
+def to_device(batch: Any, device: torch.device | str | int, non_blocking: bool = False) -> Any:
+    """Recursively move every tensor of a nested batch to ``device``.
+
+    Tensors already there and non-tensor leaves are returned as they are; a
+    container whose leaves did not change is returned as the same object.
+    """
+    dev = torch.device(device)
+    return _map_tensors(batch, lambda t: t.to(dev, non_blocking=non_blocking))
+
+
+@dataclasses.dataclass(frozen=True)
+class PrefetchStats:
+    """Counters of a prefetcher, over all its passes."""
+
+    batches: int = 0  # batches handed to the consumer
+    bytes_copied: int = 0  # bytes copied host -> device for those batches
+    copy_seconds: float = 0.0  # GPU time of those copies (CUDA events)
+    copy_bandwidth_gbps: float = 0.0  # bytes_copied / copy_seconds / 1e9
+    wait_seconds: float = 0.0  # host time the consumer spent inside next()
+    pinned_on_the_fly: int = 0  # pageable tensors the prefetcher had to pin
+    device: str = "cpu"
+
+    def __str__(self) -> str:
+        head = f"{self.batches} batches to {self.device}"
+        if self.device == "cpu":
+            return f"{head} (pass-through), consumer waited {self.wait_seconds:.3f} s"
+        return (
+            f"{head}: {self.bytes_copied / 1e9:.3f} GB copied in {self.copy_seconds:.3f} s "
+            f"({self.copy_bandwidth_gbps:.1f} GB/s), consumer waited {self.wait_seconds:.3f} s"
+            + (f", {self.pinned_on_the_fly} tensors pinned on the fly" if self.pinned_on_the_fly else "")
+        )
+
+
+def _resolve_device(device: Any) -> torch.device:
+    cuda = torch.cuda.is_available()
+    if device is None:
+        if not cuda:
+            return torch.device("cpu")
+        rank = os.environ.get("LOCAL_RANK", "").strip()
+        if not rank:
+            return torch.device("cuda", torch.cuda.current_device())
+        try:
+            dev = torch.device("cuda", int(rank))
+        except ValueError:
+            raise ValueError(f"LOCAL_RANK={rank!r} is not a device index; pass device= explicitly") from None
+    elif isinstance(device, bool) or not isinstance(device, (int, str, torch.device)):
+        raise ValueError(f"device must be a torch.device, str, int or None, got {device!r}")
+    elif isinstance(device, int):
+        if device < 0:
+            raise ValueError(f"device index must be >= 0, got {device}")
+        dev = torch.device("cuda", device)
+    else:
+        try:
+            dev = torch.device(device)
+        except (RuntimeError, ValueError) as exc:
+            raise ValueError(f"invalid device {device!r}: {exc}") from None
+    if dev.type == "cpu":
+        return torch.device("cpu")
+    if dev.type != "cuda":
+        raise ValueError(f"CUDAPrefetcher supports 'cuda' and 'cpu' devices, got {str(dev)!r}")
+    if not cuda:
+        return torch.device("cpu")  # same script runs on a machine without a GPU
+    index = torch.cuda.current_device() if dev.index is None else dev.index
+    if index >= torch.cuda.device_count():
+        raise ValueError(f"cuda:{index} requested but only {torch.cuda.device_count()} CUDA device(s) visible")
+    return torch.device("cuda", index)
+
+
+class _Slot:
+    __slots__ = ("out", "keep", "ready", "start", "end", "nbytes", "error")
+
+    def __init__(self, out: Any = None, keep: Any = None, ready: Any = None, start: Any = None,
+                 end: Any = None, nbytes: int = 0, error: BaseException | None = None) -> None:
+        self.out, self.keep, self.ready, self.start, self.end = out, keep, ready, start, end
+        self.nbytes, self.error = nbytes, error
+
+
+class _Pass(Iterator):
+    """One pass over the source: a ring of up to ``depth`` batches in flight."""
+
+    def __init__(self, owner: CUDAPrefetcher) -> None:
+        self._owner = owner
+        self._source: Iterator[Any] | None = iter(owner.iterable)
+        self._ring: collections.deque[_Slot] = collections.deque()
+        self._done = False
+
+    def __iter__(self) -> _Pass:
+        return self
+
+    def __next__(self) -> Any:
+        owner = self._owner
+        ahead = owner.depth if owner.is_cuda else 1  # the CPU path does not read ahead
+        t0 = time.perf_counter()
+        try:
+            if not self._ring:
+                self._fill(ahead)
+            if not self._ring:
+                self.close()
+                raise StopIteration
+            slot = self._ring.popleft()
+            if slot.error is not None:
+                error, slot.error = slot.error, None
+                self.close()
+                raise error  # same object; keeps the source's frames in its traceback
+            batch = owner._hand_over(slot)
+            del slot  # drop references only after C waited on `ready`
+            if owner.is_cuda:
+                self._fill(ahead)  # issue batch n + depth now, overlapping the compute of n
+            return batch
+        finally:
+            owner._wait_s += time.perf_counter() - t0
+
+    def _fill(self, n: int) -> None:
+        while not self._done and len(self._ring) < n:
+            try:
+                host = next(self._source)  # type: ignore[arg-type]
+            except StopIteration:
+                self._done = True
+                return
+            except Exception as exc:  # surfaces when the consumer reaches this batch
+                self._done = True
+                self._ring.append(_Slot(error=exc))
+                return
+            try:
+                self._ring.append(self._owner._issue(host))
+            except Exception as exc:
+                self._done = True
+                self._ring.append(_Slot(error=exc))
+
+    def close(self) -> None:
+        """Drop batches in flight and close the source iterator; idempotent."""
+        self._done = True
+        ring, self._ring = self._ring, collections.deque()
+        stream = self._owner._stream
+        if stream is not None and any(s.ready is not None for s in ring):
+            stream.synchronize()  # nothing queued on S may still touch what we free
+        ring.clear()
+        source, self._source = self._source, None
+        close = getattr(source, "close", None)
+        if callable(close):
+            close()
+
+    def __del__(self) -> None:
+        try:
+            self.close()
+        except Exception:
+            pass
+
+
+class CUDAPrefetcher:
+    """Iterate ``iterable`` with each batch already on ``device``, copied ahead of time.
+
+    Batches may be nested dicts/lists/tuples/namedtuples; tensors are copied
+    (from pinned memory, on a side stream), other leaves pass through. With
+    ``device="cpu"`` or without CUDA, batches pass through unchanged (only
+    ``transform`` applies). ``iter(p)`` starts a new pass over ``iterable``
+    (closing the previous one); ``next(p)`` continues the current pass.
+    ``transform(batch)`` runs on the side stream, on the device. Reading
+    ``stats`` waits for the copies of batches handed out so far to finish.
+    """
+
+    def __init__(self, iterable: Iterable[Any], device: torch.device | str | int | None = None, *,
+                 depth: int = 2, transform: Callable[[Any], Any] | None = None,
+                 non_blocking: bool = True, pin_memory: bool = True) -> None:
+        if not (hasattr(type(iterable), "__iter__") or hasattr(type(iterable), "__getitem__")):
+            raise ValueError(f"iterable must be iterable, got {type(iterable).__name__}")
+        if isinstance(depth, bool) or not isinstance(depth, int) or depth < 1:
+            raise ValueError(f"depth must be an integer >= 1, got {depth!r}")
+        if transform is not None and not callable(transform):
+            raise ValueError(f"transform must be callable or None, got {type(transform).__name__}")
+        for name, value in (("non_blocking", non_blocking), ("pin_memory", pin_memory)):
+            if not isinstance(value, bool):
+                raise ValueError(f"{name} must be a bool, got {value!r}")
+        self.iterable = iterable
+        self.device = _resolve_device(device)
+        self.depth, self.transform = depth, transform
+        self.non_blocking, self.pin_memory = non_blocking, pin_memory
+        self._stream: torch.cuda.Stream | None = None
+        self._pass: _Pass | None = None
+        self._warned = False
+        self._batches = self._bytes = self._pinned = 0
+        self._copy_s = self._wait_s = 0.0
+        self._timings: collections.deque[tuple[Any, Any]] = collections.deque()
+
+    @property
+    def is_cuda(self) -> bool:
+        return self.device.type == "cuda"
+
+    def __iter__(self) -> Iterator[Any]:
+        self.close()
+        self._pass = _Pass(self)
+        return self._pass
+
+    def __next__(self) -> Any:
+        if self._pass is None:
+            self._pass = _Pass(self)
+        return next(self._pass)
+
+    def __len__(self) -> int:
+        try:
+            return len(self.iterable)  # type: ignore[arg-type]
+        except TypeError:
+            raise TypeError(f"len() of CUDAPrefetcher: source {type(self.iterable).__name__} has no len()") from None
+
+    def __enter__(self) -> CUDAPrefetcher:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+    def close(self) -> None:
+        """Stop the current pass: release batches in flight, close the source iterator."""
+        if self._pass is not None:
+            self._pass.close()
+
+    def __repr__(self) -> str:
+        return f"CUDAPrefetcher(device={str(self.device)!r}, depth={self.depth})"
+
+    @property
+    def stats(self) -> PrefetchStats:
+        self._fold_timings(block=True)
+        bw = self._bytes / self._copy_s / 1e9 if self._copy_s > 0 else 0.0
+        return PrefetchStats(self._batches, self._bytes, self._copy_s, bw, self._wait_s,
+                             self._pinned, str(self.device))
+
+    def _fold_timings(self, block: bool) -> None:
+        while self._timings:  # S is in order: events complete front to back
+            start, end = self._timings[0]
+            if block:
+                end.synchronize()
+            elif not end.query():
+                return
+            self._copy_s += start.elapsed_time(end) / 1e3
+            self._timings.popleft()
+
+    def _copy_leaf(self, t: torch.Tensor, nbytes: list[int]) -> torch.Tensor:
+        if t.device == self.device:
+            return t
+        if t.device.type == "cpu" and self.pin_memory and not t.is_pinned():
+            if not self._warned:
+                self._warned = True
+                warnings.warn(
+                    "CUDAPrefetcher got a tensor in pageable (unpinned) memory and pins it on the fly, "
+                    "which costs an extra host copy; copies from pageable memory are synchronous even "
+                    "with non_blocking=True. Use DataLoader(..., pin_memory=True) for pinned batches.",
+                    stacklevel=2,
+                )
+            t = t.pin_memory()
+            self._pinned += 1
+        nbytes[0] += t.nbytes
+        return t.to(self.device, non_blocking=self.non_blocking)
+
+    def _issue(self, host: Any) -> _Slot:
+        """Start copying one batch; on CPU just map it."""
+        if not self.is_cuda:
+            out = to_device(host, self.device)
+            return _Slot(out=self.transform(out) if self.transform is not None else out)
+        if self._stream is None:
+            self._stream = torch.cuda.Stream(self.device)
+        side = self._stream
+        fence = torch.cuda.Event()  # everything the consumer queued so far ...
+        fence.record(torch.cuda.current_stream(self.device))
+        side.wait_event(fence)  # ... runs before any allocation/copy below (see module docstring)
+        start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+        ready, nbytes = torch.cuda.Event(), [0]
+        with torch.cuda.device(self.device), torch.cuda.stream(side):
+            start.record(side)
+            dev = _map_tensors(host, lambda t: self._copy_leaf(t, nbytes))
+            end.record(side)
+            out = self.transform(dev) if self.transform is not None else dev
+            ready.record(side)
+        return _Slot(out=out, keep=(host, dev), ready=ready, start=start, end=end, nbytes=nbytes[0])
+
+    def _hand_over(self, slot: _Slot) -> Any:
+        if slot.ready is not None:
+            torch.cuda.current_stream(self.device).wait_event(slot.ready)
+            self._bytes += slot.nbytes
+            self._timings.append((slot.start, slot.end))
+            self._fold_timings(block=False)  # keeps the list short; never blocks
+        self._batches += 1
+        return slot.out

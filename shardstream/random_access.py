@@ -1,0 +1,291 @@
+"""ShardDataset: map-style random access, ``ds[i]`` straight from an ``mmap``.
+
+Each shard is memory-mapped (read-only) the first time a sample of it is
+needed; its index becomes two arrays of absolute sample start/end offsets
+(16 bytes per sample). ``ds[i]`` finds the shard by bisecting the shards'
+first ordinals, slices the map and decodes with msgpack. Sample bytes are
+copied out of the map once (a ``bytes`` slice), so arrays are read-only
+numpy views of that copy, never of the file: use ``np.array(x)`` or
+``x.copy()`` for a writable array. The heap holds only the indexes; shard
+data stays in the page cache.
+
+Fork safety: maps and file handles belong to the process that opened them.
+Each access compares ``os.getpid()`` with the opener's pid and, in a forked
+DataLoader worker, drops the inherited maps and re-opens lazily; pickling
+(spawn workers) carries only the paths and manifest.
+"""
+
+from __future__ import annotations
+
+import mmap
+import os
+from bisect import bisect_right
+from operator import index as as_index
+from typing import Any, Callable
+
+import msgpack
+
+from .codec import _unpack_options
+from .errors import CorruptShardError, IndexMismatchError, ShardNotFoundError, StorageError
+from .index import ShardIndex
+from .manifest import ShardInfo
+from .shard import Dataset, open_dataset, sha256_file
+from .wdsindex import ForeignIndex, decode_foreign_sample, load_any_index
+
+try:  # a map-style torch Dataset when torch is installed; plain class otherwise
+    from torch.utils.data import Dataset as _TorchDataset
+except ImportError:  # pragma: no cover
+    _TorchDataset = object  # type: ignore[misc,assignment]
+
+__all__ = ["ShardDataset"]
+
+_REMOTE = ("s3://", "gs://", "http://", "https://")
+_unpackb = msgpack.unpackb
+_OPTS = _unpack_options
+
+
+class _BlockShard:
+    """One mapped shardstream shard: sample i is ``mm[start[i]:end[i]]``."""
+
+    __slots__ = ("mm", "start", "end", "path")
+    foreign = False
+
+    def __init__(self, mm: mmap.mmap, index: ShardIndex, path: str) -> None:
+        starts, ends = index.sample_spans()
+        self.mm = mm
+        # memoryviews index to Python ints (no numpy scalar per access), 8 bytes each
+        self.start = memoryview(starts.astype("=u8")).cast("B").cast("Q")
+        self.end = memoryview(ends.astype("=u8")).cast("B").cast("Q")
+        self.path = path
+
+
+class _ForeignShard:
+    """One mapped webdataset-layout tar with its :class:`ForeignIndex`."""
+
+    __slots__ = ("mm", "index", "path")
+    foreign = True
+
+    def __init__(self, mm: mmap.mmap, index: ForeignIndex, path: str) -> None:
+        self.mm, self.index, self.path = mm, index, path
+
+
+class ShardDataset(_TorchDataset):
+    """Map-style dataset over a local shardstream dataset (or indexed webdataset tars).
+
+    >>> ds = ShardDataset("out/")            # doctest: +SKIP
+    >>> len(ds), ds[0], ds[-1], ds[10:20]    # doctest: +SKIP
+
+    ``transform`` is applied to every sample; ``with_key=True`` adds
+    ``"__key__"`` (the key field's value, else the global ordinal
+    ``f"{i:09d}"``). ``check_files`` stats every shard and index at
+    construction so a missing one fails now rather than mid-epoch;
+    ``verify=True`` also compares each shard's sha256 with its index when
+    the shard is first opened (reads the whole shard once).
+    """
+
+    def __init__(self, source: str | os.PathLike | Dataset, *,
+                 transform: Callable[[dict], Any] | None = None, with_key: bool = False,
+                 check_files: bool = True, verify: bool = False,
+                 cache_dir: str | None = None) -> None:
+        self._ds = _resolve(source, cache_dir)
+        m = self._ds.manifest
+        self.transform = transform
+        self.with_key = with_key
+        self.verify = verify
+        self.key_field = m.key_field
+        self._infos: list[ShardInfo] = list(m.shards)
+        self._starts: list[int] = m.shard_starts()
+        self._n = m.num_samples
+        # skip empty shards in the lookup: bisect must land on a shard holding i
+        self._lookup = [s for s, info in zip(self._starts, self._infos) if info.num_samples]
+        self._lookup_shard = [k for k, info in enumerate(self._infos) if info.num_samples]
+        self._pid = os.getpid()
+        self._open: list[_BlockShard | _ForeignShard | None] = [None] * len(self._infos)
+        if check_files:
+            self.check_files()
+
+    # -- public helpers --------------------------------------------------------
+    @property
+    def dataset(self) -> Dataset:
+        return self._ds
+
+    def __len__(self) -> int:
+        return self._n
+
+    def check_files(self) -> None:
+        """Raise :class:`ShardNotFoundError` naming the first missing shard or index."""
+        for info in self._infos:
+            for path, what in ((self._ds.shard_path(info), "shard"),
+                               (self._ds.index_path(info), "index")):
+                if not os.path.exists(path):
+                    fix = ("restore it or rewrite the dataset" if what == "shard" else
+                           f"rebuild it with `shardstream index {self._ds.shard_path(info)}`")
+                    raise ShardNotFoundError(f"{what} {path} is listed in the manifest but "
+                                             f"missing; {fix}")
+
+    def index_nbytes(self) -> int:
+        """Heap bytes held by the indexes of the shards opened so far."""
+        total = 0
+        for sh in self._open:
+            if sh is None:
+                continue
+            if sh.foreign:
+                ix = sh.index
+                total += sum(a.nbytes for a in (ix.key_offset, ix.member_first, ix.member_offset,
+                                                ix.member_size, ix.member_ext))
+                total += len(ix.key_blob)
+            else:
+                total += sh.start.nbytes + sh.end.nbytes
+        return total
+
+    def close(self) -> None:
+        """Unmap every shard (they re-open on the next access)."""
+        for sh in self._open:
+            if sh is not None and self._pid == os.getpid():
+                sh.mm.close()
+        self._open = [None] * len(self._infos)
+
+    # -- access ----------------------------------------------------------------
+    def __getitem__(self, i: Any) -> Any:
+        if type(i) is not int:
+            if isinstance(i, slice):
+                return [self[j] for j in range(*i.indices(self._n))]
+            i = as_index(i)
+        n = self._n
+        if i < 0:
+            i += n
+            if i < 0:
+                raise IndexError(f"index {i - n} out of range for a dataset of {n} samples")
+        elif i >= n:
+            raise IndexError(f"index {i} out of range for a dataset of {n} samples")
+        if self._pid != os.getpid():
+            self._after_fork()
+        p = bisect_right(self._lookup, i) - 1
+        s = self._lookup_shard[p]
+        sh = self._open[s]
+        if sh is None:
+            sh = self._open_shard(s)
+        j = i - self._lookup[p]
+        if sh.foreign:
+            sample = self._foreign(sh, j, i)
+        else:
+            try:
+                sample = _unpackb(sh.mm[sh.start[j]:sh.end[j]], **_OPTS)
+            except Exception as exc:
+                raise self._corrupt(s, j, i, exc) from exc
+            if type(sample) is not dict:
+                raise self._corrupt(s, j, i, TypeError("not a msgpack map"))
+            if self.with_key and self.key_field not in sample:
+                sample["__key__"] = f"{i:09d}"
+            elif self.with_key and self.key_field != "__key__":
+                sample["__key__"] = sample[self.key_field]
+        return sample if self.transform is None else self.transform(sample)
+
+    def _foreign(self, sh: _ForeignShard, j: int, i: int) -> dict:
+        return decode_foreign_sample(sh.mm, sh.index, j, where=sh.path)
+
+    def _corrupt(self, s: int, j: int, i: int, exc: BaseException) -> CorruptShardError:
+        path = self._ds.shard_path(self._infos[s])
+        return CorruptShardError(f"shard {path}: sample {j} (global {i}) cannot be decoded: "
+                                 f"{type(exc).__name__}: {exc}; check it with `shardstream "
+                                 f"verify`, or rebuild the index with `shardstream index "
+                                 f"{path}`")
+
+    # -- opening ---------------------------------------------------------------
+    def _after_fork(self) -> None:
+        # inherited maps belong to the parent: forget them (never close: same pages)
+        self._open = [None] * len(self._infos)
+        self._pid = os.getpid()
+
+    def _open_shard(self, s: int) -> _BlockShard | _ForeignShard:
+        info = self._infos[s]
+        path, idx_path = self._ds.shard_path(info), self._ds.index_path(info)
+        index = load_any_index(idx_path)
+        foreign = isinstance(index, ForeignIndex)
+        if index.num_samples != info.num_samples:
+            raise IndexMismatchError(
+                f"index {idx_path} lists {index.num_samples} samples, the manifest "
+                f"{info.num_samples}; rebuild it with `shardstream index {path}`")
+        mm = self._map(path, index, info, s)
+        sh = _ForeignShard(mm, index, path) if foreign else _BlockShard(mm, index, path)
+        self._open[s] = sh
+        return sh
+
+    def _map(self, path: str, index: ShardIndex | ForeignIndex, info: ShardInfo,
+             s: int) -> mmap.mmap:
+        try:
+            fd = os.open(path, os.O_RDONLY)
+        except FileNotFoundError:
+            raise ShardNotFoundError(f"shard {path} is listed in the manifest but missing; "
+                                     "restore it or rewrite the dataset") from None
+        except OSError as exc:
+            raise StorageError(f"cannot open {path}: {exc.strerror or exc}") from exc
+        try:
+            size = os.fstat(fd).st_size
+            self._check_size(path, size, index, info, s)
+            if self.verify and index.shard_sha256 and sha256_file(path) != index.shard_sha256:
+                raise IndexMismatchError(f"shard {path}: sha256 differs from its index; the "
+                                         "shard was replaced or damaged: restore it, or "
+                                         f"rebuild the index with `shardstream index {path}`")
+            mm = mmap.mmap(fd, 0, access=mmap.ACCESS_READ) if size else _EMPTY
+        finally:
+            os.close(fd)
+        if size and hasattr(mm, "madvise"):
+            mm.madvise(mmap.MADV_RANDOM)
+        return mm
+
+    def _check_size(self, path: str, size: int, index: ShardIndex | ForeignIndex,
+                    info: ShardInfo, s: int) -> None:
+        if size == index.shard_bytes == info.bytes:
+            return
+        if size < index.shard_bytes:
+            j = _first_past(index, size)
+            raise CorruptShardError(
+                f"shard {path} is truncated: {size} of {index.shard_bytes} bytes; sample {j} "
+                f"(global {self._starts[s] + j}) onwards lie past its end; restore the shard, "
+                f"or re-index what is left with `shardstream index {path}`")
+        raise IndexMismatchError(
+            f"shard {path} is {size} bytes but its index/manifest say {index.shard_bytes}/"
+            f"{info.bytes}: the index does not describe this shard; rebuild it with "
+            f"`shardstream index {path}`")
+
+    # -- pickling (spawn / forkserver workers) ---------------------------------
+    def __getstate__(self) -> dict:
+        state = self.__dict__.copy()
+        state["_open"] = [None] * len(self._infos)
+        return state
+
+    def __setstate__(self, state: dict) -> None:
+        self.__dict__.update(state)
+        self._pid = os.getpid()
+
+
+_EMPTY = b""
+
+
+def _first_past(index: ShardIndex | ForeignIndex, size: int) -> int:
+    """Shard-local ordinal of the first sample whose bytes end past ``size``."""
+    if isinstance(index, ForeignIndex):
+        ends = index.member_offset + index.member_size
+        bad = int((ends > size).argmax())
+        return int((index.member_first[1:] > bad).argmax())
+    _, ends = index.sample_spans()
+    return int((ends > size).argmax())
+
+
+def _resolve(source: str | os.PathLike | Dataset, cache_dir: str | None) -> Dataset:
+    if isinstance(source, Dataset):
+        return source
+    src = os.fspath(source)
+    if src.startswith(_REMOTE):
+        try:
+            from .storage import fetch_to_cache  # type: ignore[attr-defined]
+        except ImportError:
+            raise NotImplementedError(
+                f"{src}: ShardDataset reads local datasets; object storage support comes "
+                "with shardstream.storage. Copy the dataset locally (e.g. `aws s3 sync`, "
+                "`gsutil rsync`) and pass the directory") from None
+        if cache_dir is None:
+            raise ValueError(f"{src} is remote: pass cache_dir= to hold the local copy")
+        src = fetch_to_cache(src, cache_dir)
+    return open_dataset(src)

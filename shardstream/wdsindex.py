@@ -1,0 +1,532 @@
+"""Indexes for tars written by other tools (webdataset layout), and index rebuilds.
+
+A webdataset tar stores one member per field, ``KEY.EXT``; consecutive members
+sharing ``KEY`` (the name up to the first dot of the basename) form a sample,
+exactly as ``webdataset`` groups them. :class:`ForeignIndex` records, per
+sample, its key and the offset, size and extension of each member, so such
+tars gain an exact ``len()``, random access and exact distributed epochs
+without being rewritten. :func:`build_index` (``shardstream index``) writes
+these indexes plus a ``manifest.json`` marked ``"layout": "webdataset"``,
+and also rebuilds a missing or stale ``.idx`` of a shardstream shard by
+scanning its tar. The byte layout is in ``docs/random_access.md``.
+"""
+
+from __future__ import annotations
+
+import glob
+import hashlib
+import io
+import json
+import os
+import re
+import tarfile
+from dataclasses import dataclass
+from typing import Any, Iterator
+
+import msgpack
+import numpy as np
+
+from . import __version__
+from .codec import _unpack_options, decode_sample, encode_sample
+from .errors import CorruptShardError, DatasetExistsError, DecodeError, ManifestError, \
+    ShardNotFoundError, StorageError
+from .index import BLOCK_EXT, INDEX_SUFFIX, ShardIndex
+from .manifest import MANIFEST_NAME, Manifest, ShardInfo, atomic_write, load_manifest
+from .shard import sha256_file
+
+__all__ = ["WDS_INDEX_FORMAT", "LAYOUT_WEBDATASET", "ForeignIndex", "scan_foreign_tar",
+           "scan_block_tar", "load_foreign_index", "load_any_index", "decode_member",
+           "decode_foreign_sample", "iter_foreign_samples", "build_index", "manifest_layout"]
+
+WDS_INDEX_FORMAT = "shardstream-wds-index"
+WDS_INDEX_VERSION = 1
+LAYOUT_WEBDATASET = "webdataset"
+LAYOUT_SHARDSTREAM = "shardstream"
+_META = re.compile(r"__[^/]*__($|/)")  # webdataset skips these members
+_KEY_EXT = re.compile(r"^((?:.*/|)[^.]+)[.]([^/]*)$")  # webdataset.tariterators.base_plus_ext
+_BLOCK_NAME = re.compile(r"\d{6}\." + BLOCK_EXT)
+_REMOTE = ("s3://", "gs://", "http://", "https://")
+
+
+# ---------------------------------------------------------------- the index
+@dataclass(frozen=True, eq=False)
+class ForeignIndex:
+    """Where the members of every sample of one webdataset-layout tar live.
+
+    Sample ``j`` has key ``key_blob[key_offset[j]:key_offset[j+1]]`` (UTF-8)
+    and members ``member_first[j] .. member_first[j+1]-1``; member ``m``'s data
+    is ``member_size[m]`` bytes at ``member_offset[m]``, its extension
+    ``exts[member_ext[m]]``.
+    """
+
+    num_samples: int
+    shard_bytes: int
+    shard_sha256: str
+    exts: list[str]
+    key_blob: bytes
+    key_offset: np.ndarray
+    member_first: np.ndarray
+    member_offset: np.ndarray
+    member_size: np.ndarray
+    member_ext: np.ndarray
+
+    @property
+    def num_members(self) -> int:
+        return len(self.member_offset)
+
+    def key(self, j: int) -> str:
+        return self.key_blob[int(self.key_offset[j]):int(self.key_offset[j + 1])].decode()
+
+    def to_bytes(self) -> bytes:
+        return encode_sample({
+            "format": WDS_INDEX_FORMAT, "version": WDS_INDEX_VERSION,
+            "num_samples": self.num_samples, "shard_bytes": self.shard_bytes,
+            "shard_sha256": self.shard_sha256, "exts": list(self.exts),
+            "key_blob": bytes(self.key_blob),
+            "key_offset": self.key_offset.astype("<u8"),
+            "member_first": self.member_first.astype("<u8"),
+            "member_offset": self.member_offset.astype("<u8"),
+            "member_size": self.member_size.astype(_fit(self.member_size, "<u4", "<u8")),
+            "member_ext": self.member_ext.astype(_fit(self.member_ext, "<u2", "<u4")),
+        }, check=False)
+
+    @classmethod
+    def from_dict(cls, d: dict, *, where: str = "index") -> "ForeignIndex":
+        if d.get("version") != WDS_INDEX_VERSION:
+            raise CorruptShardError(f"{where}: webdataset index version {d.get('version')} is "
+                                    f"not supported (this shardstream reads {WDS_INDEX_VERSION})")
+        try:
+            idx = cls(int(d["num_samples"]), int(d["shard_bytes"]), str(d["shard_sha256"]),
+                      [str(e) for e in d["exts"]], bytes(d["key_blob"]), d["key_offset"],
+                      d["member_first"], d["member_offset"], d["member_size"], d["member_ext"])
+        except (KeyError, TypeError, ValueError) as exc:
+            raise CorruptShardError(f"{where}: index is missing field {exc}; rebuild it with "
+                                    "`shardstream index`") from exc
+        idx.validate(where)
+        return idx
+
+    def validate(self, where: str = "index") -> None:
+        """Cheap structural checks so a damaged index cannot send readers astray."""
+        n, m = self.num_samples, self.num_members
+        ok = (len(self.key_offset) == n + 1 and len(self.member_first) == n + 1
+              and len(self.member_size) == m and len(self.member_ext) == m)
+        if ok:
+            ok = (int(self.member_first[0]) == 0 and int(self.member_first[-1]) == m
+                  and int(self.key_offset[-1]) == len(self.key_blob)
+                  and bool(np.all(np.diff(self.member_first.astype(np.int64)) > 0))
+                  and (m == 0 or (int((self.member_offset + self.member_size).max())
+                                  <= self.shard_bytes
+                                  and int(self.member_ext.max()) < len(self.exts))))
+        if not ok:
+            raise CorruptShardError(f"{where}: index is inconsistent; rebuild it with "
+                                    "`shardstream index`")
+
+
+def _fit(a: np.ndarray, small: str, big: str) -> str:
+    return small if a.size == 0 or int(a.max()) < 1 << (8 * np.dtype(small).itemsize) else big
+
+
+def load_foreign_index(path: str) -> ForeignIndex:
+    """Read a webdataset-layout index file."""
+    d = _read_index_dict(path)
+    if d.get("format") != WDS_INDEX_FORMAT:
+        raise CorruptShardError(f"{path}: not a webdataset-layout index; rebuild it with "
+                                "`shardstream index`")
+    return ForeignIndex.from_dict(d, where=path)
+
+
+def load_any_index(path: str) -> ShardIndex | ForeignIndex:
+    """Read either kind of index file; the ``format`` field tells which."""
+    d = _read_index_dict(path)
+    if d.get("format") == WDS_INDEX_FORMAT:
+        return ForeignIndex.from_dict(d, where=path)
+    return ShardIndex.from_bytes(d["__raw__"], where=path)
+
+
+def _read_index_dict(path: str) -> dict:
+    try:
+        with open(path, "rb") as f:
+            data = f.read()
+    except FileNotFoundError:
+        raise ShardNotFoundError(f"index {path} is missing; rebuild it with "
+                                 "`shardstream index SHARDS -o DIR`") from None
+    except OSError as exc:
+        raise StorageError(f"cannot read {path}: {exc.strerror or exc}") from exc
+    try:
+        d = decode_sample(data)
+    except DecodeError as exc:
+        raise CorruptShardError(f"{path}: unreadable index ({exc}); rebuild it with "
+                                "`shardstream index`") from exc
+    d["__raw__"] = data
+    return d
+
+
+# ---------------------------------------------------------------- decoding
+def _npy(data: bytes) -> np.ndarray:
+    return np.load(io.BytesIO(data), allow_pickle=False)
+
+
+def _npz(data: bytes) -> dict:
+    with np.load(io.BytesIO(data), allow_pickle=False) as z:
+        return {k: z[k] for k in z.files}
+
+
+def _msgpack(data: bytes) -> Any:
+    return msgpack.unpackb(data, **_unpack_options)
+
+
+_DECODERS = {
+    **dict.fromkeys(("txt", "text", "transcript"), lambda b: b.decode("utf-8")),
+    **dict.fromkeys(("cls", "cls2", "index", "inx", "id"), int),
+    **dict.fromkeys(("json", "jsn"), json.loads),
+    **dict.fromkeys(("msgpack", "mp", "mpk", "msg"), _msgpack),
+    "npy": _npy, "npz": _npz,
+}  # everything else (pyd, pickle, pkl, pth, jpg, ...) stays bytes: never unpickled
+
+
+def decode_member(ext: str, data: bytes) -> Any:
+    """Decode one member by the last part of its extension, like webdataset's
+    basic handlers, minus pickle and torch.load (those stay bytes)."""
+    fn = _DECODERS.get(ext.rpartition(".")[2])
+    return data if fn is None else fn(data)
+
+
+def decode_foreign_sample(buf: Any, index: ForeignIndex, j: int, *, base: int = 0,
+                          decode: bool = True, where: str = "") -> dict:
+    """Sample ``j`` of a shard whose bytes from offset ``base`` are in ``buf``."""
+    m0, m1 = int(index.member_first[j]), int(index.member_first[j + 1])
+    sample: dict[str, Any] = {"__key__": index.key(j)}
+    for m in range(m0, m1):
+        a = int(index.member_offset[m]) - base
+        b = a + int(index.member_size[m])
+        ext = index.exts[int(index.member_ext[m])]
+        data = buf[a:b]
+        if len(data) != b - a:
+            raise CorruptShardError(f"shard {where}: sample {j} ({sample['__key__']!r}) member "
+                                    f".{ext} is truncated; restore the shard or rebuild the "
+                                    "index with `shardstream index`")
+        try:
+            sample[ext] = decode_member(ext, data) if decode else data
+        except Exception as exc:  # int(), json, npy and msgpack raise different types
+            raise CorruptShardError(f"shard {where}: sample {j} ({sample['__key__']!r}) member "
+                                    f".{ext} cannot be decoded: {type(exc).__name__}: {exc}"
+                                    ) from exc
+    return sample
+
+
+def iter_foreign_samples(shard_path: str, foreign_index: ForeignIndex, start: int = 0,
+                         stop: int | None = None, *, decode: bool = True) -> Iterator[dict]:
+    """Yield samples ``[start, stop)`` (shard-local) of a webdataset-layout tar.
+
+    Reads the byte span covering those samples with one read, then decodes by
+    extension (``decode=False`` yields raw bytes). For the streaming reader.
+    """
+    n = foreign_index.num_samples
+    stop = n if stop is None else min(stop, n)
+    if not 0 <= start <= stop:
+        raise ValueError(f"bad sample range [{start}, {stop}) for a shard of {n} samples")
+    if start == stop:
+        return
+    m0, m1 = int(foreign_index.member_first[start]), int(foreign_index.member_first[stop])
+    base = int(foreign_index.member_offset[m0])
+    end = int((foreign_index.member_offset[m0:m1] + foreign_index.member_size[m0:m1]).max())
+    try:
+        with open(shard_path, "rb") as f:
+            f.seek(base)
+            buf = f.read(end - base)
+    except FileNotFoundError:
+        raise ShardNotFoundError(f"shard {shard_path} is missing") from None
+    except OSError as exc:
+        raise StorageError(f"cannot read {shard_path}: {exc.strerror or exc}") from exc
+    view = memoryview(buf)
+    for j in range(start, stop):
+        s = decode_foreign_sample(view, foreign_index, j, base=base, decode=False,
+                                  where=shard_path)
+        if decode:
+            s = {k: v if k == "__key__" else decode_member(k, bytes(v)) for k, v in s.items()}
+        else:
+            s = {k: v if k == "__key__" else bytes(v) for k, v in s.items()}
+        yield s
+
+
+# ---------------------------------------------------------------- scanning tars
+def _members(path: str) -> Iterator[tarfile.TarInfo]:
+    """Regular members of an uncompressed tar, in order, without keeping them all."""
+    try:
+        tf = tarfile.open(path, "r:")
+    except FileNotFoundError:
+        raise ShardNotFoundError(f"shard {path} does not exist") from None
+    except tarfile.ReadError as exc:
+        hint = (" (compressed tars cannot be indexed: decompress it first)"
+                if path.endswith(("gz", "bz2", "xz", "zst")) else "")
+        raise CorruptShardError(f"{path} is not an uncompressed tar{hint}: {exc}") from exc
+    with tf:
+        while True:
+            try:
+                info = tf.next()
+            except tarfile.TarError as exc:
+                raise CorruptShardError(f"shard {path}: damaged tar after "
+                                        f"{tf.offset} bytes: {exc}") from exc
+            if info is None:
+                return
+            tf.members = []
+            if info.isreg():
+                yield info
+
+
+def _check_size(path: str, info: tarfile.TarInfo, size: int) -> None:
+    if info.offset_data + info.size > size:
+        raise CorruptShardError(f"shard {path} is truncated: member {info.name} needs bytes up "
+                                f"to {info.offset_data + info.size}, the file has {size}")
+
+
+def scan_foreign_tar(path: str, *, checksum: bool = True) -> ForeignIndex:
+    """Group a tar's members into samples as webdataset does and index them."""
+    size = os.path.getsize(path)
+    exts: dict[str, int] = {}
+    keys: list[bytes] = []
+    firsts: list[int] = []
+    offsets: list[int] = []
+    sizes: list[int] = []
+    ext_ids: list[int] = []
+    seen: set[str] = set()
+    current: str | None = None
+    for info in _members(path):
+        name = info.name
+        if name.startswith("__") and name.endswith("__") and "/" not in name or \
+                _META.match(name):
+            continue
+        match = _KEY_EXT.match(name)
+        if not match:
+            continue
+        key, ext = match.group(1), match.group(2).lower()
+        _check_size(path, info, size)
+        if key != current:
+            current, seen = key, set()
+            keys.append(key.encode())
+            firsts.append(len(offsets))
+        if ext in seen:
+            raise CorruptShardError(f"shard {path}: duplicate member {name} in sample {key!r} "
+                                    "(webdataset refuses it too)")
+        seen.add(ext)
+        offsets.append(info.offset_data)
+        sizes.append(info.size)
+        ext_ids.append(exts.setdefault(ext, len(exts)))
+    firsts.append(len(offsets))
+    key_offset = np.zeros(len(keys) + 1, np.uint64)
+    np.cumsum([len(k) for k in keys], out=key_offset[1:])
+    return ForeignIndex(len(keys), size, sha256_file(path) if checksum else "", list(exts),
+                        b"".join(keys), key_offset, np.array(firsts, np.uint64),
+                        np.array(offsets, np.uint64), np.array(sizes, np.uint64),
+                        np.array(ext_ids, np.uint32))
+
+
+def scan_block_tar(path: str) -> ShardIndex:
+    """Rebuild a shardstream shard's index from the tar alone.
+
+    Block offsets come from the tar headers, sample offsets from skipping
+    through each block with ``msgpack.Unpacker`` (nothing is decoded).
+    """
+    size = os.path.getsize(path)
+    offsets: list[int] = []
+    sizes: list[int] = []
+    firsts: list[int] = []
+    sample_offsets: list[int] = []
+    with open(path, "rb") as f:
+        for b, info in enumerate(_members(path)):
+            if info.name != f"{b:06d}.{BLOCK_EXT}":
+                raise CorruptShardError(f"shard {path}: member {b} is {info.name!r}, expected "
+                                        f"{b:06d}.{BLOCK_EXT}: not a shardstream shard")
+            _check_size(path, info, size)
+            f.seek(info.offset_data)
+            data = f.read(info.size)
+            offsets.append(info.offset_data)
+            sizes.append(info.size)
+            firsts.append(len(sample_offsets))
+            sample_offsets.extend(_sample_offsets(data, path, b))
+    return ShardIndex(len(sample_offsets), size, sha256_file(path),
+                      np.array(offsets, np.uint64), np.array(sizes, np.uint64),
+                      np.array(firsts, np.uint64), np.array(sample_offsets, np.int64))
+
+
+def _sample_offsets(data: bytes, path: str, block: int) -> list[int]:
+    unpacker = msgpack.Unpacker(max_buffer_size=max(len(data), 1))
+    unpacker.feed(data)
+    out: list[int] = []
+    while unpacker.tell() < len(data):
+        out.append(unpacker.tell())
+        try:
+            unpacker.skip()
+        except msgpack.OutOfData:
+            raise CorruptShardError(f"shard {path}: block {block}, sample {len(out) - 1} "
+                                    "(in block) is truncated") from None
+        except Exception as exc:
+            raise CorruptShardError(f"shard {path}: block {block} is damaged: {exc}") from exc
+    if not out:
+        raise CorruptShardError(f"shard {path}: block {block} is empty")
+    return out
+
+
+def detect_layout(path: str) -> str:
+    """``"shardstream"`` if the tar's first member is a block, else ``"webdataset"``."""
+    for info in _members(path):
+        return LAYOUT_SHARDSTREAM if _BLOCK_NAME.fullmatch(info.name) else LAYOUT_WEBDATASET
+    return LAYOUT_WEBDATASET
+
+
+def manifest_layout(directory: str) -> str:
+    """The ``layout`` a manifest declares (``"shardstream"`` when absent)."""
+    try:
+        with open(os.path.join(directory, MANIFEST_NAME), "rb") as f:
+            doc = json.loads(f.read())
+    except (OSError, ValueError):
+        return LAYOUT_SHARDSTREAM
+    layout = doc.get("layout", LAYOUT_SHARDSTREAM) if isinstance(doc, dict) else None
+    return layout if isinstance(layout, str) else LAYOUT_SHARDSTREAM
+
+
+# ---------------------------------------------------------------- build_index
+def _expand(shards: list[str]) -> tuple[list[str], str | None]:
+    """Shard paths from files, brace patterns, globs and directories; plus the
+    directory of a dataset named as a directory (its manifest's home)."""
+    out: list[str] = []
+    home = None
+    for arg in shards:
+        arg = os.fspath(arg)
+        if arg.startswith(_REMOTE):
+            raise NotImplementedError(f"{arg}: indexing object storage comes with the storage "
+                                      "module; download the shards and index them locally")
+        if os.path.isdir(arg):
+            home = arg
+            if os.path.exists(os.path.join(arg, MANIFEST_NAME)):
+                m = load_manifest(arg)
+                out += [os.path.join(arg, s.name) for s in m.shards]
+            else:
+                out += sorted(glob.glob(os.path.join(glob.escape(arg), "*.tar")))
+            continue
+        if "{" in arg:
+            import braceexpand
+            out += list(braceexpand.braceexpand(arg))
+        elif any(c in arg for c in "*?[") and not os.path.exists(arg):
+            out += sorted(glob.glob(arg))
+        else:
+            out.append(arg)
+    for p in out:
+        if not os.path.isfile(p):
+            raise ShardNotFoundError(f"shard {p} does not exist")
+    if not out:
+        raise ValueError(f"no shards found in {shards}")
+    return out, home
+
+
+def build_index(shards: list[str], output_dir: str | None = None, *, checksum: bool = True,
+                overwrite: bool = False) -> Manifest:
+    """Index tars so :class:`~shardstream.ShardDataset` and the stream reader can use them.
+
+    ``shards``: tar paths, brace patterns (``data-{000..009}.tar``), globs or a
+    dataset directory. Webdataset-layout tars get a ``<name>.idx`` each in
+    ``output_dir`` (default: the shards' directory) and a manifest there
+    marked ``"layout": "webdataset"``, referencing the shards by relative
+    path; the tars are not modified. Shardstream shards get their ``.idx``
+    rebuilt next to them (byte-identical to the writer's) and the manifest
+    entries updated. ``checksum=False`` skips hashing foreign tars.
+    """
+    paths, home = _expand(list(shards))
+    out = output_dir or home or _common_dir(paths)
+    os.makedirs(out, exist_ok=True)
+    layouts = {detect_layout(p) for p in paths}
+    if len(layouts) > 1:
+        raise ValueError("some shards are shardstream shards and some webdataset tars; index "
+                         "them separately")
+    if layouts == {LAYOUT_SHARDSTREAM}:
+        return _rebuild_own(paths, out, overwrite)
+    return _index_foreign(paths, out, checksum, overwrite)
+
+
+def _common_dir(paths: list[str]) -> str:
+    dirs = {os.path.dirname(os.path.abspath(p)) for p in paths}
+    if len(dirs) > 1:
+        raise ValueError("the shards live in several directories; pass output_dir (-o)")
+    return dirs.pop()
+
+
+def _write(path: str, data: bytes) -> None:
+    try:
+        atomic_write(path, data)
+    except OSError as exc:
+        raise StorageError(f"cannot write {path}: {exc.strerror or exc}") from exc
+
+
+def _info(shard: str, out: str, index_path: str, idx_bytes: bytes, num_samples: int,
+          size: int, sha: str, parts: int) -> ShardInfo:
+    return ShardInfo(name=os.path.relpath(shard, out), num_samples=num_samples, bytes=size,
+                     sha256=sha, num_blocks=parts, index=os.path.relpath(index_path, out),
+                     index_bytes=len(idx_bytes),
+                     index_sha256=hashlib.sha256(idx_bytes).hexdigest())
+
+
+def _index_foreign(paths: list[str], out: str, checksum: bool, overwrite: bool) -> Manifest:
+    if manifest_layout(out) != LAYOUT_WEBDATASET and not overwrite and \
+            os.path.exists(os.path.join(out, MANIFEST_NAME)):
+        raise DatasetExistsError(f"{out} already holds a shardstream dataset; choose another "
+                                 "output directory (-o) or pass overwrite=True (--overwrite)")
+    names = [os.path.basename(p) for p in paths]
+    if len(set(names)) != len(names):
+        raise ValueError("two shards share a file name; their indexes would collide")
+    infos, counts = [], {}
+    for p in paths:
+        idx = scan_foreign_tar(p, checksum=checksum)
+        data = idx.to_bytes()
+        idx_path = os.path.join(out, os.path.basename(p) + INDEX_SUFFIX)
+        _write(idx_path, data)
+        infos.append(_info(p, out, idx_path, data, idx.num_samples, idx.shard_bytes,
+                           idx.shard_sha256, idx.num_members))
+        for e, c in zip(idx.exts, np.bincount(idx.member_ext, minlength=len(idx.exts))):
+            counts[e] = counts.get(e, 0) + int(c)
+    schema = {e: {"count": c, "types": [_ext_type(e)]} for e, c in sorted(counts.items())}
+    manifest = Manifest(shards=infos, schema=schema, block_bytes=0,
+                        created_by=f"shardstream {__version__} index (webdataset tars)")
+    doc = json.loads(manifest.to_json())
+    doc["layout"] = LAYOUT_WEBDATASET
+    _write(os.path.join(out, MANIFEST_NAME), (json.dumps(doc, indent=1) + "\n").encode())
+    return manifest
+
+
+def _ext_type(ext: str) -> str:
+    fn = _DECODERS.get(ext.rpartition(".")[2])
+    return {int: "int", json.loads: "json", _npy: "ndarray", _npz: "dict",
+            _msgpack: "msgpack", None: "bytes"}.get(fn, "str")
+
+
+def _rebuild_own(paths: list[str], out: str, overwrite: bool) -> Manifest:
+    old = None
+    if os.path.exists(os.path.join(out, MANIFEST_NAME)) and not overwrite:
+        old = load_manifest(out)
+    by_name = {s.name: k for k, s in enumerate(old.shards)} if old else {}
+    new: list[ShardInfo] = []
+    for p in paths:
+        idx = scan_block_tar(p)
+        data = idx.to_bytes()
+        idx_path = p + INDEX_SUFFIX
+        _write(idx_path, data)
+        new.append(_info(p, out, idx_path, data, idx.num_samples, idx.shard_bytes,
+                         idx.shard_sha256, idx.num_blocks))
+    if old is None:
+        manifest = Manifest(shards=new, created_by=f"shardstream {__version__} index")
+    else:
+        missing = [s.name for s in new if s.name not in by_name]
+        if missing:
+            raise ManifestError(f"{os.path.join(out, MANIFEST_NAME)} does not list "
+                                f"{', '.join(missing)}; pass overwrite=True (--overwrite) to "
+                                "write a new manifest for exactly these shards")
+        shards = list(old.shards)
+        for s in new:
+            shards[by_name[s.name]] = s
+        manifest = Manifest(shards=shards, schema=old.schema, key_field=old.key_field,
+                            block_bytes=old.block_bytes, created_by=old.created_by)
+    try:
+        manifest.save(out)
+    except OSError as exc:
+        raise StorageError(f"cannot write {os.path.join(out, MANIFEST_NAME)}: "
+                           f"{exc.strerror or exc}") from exc
+    return manifest
