@@ -100,16 +100,28 @@ def _check_keys(d: dict, prefix: str) -> None:
                 _check_keys(v, f"{prefix}{k}.")
             else:
                 _check_list(v, f"{prefix}{k}")
+        elif type(v) is msgpack.Timestamp:
+            raise _raw_ext(f"{prefix}{k}")
+
+
+def _raw_ext(path: str) -> EncodeError:
+    return EncodeError("raw msgpack ExtType/Timestamp values are reserved by the format; "
+                       "store the payload as bytes", path=path)
 
 
 def _check_list(seq: list | tuple, path: str) -> None:
-    if not any(issubclass(t, _CONTAINERS) for t in set(map(type, seq))):
+    if type(seq) is msgpack.ExtType:
+        raise _raw_ext(path)
+    kinds = set(map(type, seq))
+    if not any(issubclass(t, _CONTAINERS) or t is msgpack.Timestamp for t in kinds):
         return
     for i, v in enumerate(seq):
         if isinstance(v, dict):
             _check_keys(v, f"{path}[{i}].")
         elif isinstance(v, (list, tuple)):
             _check_list(v, f"{path}[{i}]")
+        elif type(v) is msgpack.Timestamp:
+            raise _raw_ext(f"{path}[{i}]")
 
 
 def _find_bad(obj: Any, path: str) -> tuple[str, str] | None:

@@ -1,46 +1,33 @@
 """CUDAPrefetcher: copy batches to the GPU on a side stream while the model runs.
 
-Design (see docs/prefetch.md). Each batch taken from the source is copied on a
-dedicated side stream ``S`` (``torch.cuda.Stream(device)``), optionally
-transformed there, and an event ``ready`` is recorded on ``S``. Up to ``depth``
-batches are kept in flight in a ring of slots. When the consumer asks for a
-batch, its current stream ``C`` does ``C.wait_event(ready)``: no host sync.
+Batches are copied (and optionally transformed) on a side stream ``S``, up to
+``depth`` in flight in a ring of slots, each ending with a ``ready`` event; on
+hand-over the consumer's current stream ``C`` does ``C.wait_event(ready)``.
 
-Memory safety without ``record_stream``. The caching allocator gives a freed
-block back to the pool of the stream it was *allocated* on (not the stream
-current when Python frees it) and hands it to the next allocation on that
-stream with no regard to work queued on other streams. Copy and transform
-outputs are allocated on ``S``; once the consumer drops them, ``S`` could reuse
-their memory while kernels queued on ``C`` still read or write it. Keeping a
-reference to the handed-out batch until the next hand-over (FFCV style) is not
-enough on its own: the user often holds the last reference (loop variable,
-autograd saving the input for backward) and frees it later. So instead, right
-before *every* piece of side-stream work, we record a ``fence`` event on ``C``
-and make ``S`` wait on it. Race-free because (single consuming thread):
-
-1. every free of a handed-out batch happens on the host before the next call
-   into the prefetcher, after the kernels that use it were queued on ``C``;
-2. the next side-stream allocation happens inside that later call, after
-   ``S.wait_event(fence)`` where ``fence`` was recorded on ``C`` after all of
-   those kernels, so any reuse of the block runs after them on the GPU;
-3. blocks used only on ``S`` (copies dropped by ``close()``, transform
-   temporaries) are reused only by later ``S`` work, which is stream-ordered;
-4. everything a slot reads (host batch, device tensors a transform reads) is
-   kept alive until ``C`` has waited on ``ready``; ``close()`` synchronises
-   ``S`` before dropping slots still in flight. Pinned host memory freed while
-   its copy is in flight is protected by PyTorch's pinned-memory allocator,
-   which records an event for every ``non_blocking`` copy.
-
-The fence costs no overlap: the copy of batch ``n + depth`` is issued when
-batch ``n`` is handed over, so it waits only for the compute of batch ``n - 1``.
-Limits: tensors used on a stream other than the consumer's current stream
-need ``record_stream`` as usual; do not iterate from several threads; sources
-must not modify host tensors after yielding them.
+Why this is memory-safe without ``record_stream``: the caching allocator puts
+a freed block back in the pool of the stream it was *allocated* on (whatever
+stream is current at free time) and hands it to the next allocation on that
+stream ignoring other streams. Outputs are allocated on ``S``; holding handed
+out batches until the next hand-over (FFCV style) is not enough, since the user
+often frees them later (loop variable, autograd saved inputs). So before
+*every* batch of ``S`` work we record a ``fence`` on ``C`` and ``S.wait_event``
+it. With one consuming thread: (1) a batch is freed on the host after the
+kernels using it were queued on ``C`` and before the next call into us; (2)
+the next ``S`` allocation happens in that call, after a fence recorded behind
+those kernels, so any reuse runs after them; (3) blocks used only on ``S`` are
+reused only by later, stream-ordered ``S`` work; (4) a slot's inputs stay
+referenced until ``C`` waited on ``ready`` (``close()`` synchronises ``S``),
+and pinned host blocks are guarded by PyTorch's pinned allocator events. The
+fence keeps the overlap: batch ``n + depth`` is issued at hand-over of ``n``,
+so its copy only waits for the compute of batch ``n - 1``. Tensors used on
+another stream than the consumer's need ``record_stream``; sources must not
+modify host tensors after yielding them. Details: docs/prefetch.md.
 """
 
 from __future__ import annotations
 
 import collections
+import contextlib
 import copy
 import dataclasses
 import os
@@ -52,6 +39,7 @@ from typing import Any
 import torch
 
 __all__ = ["CUDAPrefetcher", "PrefetchStats", "to_device"]
+
 
 def _map_tensors(obj: Any, fn: Callable[[torch.Tensor], Any]) -> Any:
     """Apply ``fn`` to every tensor in a nested dict/list/tuple batch.
@@ -156,13 +144,15 @@ def _resolve_device(device: Any) -> torch.device:
     return torch.device("cuda", index)
 
 
+@dataclasses.dataclass
 class _Slot:
-    __slots__ = ("out", "keep", "ready", "start", "end", "nbytes", "error")
-
-    def __init__(self, out: Any = None, keep: Any = None, ready: Any = None, start: Any = None,
-                 end: Any = None, nbytes: int = 0, error: BaseException | None = None) -> None:
-        self.out, self.keep, self.ready, self.start, self.end = out, keep, ready, start, end
-        self.nbytes, self.error = nbytes, error
+    out: Any = None  # what the consumer gets
+    keep: Any = None  # alive until C waited on `ready`
+    ready: Any = None  # torch.cuda.Event, None on the CPU path
+    start: Any = None
+    end: Any = None
+    nbytes: int = 0
+    error: BaseException | None = None
 
 
 class _Pass(Iterator):
@@ -231,10 +221,8 @@ class _Pass(Iterator):
             close()
 
     def __del__(self) -> None:
-        try:
+        with contextlib.suppress(Exception):
             self.close()
-        except Exception:
-            pass
 
 
 class CUDAPrefetcher:

@@ -238,16 +238,16 @@ class ShardDataset(_TorchDataset):
                     info: ShardInfo, s: int) -> None:
         if size == index.shard_bytes == info.bytes:
             return
-        if size < index.shard_bytes:
+        if size < info.bytes and index.shard_bytes == info.bytes:
             j = _first_past(index, size)
             raise CorruptShardError(
-                f"shard {path} is truncated: {size} of {index.shard_bytes} bytes; sample {j} "
+                f"shard {path} is truncated: {size} of {info.bytes} bytes; sample {j} "
                 f"(global {self._starts[s] + j}) onwards lie past its end; restore the shard, "
                 f"or re-index what is left with `shardstream index {path}`")
         raise IndexMismatchError(
             f"shard {path} is {size} bytes but its index/manifest say {index.shard_bytes}/"
-            f"{info.bytes}: the index does not describe this shard; rebuild it with "
-            f"`shardstream index {path}`")
+            f"{info.bytes}: the index does not describe this shard; restore the shard, or "
+            f"rebuild the index with `shardstream index {path}`")
 
     # -- pickling (spawn / forkserver workers) ---------------------------------
     def __getstate__(self) -> dict:

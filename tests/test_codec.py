@@ -111,6 +111,8 @@ def test_int64_range_edges_round_trip():
     ({"s": np.array(["a", "b"])}, "s"),
     ({"o": np.array([object()])}, "o"),
     ({"bf": torch.ones(2, dtype=torch.bfloat16)}, "bf"),
+    ({"e": msgpack.ExtType(1, b"forged")}, "e"),
+    ({"t": [1, msgpack.Timestamp(0)]}, "t[1]"),
 ])
 def test_unencodable_values_name_sample_and_field_path(sample, path):
     with pytest.raises(EncodeError) as info:
