@@ -9,6 +9,7 @@ other iterables are read by the parent in chunks that the workers encode.
 
 from __future__ import annotations
 
+import gc
 import multiprocessing as mp
 import os
 import shutil
@@ -73,9 +74,11 @@ def run_workers(output_dir: str, slices: list[Callable[[], Iterator[dict]]], *,
                          daemon=True) for r, fn in enumerate(slices)]
     outcome: dict[int, tuple[str, Any]] = {}
     seen = [0, 0]
+    gc.freeze()  # children would otherwise copy every page the collector touches
     try:
         for p in procs:
             p.start()
+        gc.unfreeze()
         while len(outcome) < len(procs):
             try:
                 rank, status, payload = results.get(timeout=0.2)
@@ -109,6 +112,7 @@ def run_workers(output_dir: str, slices: list[Callable[[], Iterator[dict]]], *,
                        key_field=key_field,
                        block_bytes=sink_kw.get("block_bytes", DEFAULT_BLOCK_BYTES))
     finally:
+        gc.unfreeze()
         for p in procs:
             if p.is_alive():
                 p.terminate()
