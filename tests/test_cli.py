@@ -214,3 +214,26 @@ def test_console_scripts_and_python_m(jsonl, tmp_path):
     r = subprocess.run([sys.executable, "-m", "shardstream", "verify", out],
                        capture_output=True, text=True)
     assert r.returncode == 0 and "OK" in r.stdout
+
+
+@pytest.mark.parametrize("workers", [1, 2])
+def test_sigterm_during_cli_write_publishes_nothing_and_cleans_up(tmp_path, workers):
+    import signal
+    import time
+
+    src = write_jsonl(tmp_path / "big.jsonl", ROWS * 100)  # 200k lines
+    out = tmp_path / "out"
+    proc = subprocess.Popen([sys.executable, "-m", "shardstream", "write", src, "-o", str(out),
+                             "--workers", str(workers), "--max-samples", "1000", "-q"],
+                            stderr=subprocess.PIPE, text=True)
+    deadline = time.monotonic() + 30
+    while time.monotonic() < deadline:  # wait until shards are being staged
+        staging = [e for e in os.listdir(out) if e.startswith(".staging")] if out.exists() else []
+        if any(os.listdir(out / s) for s in staging):
+            break
+        time.sleep(0.02)
+    proc.send_signal(signal.SIGTERM)
+    _, err = proc.communicate(timeout=60)
+    assert proc.returncode == 130, err
+    assert "nothing was published" in err
+    assert os.listdir(out) == []
