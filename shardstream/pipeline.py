@@ -23,14 +23,22 @@ state is one integer, valid for any world size or worker count.
 
 from __future__ import annotations
 
-import random
+import logging
+import os
+from collections import OrderedDict
 from dataclasses import dataclass
-from typing import Any, Callable, Iterable, Iterator, Sequence
+from typing import Any, Callable, Sequence
 
 import numpy as np
 
-__all__ = ["Layout", "EpochOrder", "split_shards", "resampled_shards", "buffer_shuffle",
-           "batched", "limit"]
+from .codec import decode_sample, iter_samples
+from .errors import CorruptShardError, DecodeError, IndexMismatchError, ShardNotFoundError, \
+    StorageError
+from .index import ShardIndex
+
+log = logging.getLogger("shardstream")
+
+__all__ = ["Layout", "EpochOrder", "ShardRef", "BlockReader", "rng_for"]
 
 _SHARD_TAG, _BLOCK_TAG, _WINDOW_TAG, _BUFFER_TAG, _RESAMPLE_TAG = 1, 2, 3, 4, 5
 
@@ -168,52 +176,230 @@ class EpochOrder:
         return shards, local
 
 
-# ---------------------------------------------------------------- shard-level stages
-def split_shards(urls: Sequence[str], *, rank: int, world_size: int, worker: int,
-                 num_workers: int, seed: int, epoch: int, shuffle: bool) -> list[str]:
-    """Shuffle shards by (seed, epoch), then keep this rank's and worker's share."""
-    order = list(urls)
-    if shuffle:
-        order = [order[i] for i in rng_for(seed, epoch, _SHARD_TAG).permutation(len(order))]
-    return order[rank::world_size][worker::num_workers]
+# ---------------------------------------------------------------- reading by index
+class ShardRef:
+    """One shard a reader may touch: its paths, expected size and global ordinal base.
+
+    ``bad_from`` is the first shard-local ordinal skipped after an error
+    (``on_error="warn"``); ``trunc_from`` the first sample a truncated file lacks.
+    """
+
+    __slots__ = ("path", "index_path", "expected_bytes", "expected_samples", "base", "opened",
+                 "fd", "block_first", "block_of", "block_offset", "block_size", "rel_start", "rel_end",
+                 "bad_from", "trunc_from", "size")
+
+    def __init__(self, path: str, index_path: str, *, expected_bytes: int | None = None,
+                 expected_samples: int | None = None, base: int | None = None) -> None:
+        self.path, self.index_path = path, index_path
+        self.expected_bytes, self.expected_samples, self.base = expected_bytes, expected_samples, base
+        self.opened = False
+        self.fd = -1
+        self.bad_from: int | None = None
+        self.trunc_from: int | None = None
+        self.size = 0
+
+    def label(self, i: int) -> str:
+        """How errors name sample ``i``: its dataset key (global ordinal) if known."""
+        if self.base is None:
+            return f"shard-local sample {i}"
+        return f"sample {self.base + i:09d} (global ordinal; shard-local {i})"
 
 
-def resampled_shards(urls: Sequence[str], *, seed: int, epoch: int, rank: int,
-                     worker: int) -> Iterator[str]:
-    """Endless shards drawn with replacement, seeded per (seed, epoch, rank, worker)."""
-    rng = rng_for(seed, epoch, _RESAMPLE_TAG, rank, worker)
-    while True:
-        for i in rng.integers(0, len(urls), 1024):
-            yield urls[int(i)]
+class BlockReader:
+    """Reads samples by (shard, shard-local ordinal) through each shard's index.
 
+    Runs of consecutive samples in one block are decoded with one msgpack
+    Unpacker; blocks are read with ``pread`` and kept in a small LRU cache.
+    ``on_error="raise"`` raises errors naming the shard, the sample and its
+    byte offset; ``"warn"`` logs the same text, skips the rest of that shard
+    and reports skipped samples through ``on_skip``.
+    """
 
-def buffer_shuffle(data: Iterable[Any], size: int, *, seed: int, epoch: int, rank: int,
-                   worker: int) -> Iterator[Any]:
-    """Deterministic buffer shuffle (webdataset's algorithm, seeded per reader)."""
-    import webdataset as wds
+    def __init__(self, shards: Sequence[ShardRef], *, on_error: str = "raise",
+                 cache_bytes: int = 64 << 20, on_skip: Callable[[int], None] | None = None) -> None:
+        self.shards = shards
+        self.on_error = on_error
+        self.cache_bytes = cache_bytes
+        self.on_skip = on_skip
+        self._cache: OrderedDict[tuple[int, int], bytes] = OrderedDict()
+        self._cached = 0
 
-    rng = random.Random(hash((seed, epoch, _BUFFER_TAG, rank, worker)))
-    return wds.filters._shuffle(iter(data), bufsize=size, initial=min(size, 100), rng=rng)
+    def close(self) -> None:
+        for ref in self.shards:
+            if ref.fd >= 0:
+                os.close(ref.fd)
+                ref.fd = -1
+            ref.opened = False
+        self._cache.clear()
+        self._cached = 0
 
+    # -- shards ---------------------------------------------------------------
+    def block_firsts(self, s: int) -> np.ndarray:
+        ref = self.open(s)
+        if ref.block_of is None:  # unreadable shard: pretend one block
+            return np.zeros(1, dtype=np.int64)
+        return ref.block_first
 
-def batched(data: Iterable[dict], size: int, collate: Callable[[list], Any], *,
-            partial: bool) -> Iterator[Any]:
-    """Group samples into lists of ``size`` and collate each."""
-    batch: list = []
-    for sample in data:
-        batch.append(sample)
-        if len(batch) == size:
-            yield collate(batch)
-            batch = []
-    if batch and partial:
-        yield collate(batch)
+    def open(self, s: int) -> ShardRef:
+        ref = self.shards[s]
+        if ref.opened:
+            return ref
+        ref.opened = True
+        ref.block_of = None
+        try:
+            self._load(ref)
+        except (CorruptShardError, ShardNotFoundError) as exc:
+            self._fail(ref, 0, exc)
+        return ref
 
+    def _load(self, ref: ShardRef) -> None:
+        try:
+            size = os.path.getsize(ref.path)
+        except FileNotFoundError:
+            raise ShardNotFoundError(f"shard {ref.path} is missing; restore it or rewrite the "
+                                     "dataset") from None
+        try:
+            with open(ref.index_path, "rb") as f:
+                data = f.read()
+        except FileNotFoundError:
+            raise ShardNotFoundError(f"index {ref.index_path} is missing; rebuild it with "
+                                     f"`shardstream index {ref.path}`") from None
+        except OSError as exc:
+            raise StorageError(f"cannot read {ref.index_path}: {exc.strerror or exc}") from exc
+        index = ShardIndex.from_bytes(data, where=ref.index_path)
+        if ref.expected_bytes is not None and index.shard_bytes != ref.expected_bytes or \
+                ref.expected_samples is not None and index.num_samples != ref.expected_samples:
+            raise IndexMismatchError(f"index {ref.index_path} does not match the manifest's entry "
+                                     f"for shard {ref.path}; rebuild it with `shardstream index`")
+        if size > index.shard_bytes:
+            raise IndexMismatchError(f"shard {ref.path} is {size} bytes, its index says "
+                                     f"{index.shard_bytes}: the shard was replaced; rebuild the "
+                                     "index with `shardstream index`")
+        n = index.num_samples
+        firsts = index.block_first.astype(np.int64)
+        counts = np.diff(np.append(firsts, n))
+        ref.block_first = firsts
+        ref.block_of = np.repeat(np.arange(index.num_blocks), counts)
+        ref.block_offset = index.block_offset.astype(np.int64)
+        ref.block_size = index.block_size.astype(np.int64)
+        ref.rel_start = index.sample_offset.astype(np.int64)
+        rel_end = np.empty(n, dtype=np.int64)
+        rel_end[:-1] = ref.rel_start[1:]
+        last = np.append(firsts[1:], n) - 1
+        rel_end[last] = ref.block_size
+        ref.rel_end = rel_end
+        ref.size = size
+        if size < index.shard_bytes:
+            short = np.flatnonzero(ref.block_offset[ref.block_of] + rel_end > size)
+            ref.trunc_from = int(short[0]) if len(short) else None
+        try:
+            ref.fd = os.open(ref.path, os.O_RDONLY)
+        except OSError as exc:
+            raise StorageError(f"cannot open {ref.path}: {exc.strerror or exc}") from exc
 
-def limit(data: Iterable[Any], n: int) -> Iterator[Any]:
-    """The first ``n`` items."""
-    if n <= 0:
-        return
-    for i, item in enumerate(data, 1):
-        yield item
-        if i >= n:
-            return
+    def _fail(self, ref: ShardRef, first: int, exc: Exception) -> None:
+        """Raise, or (warn mode) log and skip ``ref`` from sample ``first`` on."""
+        if self.on_error != "warn":
+            raise exc
+        if ref.bad_from is None or first < ref.bad_from:
+            log.warning("%s; skipping the rest of the shard from shard-local sample %d",
+                        exc, first)
+            ref.bad_from = first
+
+    # -- samples --------------------------------------------------------------
+    def read(self, shards: np.ndarray, local: np.ndarray) -> list[Any]:
+        """Decode the samples at (shards[k], local[k]); ``None`` where skipped."""
+        n = len(local)
+        out: list[Any] = [None] * n
+        if n == 0:
+            return out
+        if shards[0] == shards[-1] and (n < 3 or not np.any(shards != shards[0])):
+            ref = self.open(int(shards[0]))
+            blocks = ref.block_of[local] if ref.block_of is not None else local
+        else:
+            blocks = np.empty(n, dtype=np.int64)
+            for s in np.unique(shards).tolist():
+                sel = shards == s
+                ref = self.open(s)
+                blocks[sel] = ref.block_of[local[sel]] if ref.block_of is not None else -1
+        brk = np.flatnonzero((np.diff(local) != 1) | (np.diff(shards) != 0)
+                             | (np.diff(blocks) != 0)) + 1
+        starts = [0, *brk.tolist()]
+        ends = [*brk.tolist(), n]
+        sl, ll = shards.tolist(), local.tolist()
+        skipped = 0
+        for k0, k1 in zip(starts, ends):
+            skipped += self._run(out, k0, sl[k0], ll[k0], ll[k0] + k1 - k0)
+        if skipped and self.on_skip is not None:
+            self.on_skip(skipped)
+        return out
+
+    def _run(self, out: list, k0: int, s: int, i0: int, i1: int) -> int:
+        """Decode shard ``s`` samples [i0, i1) (one block) into out[k0:]; returns skipped."""
+        ref = self.shards[s]
+        stop = i1
+        if ref.trunc_from is not None and stop > ref.trunc_from:
+            first = max(i0, ref.trunc_from)
+            b = int(ref.block_of[first])
+            self._fail(ref, first, CorruptShardError(
+                f"shard {ref.path} is truncated ({ref.size} of {ref.expected_bytes or '?'} bytes): "
+                f"{ref.label(first)} at byte offset "
+                f"{int(ref.block_offset[b] + ref.rel_start[first])} (block {b}) is missing; "
+                "restore the shard or rewrite the dataset"))
+        if ref.bad_from is not None:
+            stop = min(stop, max(i0, ref.bad_from))
+        if stop > i0:
+            got = self._decode(ref, s, i0, stop, out, k0)
+            if got < stop - i0:
+                stop = i0 + got
+        return i1 - stop
+
+    def _decode(self, ref: ShardRef, s: int, i0: int, i1: int, out: list, k0: int) -> int:
+        b = int(ref.block_of[i0])
+        try:
+            data = self._block(ref, s, b)
+        except CorruptShardError as exc:
+            self._fail(ref, i0, exc)
+            return 0
+        view = memoryview(data)[ref.rel_start[i0]:ref.rel_end[i1 - 1]]
+        got: list = []
+        try:
+            if i1 - i0 == 1:
+                out[k0] = decode_sample(view)
+                return 1
+            try:
+                got.extend(iter_samples(view))
+            finally:
+                out[k0:k0 + len(got)] = got
+            if len(got) != i1 - i0:
+                raise DecodeError(f"block {b} holds {len(got)} samples where the index "
+                                  f"expects {i1 - i0}")
+            return len(got)
+        except DecodeError as exc:
+            bad = min(i0 + len(got), i1 - 1)
+            off = int(ref.block_offset[b] + ref.rel_start[bad])
+            self._fail(ref, bad, CorruptShardError(
+                f"shard {ref.path}: {ref.label(bad)} at byte offset {off} (block {b}) is "
+                f"corrupt: {exc}; restore the shard or rewrite the dataset"))
+            return bad - i0
+
+    def _block(self, ref: ShardRef, s: int, b: int) -> bytes:
+        key = (s, b)
+        data = self._cache.get(key)
+        if data is not None:
+            self._cache.move_to_end(key)
+            return data
+        off, size = int(ref.block_offset[b]), int(ref.block_size[b])
+        try:
+            data = os.pread(ref.fd, size, off)
+        except OSError as exc:
+            raise StorageError(f"cannot read {ref.path}: {exc.strerror or exc}") from exc
+        if len(data) != size:
+            raise CorruptShardError(f"shard {ref.path}: block {b} at byte offset {off} is "
+                                    f"truncated ({len(data)} of {size} bytes)")
+        self._cache[key] = data
+        self._cached += size
+        while self._cached > self.cache_bytes and len(self._cache) > 1:
+            _, old = self._cache.popitem(last=False)
+            self._cached -= len(old)
+        return data

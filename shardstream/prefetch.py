@@ -144,6 +144,22 @@ def _resolve_device(device: Any) -> torch.device:
     return torch.device("cuda", index)
 
 
+_SIDE_STREAMS: dict[torch.device, torch.cuda.Stream] = {}
+
+
+def _side_stream(device: torch.device) -> torch.cuda.Stream:
+    """One side stream per device, shared by all prefetchers.
+
+    ``torch.cuda.Stream()`` hands out pool streams round-robin, and freed blocks
+    stay cached per stream: a new stream per prefetcher (per epoch) would let
+    the allocator cache copies of batches for up to 32 streams. Sharing is
+    safe: every prefetcher fences before its side-stream work.
+    """
+    if device not in _SIDE_STREAMS:
+        _SIDE_STREAMS[device] = torch.cuda.Stream(device)
+    return _SIDE_STREAMS[device]
+
+
 @dataclasses.dataclass
 class _Slot:
     out: Any = None  # what the consumer gets
@@ -334,7 +350,7 @@ class CUDAPrefetcher:
             out = to_device(host, self.device)
             return _Slot(out=self.transform(out) if self.transform is not None else out)
         if self._stream is None:
-            self._stream = torch.cuda.Stream(self.device)
+            self._stream = _side_stream(self.device)
         side = self._stream
         fence = torch.cuda.Event()  # everything the consumer queued so far ...
         fence.record(torch.cuda.current_stream(self.device))

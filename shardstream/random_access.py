@@ -24,6 +24,7 @@ from operator import index as as_index
 from typing import Any, Callable
 
 import msgpack
+import numpy as np
 
 from .codec import _unpack_options
 from .errors import CorruptShardError, IndexMismatchError, ShardNotFoundError, StorageError
@@ -54,8 +55,8 @@ class _BlockShard:
         starts, ends = index.sample_spans()
         self.mm = mm
         # memoryviews index to Python ints (no numpy scalar per access), 8 bytes each
-        self.start = memoryview(starts.astype("=u8")).cast("B").cast("Q")
-        self.end = memoryview(ends.astype("=u8")).cast("B").cast("Q")
+        self.start = memoryview(starts.astype("=u8", copy=False)).cast("B").cast("Q")
+        self.end = memoryview(ends.astype("=u8", copy=False)).cast("B").cast("Q")
         self.path = path
 
 
@@ -230,16 +231,14 @@ class ShardDataset(_TorchDataset):
             mm = mmap.mmap(fd, 0, access=mmap.ACCESS_READ) if size else _EMPTY
         finally:
             os.close(fd)
-        if size and hasattr(mm, "madvise"):
-            mm.madvise(mmap.MADV_RANDOM)
-        return mm
+        return mm  # no MADV_RANDOM: kernel fault-around helps warm and sequential reads
 
     def _check_size(self, path: str, size: int, index: ShardIndex | ForeignIndex,
                     info: ShardInfo, s: int) -> None:
         if size == index.shard_bytes == info.bytes:
             return
-        if size < info.bytes and index.shard_bytes == info.bytes:
-            j = _first_past(index, size)
+        j = _first_past(index, size) if size < info.bytes == index.shard_bytes else None
+        if j is not None:
             raise CorruptShardError(
                 f"shard {path} is truncated: {size} of {info.bytes} bytes; sample {j} "
                 f"(global {self._starts[s] + j}) onwards lie past its end; restore the shard, "
@@ -263,14 +262,15 @@ class ShardDataset(_TorchDataset):
 _EMPTY = b""
 
 
-def _first_past(index: ShardIndex | ForeignIndex, size: int) -> int:
+def _first_past(index: ShardIndex | ForeignIndex, size: int) -> int | None:
     """Shard-local ordinal of the first sample whose bytes end past ``size``."""
     if isinstance(index, ForeignIndex):
-        ends = index.member_offset + index.member_size
-        bad = int((ends > size).argmax())
-        return int((index.member_first[1:] > bad).argmax())
-    _, ends = index.sample_spans()
-    return int((ends > size).argmax())
+        past = np.flatnonzero(index.member_offset + index.member_size > size)
+        if not past.size:
+            return None
+        return int(np.searchsorted(index.member_first, past[0], side="right")) - 1
+    past = np.flatnonzero(index.sample_spans()[1] > size)
+    return int(past[0]) if past.size else None
 
 
 def _resolve(source: str | os.PathLike | Dataset, cache_dir: str | None) -> Dataset:

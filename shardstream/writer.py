@@ -10,6 +10,7 @@ incomplete, and an existing dataset survives a failed overwrite or append.
 from __future__ import annotations
 
 import hashlib
+from array import array
 import os
 import re
 import shutil
@@ -67,8 +68,8 @@ class ShardSink:
             raise ValueError(f"max_samples must be >= 1, got {max_samples}")
         if max_bytes < 4096:
             raise ValueError(f"max_bytes must be >= 4096, got {max_bytes}")
-        if block_bytes < 1:
-            raise ValueError(f"block_bytes must be >= 1, got {block_bytes}")
+        if not 1 <= block_bytes <= 2**31:
+            raise ValueError(f"block_bytes must be in [1, 2**31], got {block_bytes}")
         self.directory = directory
         self.max_samples = max_samples
         self.max_bytes = max_bytes
@@ -120,10 +121,11 @@ class ShardSink:
         self._shard_bytes = 0
         self._shard_samples = 0
         self._sha = hashlib.sha256()
-        self._offsets: list[int] = []
-        self._sizes: list[int] = []
-        self._firsts: list[int] = []
-        self._sample_offsets: list[int] = []
+        # compact arrays: 4 bytes per sample, whatever the shard's sample count
+        self._offsets = array("Q")
+        self._sizes = array("Q")
+        self._firsts = array("Q")
+        self._sample_offsets = array("I")  # < block_bytes <= 2**31
 
     def _path(self, n: int) -> str:
         return os.path.join(self.directory, self.name_format.format(n))
@@ -176,8 +178,10 @@ class ShardSink:
         finally:
             f.close()
         index = ShardIndex(self._shard_samples, self._shard_bytes, self._sha.hexdigest(),
-                           np.array(self._offsets, np.uint64), np.array(self._sizes, np.uint64),
-                           np.array(self._firsts, np.uint64), np.array(self._sample_offsets))
+                           np.frombuffer(self._offsets, np.uint64),
+                           np.frombuffer(self._sizes, np.uint64),
+                           np.frombuffer(self._firsts, np.uint64),
+                           np.frombuffer(self._sample_offsets, np.uint32))
         idx_bytes = index.to_bytes()
         idx_path = f.name + INDEX_SUFFIX
         try:

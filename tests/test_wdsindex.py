@@ -201,7 +201,7 @@ def test_rebuild_fixes_a_replaced_shard(tmp_path):
     name = m.shards[0].name
     shutil.copy(os.path.join(other, load_manifest(other).shards[1].name),
                 os.path.join(root, name))
-    with pytest.raises(IndexMismatchError, match="shardstream index"):
+    with pytest.raises(CorruptShardError, match="shardstream index"):
         ShardDataset(root)[0]
     build_index([os.path.join(root, name)])
     assert ShardDataset(root)[0]["id"] == 30  # the replacement's first sample
