@@ -11,6 +11,9 @@ from .errors import (CorruptShardError, DatasetExistsError, DecodeError, EncodeE
                      ShardstreamError, StorageError)
 from .manifest import Manifest, ShardInfo, load_manifest
 from .parallel import write_shards
+from .prefetch import CUDAPrefetcher, PrefetchStats, to_device
+from .random_access import ShardDataset
+from .wdsindex import build_index
 from .verify import verify
 from .writer import ShardWriter
 
@@ -21,7 +24,11 @@ __all__ = [
     # writing
     "ShardWriter", "write_shards",
     # datasets
-    "Manifest", "ShardInfo", "load_manifest", "verify",
+    "Manifest", "ShardInfo", "load_manifest", "verify", "build_index",
+    # reading
+    "ShardDataset",
+    # GPU
+    "CUDAPrefetcher", "PrefetchStats", "to_device",
     # errors
     "ShardstreamError", "EncodeError", "DecodeError", "InputError", "DatasetExistsError",
     "ManifestError", "ShardNotFoundError", "CorruptShardError", "IndexMismatchError",

@@ -98,8 +98,8 @@ def _run(fn: Callable[[argparse.Namespace], int], args: argparse.Namespace) -> i
     previous = signal.signal(signal.SIGTERM, _sigterm)
     try:
         return fn(args)
-    except ShardstreamError as exc:
-        print(f"{type(exc).__name__}: {exc}", file=sys.stderr)
+    except (ShardstreamError, LookupError, ValueError, NotImplementedError) as exc:
+        print(f"{type(exc).__name__}: {str(exc).strip(chr(39))}", file=sys.stderr)
         return 1
     except OSError as exc:  # not translated deeper down: still say what and where
         err = StorageError(f"{exc.filename or ''}: {exc.strerror or exc}".lstrip(": "))

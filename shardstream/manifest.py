@@ -49,6 +49,8 @@ class Manifest:
     block_bytes: int = 65536
     version: int = FORMAT_VERSION
     created_by: str = ""
+    #: ``"shardstream"`` (block shards) or ``"webdataset"`` (foreign tars indexed in place)
+    layout: str = "shardstream"
 
     @property
     def num_samples(self) -> int:
@@ -69,7 +71,8 @@ class Manifest:
     def to_json(self) -> str:
         doc = {"format": FORMAT_NAME, "version": self.version, "created_by": self.created_by,
                "codec": {"name": "msgpack", "ndarray_ext": 1},
-               "key_field": self.key_field, "block_bytes": self.block_bytes,
+               "layout": self.layout, "key_field": self.key_field,
+               "block_bytes": self.block_bytes,
                "num_samples": self.num_samples, "total_bytes": self.total_bytes,
                "num_shards": len(self.shards),
                "shards": [asdict(s) for s in self.shards], "schema": self.schema}
@@ -92,7 +95,8 @@ class Manifest:
             return cls(shards=shards, schema=doc.get("schema", {}),
                        key_field=doc.get("key_field", "__key__"),
                        block_bytes=int(doc.get("block_bytes", 65536)), version=version,
-                       created_by=doc.get("created_by", ""))
+                       created_by=doc.get("created_by", ""),
+                       layout=doc.get("layout", "shardstream"))
         except (KeyError, TypeError, ValueError) as exc:
             raise ManifestError(f"{where}: malformed shard list ({exc})") from exc
 

@@ -42,10 +42,10 @@ __all__ = ["CUDAPrefetcher", "PrefetchStats", "to_device"]
 
 
 def _map_tensors(obj: Any, fn: Callable[[torch.Tensor], Any]) -> Any:
-    """Apply ``fn`` to every tensor in a nested dict/list/tuple batch.
+    """Apply ``fn`` to every tensor of a nested dict/list/tuple batch.
 
-    Containers keep their type (namedtuples, dict subclasses) and are returned
-    unchanged (same object) when no leaf changed; other leaves pass through.
+    Containers keep their type (namedtuples, dict subclasses); a container
+    none of whose leaves changed is returned as the same object.
     """
     if isinstance(obj, torch.Tensor):
         return fn(obj)
@@ -54,12 +54,10 @@ def _map_tensors(obj: Any, fn: Callable[[torch.Tensor], Any]) -> Any:
         if all(items[k] is v for k, v in obj.items()):
             return obj
         if type(obj) is not dict:
-            try:
+            with contextlib.suppress(Exception):  # OrderedDict, defaultdict, ...
                 out = copy.copy(obj)
                 out.update(items)  # type: ignore[attr-defined]
                 return out
-            except Exception:  # immutable or exotic mapping: plain dict
-                pass
         return items
     if isinstance(obj, (list, tuple)):
         seq = [_map_tensors(v, fn) for v in obj]
@@ -67,21 +65,15 @@ def _map_tensors(obj: Any, fn: Callable[[torch.Tensor], Any]) -> Any:
             return obj
         if isinstance(obj, tuple) and hasattr(obj, "_fields"):
             return type(obj)(*seq)  # namedtuple
-        if type(obj) in (list, tuple):
+        with contextlib.suppress(Exception):
             return type(obj)(seq)
-        try:
-            return type(obj)(seq)
-        except Exception:
-            return seq if isinstance(obj, list) else tuple(seq)
+        return seq if isinstance(obj, list) else tuple(seq)
     return obj
 
 
 def to_device(batch: Any, device: torch.device | str | int, non_blocking: bool = False) -> Any:
-    """Recursively move every tensor of a nested batch to ``device``.
-
-    Tensors already there and non-tensor leaves are returned as they are; a
-    container whose leaves did not change is returned as the same object.
-    """
+    """Recursively move the tensors of a nested batch to ``device``; other leaves,
+    tensors already there and unchanged containers are returned as they are."""
     dev = torch.device(device)
     return _map_tensors(batch, lambda t: t.to(dev, non_blocking=non_blocking))
 
@@ -91,53 +83,43 @@ class PrefetchStats:
     """Counters of a prefetcher, over all its passes."""
 
     batches: int = 0  # batches handed to the consumer
-    bytes_copied: int = 0  # bytes copied host -> device for those batches
+    bytes_copied: int = 0  # host -> device bytes for those batches
     copy_seconds: float = 0.0  # GPU time of those copies (CUDA events)
     copy_bandwidth_gbps: float = 0.0  # bytes_copied / copy_seconds / 1e9
-    wait_seconds: float = 0.0  # host time the consumer spent inside next()
+    wait_seconds: float = 0.0  # host time the consumer spent blocked in next()
     pinned_on_the_fly: int = 0  # pageable tensors the prefetcher had to pin
     device: str = "cpu"
 
     def __str__(self) -> str:
-        head = f"{self.batches} batches to {self.device}"
-        if self.device == "cpu":
-            return f"{head} (pass-through), consumer waited {self.wait_seconds:.3f} s"
-        return (
-            f"{head}: {self.bytes_copied / 1e9:.3f} GB copied in {self.copy_seconds:.3f} s "
-            f"({self.copy_bandwidth_gbps:.1f} GB/s), consumer waited {self.wait_seconds:.3f} s"
-            + (f", {self.pinned_on_the_fly} tensors pinned on the fly" if self.pinned_on_the_fly else "")
-        )
+        text = f"{self.batches} batches to {self.device}"
+        if self.device != "cpu":
+            text += (f": {self.bytes_copied / 1e9:.3f} GB copied in {self.copy_seconds:.3f} s"
+                     f" ({self.copy_bandwidth_gbps:.1f} GB/s)")
+        text += f", consumer waited {self.wait_seconds:.3f} s"
+        return text + (f", {self.pinned_on_the_fly} tensors pinned on the fly" if self.pinned_on_the_fly else "")
 
 
 def _resolve_device(device: Any) -> torch.device:
     cuda = torch.cuda.is_available()
     if device is None:
-        if not cuda:
-            return torch.device("cpu")
         rank = os.environ.get("LOCAL_RANK", "").strip()
-        if not rank:
-            return torch.device("cuda", torch.cuda.current_device())
-        try:
-            dev = torch.device("cuda", int(rank))
-        except ValueError:
-            raise ValueError(f"LOCAL_RANK={rank!r} is not a device index; pass device= explicitly") from None
-    elif isinstance(device, bool) or not isinstance(device, (int, str, torch.device)):
+        if not cuda or not rank:
+            return torch.device("cuda", torch.cuda.current_device()) if cuda else torch.device("cpu")
+        if not rank.isdigit():
+            raise ValueError(f"LOCAL_RANK={rank!r} is not a device index; pass device= explicitly")
+        device = int(rank)
+    if isinstance(device, bool) or not isinstance(device, (int, str, torch.device)):
         raise ValueError(f"device must be a torch.device, str, int or None, got {device!r}")
-    elif isinstance(device, int):
-        if device < 0:
-            raise ValueError(f"device index must be >= 0, got {device}")
-        dev = torch.device("cuda", device)
-    else:
-        try:
-            dev = torch.device(device)
-        except (RuntimeError, ValueError) as exc:
-            raise ValueError(f"invalid device {device!r}: {exc}") from None
-    if dev.type == "cpu":
-        return torch.device("cpu")
-    if dev.type != "cuda":
+    if isinstance(device, int) and device < 0:
+        raise ValueError(f"device index must be >= 0, got {device}")
+    try:
+        dev = torch.device("cuda", device) if isinstance(device, int) else torch.device(device)
+    except (RuntimeError, ValueError) as exc:
+        raise ValueError(f"invalid device {device!r}: {exc}") from None
+    if dev.type not in ("cpu", "cuda"):
         raise ValueError(f"CUDAPrefetcher supports 'cuda' and 'cpu' devices, got {str(dev)!r}")
-    if not cuda:
-        return torch.device("cpu")  # same script runs on a machine without a GPU
+    if dev.type == "cpu" or not cuda:
+        return torch.device("cpu")  # without a GPU the same script still runs
     index = torch.cuda.current_device() if dev.index is None else dev.index
     if index >= torch.cuda.device_count():
         raise ValueError(f"cuda:{index} requested but only {torch.cuda.device_count()} CUDA device(s) visible")
@@ -148,13 +130,9 @@ _SIDE_STREAMS: dict[torch.device, torch.cuda.Stream] = {}
 
 
 def _side_stream(device: torch.device) -> torch.cuda.Stream:
-    """One side stream per device, shared by all prefetchers.
-
-    ``torch.cuda.Stream()`` hands out pool streams round-robin, and freed blocks
-    stay cached per stream: a new stream per prefetcher (per epoch) would let
-    the allocator cache copies of batches for up to 32 streams. Sharing is
-    safe: every prefetcher fences before its side-stream work.
-    """
+    """One side stream per device, shared by all prefetchers (safe: each fences
+    first). A new pool stream per prefetcher would make the allocator keep a
+    separate cache of batch-sized blocks for each of up to 32 pool streams."""
     if device not in _SIDE_STREAMS:
         _SIDE_STREAMS[device] = torch.cuda.Stream(device)
     return _SIDE_STREAMS[device]
@@ -163,10 +141,9 @@ def _side_stream(device: torch.device) -> torch.cuda.Stream:
 @dataclasses.dataclass
 class _Slot:
     out: Any = None  # what the consumer gets
-    keep: Any = None  # alive until C waited on `ready`
-    ready: Any = None  # torch.cuda.Event, None on the CPU path
-    start: Any = None
-    end: Any = None
+    keep: Any = None  # kept alive until C waited on `ready`
+    ready: Any = None  # torch.cuda.Event; None on the CPU path
+    timing: tuple[Any, Any] | None = None  # (start, end) timing events of the copy
     nbytes: int = 0
     error: BaseException | None = None
 
@@ -197,11 +174,11 @@ class _Pass(Iterator):
             if slot.error is not None:
                 error, slot.error = slot.error, None
                 self.close()
-                raise error  # same object; keeps the source's frames in its traceback
+                raise error  # the same object, its traceback still shows the source's frames
             batch = owner._hand_over(slot)
-            del slot  # drop references only after C waited on `ready`
+            del slot  # drop host/input references only now that C waited on `ready`
             if owner.is_cuda:
-                self._fill(ahead)  # issue batch n + depth now, overlapping the compute of n
+                self._fill(ahead)  # issue batch n + depth now: overlaps the compute of batch n
             return batch
         finally:
             owner._wait_s += time.perf_counter() - t0
@@ -213,7 +190,7 @@ class _Pass(Iterator):
             except StopIteration:
                 self._done = True
                 return
-            except Exception as exc:  # surfaces when the consumer reaches this batch
+            except Exception as exc:  # raised when the consumer reaches this batch
                 self._done = True
                 self._ring.append(_Slot(error=exc))
                 return
@@ -229,7 +206,7 @@ class _Pass(Iterator):
         ring, self._ring = self._ring, collections.deque()
         stream = self._owner._stream
         if stream is not None and any(s.ready is not None for s in ring):
-            stream.synchronize()  # nothing queued on S may still touch what we free
+            stream.synchronize()  # nothing queued on S may still read what we free
         ring.clear()
         source, self._source = self._source, None
         close = getattr(source, "close", None)
@@ -242,15 +219,15 @@ class _Pass(Iterator):
 
 
 class CUDAPrefetcher:
-    """Iterate ``iterable`` with each batch already on ``device``, copied ahead of time.
+    """Iterate ``iterable`` with every batch already on ``device``, copied ahead.
 
-    Batches may be nested dicts/lists/tuples/namedtuples; tensors are copied
-    (from pinned memory, on a side stream), other leaves pass through. With
-    ``device="cpu"`` or without CUDA, batches pass through unchanged (only
+    Batches may be nested dicts/lists/tuples/namedtuples: tensors are copied
+    from pinned memory on a side stream (``depth`` batches ahead), other leaves
+    pass through. ``transform(batch)`` runs on the device, on the side stream.
+    With ``device="cpu"`` or without CUDA, batches pass through unchanged (only
     ``transform`` applies). ``iter(p)`` starts a new pass over ``iterable``
     (closing the previous one); ``next(p)`` continues the current pass.
-    ``transform(batch)`` runs on the side stream, on the device. Reading
-    ``stats`` waits for the copies of batches handed out so far to finish.
+    Reading ``stats`` waits for the copies handed out so far to finish.
     """
 
     def __init__(self, iterable: Iterable[Any], device: torch.device | str | int | None = None, *,
@@ -265,8 +242,7 @@ class CUDAPrefetcher:
         for name, value in (("non_blocking", non_blocking), ("pin_memory", pin_memory)):
             if not isinstance(value, bool):
                 raise ValueError(f"{name} must be a bool, got {value!r}")
-        self.iterable = iterable
-        self.device = _resolve_device(device)
+        self.iterable, self.device = iterable, _resolve_device(device)
         self.depth, self.transform = depth, transform
         self.non_blocking, self.pin_memory = non_blocking, pin_memory
         self._stream: torch.cuda.Stream | None = None
@@ -302,23 +278,23 @@ class CUDAPrefetcher:
     def __exit__(self, *exc: object) -> None:
         self.close()
 
+    def __repr__(self) -> str:
+        return f"CUDAPrefetcher(device={str(self.device)!r}, depth={self.depth})"
+
     def close(self) -> None:
         """Stop the current pass: release batches in flight, close the source iterator."""
         if self._pass is not None:
             self._pass.close()
 
-    def __repr__(self) -> str:
-        return f"CUDAPrefetcher(device={str(self.device)!r}, depth={self.depth})"
-
     @property
     def stats(self) -> PrefetchStats:
         self._fold_timings(block=True)
         bw = self._bytes / self._copy_s / 1e9 if self._copy_s > 0 else 0.0
-        return PrefetchStats(self._batches, self._bytes, self._copy_s, bw, self._wait_s,
-                             self._pinned, str(self.device))
+        return PrefetchStats(self._batches, self._bytes, self._copy_s, bw, self._wait_s, self._pinned,
+                             str(self.device))
 
     def _fold_timings(self, block: bool) -> None:
-        while self._timings:  # S is in order: events complete front to back
+        while self._timings:  # S runs in order: its events complete front to back
             start, end = self._timings[0]
             if block:
                 end.synchronize()
@@ -335,8 +311,8 @@ class CUDAPrefetcher:
                 self._warned = True
                 warnings.warn(
                     "CUDAPrefetcher got a tensor in pageable (unpinned) memory and pins it on the fly, "
-                    "which costs an extra host copy; copies from pageable memory are synchronous even "
-                    "with non_blocking=True. Use DataLoader(..., pin_memory=True) for pinned batches.",
+                    "an extra host copy; copies from pageable memory are synchronous even with "
+                    "non_blocking=True. Use DataLoader(..., pin_memory=True) to get pinned batches.",
                     stacklevel=2,
                 )
             t = t.pin_memory()
@@ -345,16 +321,16 @@ class CUDAPrefetcher:
         return t.to(self.device, non_blocking=self.non_blocking)
 
     def _issue(self, host: Any) -> _Slot:
-        """Start copying one batch; on CPU just map it."""
+        """Start copying (and transforming) one batch; on the CPU path just map it."""
         if not self.is_cuda:
             out = to_device(host, self.device)
             return _Slot(out=self.transform(out) if self.transform is not None else out)
         if self._stream is None:
             self._stream = _side_stream(self.device)
         side = self._stream
-        fence = torch.cuda.Event()  # everything the consumer queued so far ...
+        fence = torch.cuda.Event()  # all the consumer has queued so far ...
         fence.record(torch.cuda.current_stream(self.device))
-        side.wait_event(fence)  # ... runs before any allocation/copy below (see module docstring)
+        side.wait_event(fence)  # ... runs before any allocation or copy below (module docstring)
         start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
         ready, nbytes = torch.cuda.Event(), [0]
         with torch.cuda.device(self.device), torch.cuda.stream(side):
@@ -363,13 +339,13 @@ class CUDAPrefetcher:
             end.record(side)
             out = self.transform(dev) if self.transform is not None else dev
             ready.record(side)
-        return _Slot(out=out, keep=(host, dev), ready=ready, start=start, end=end, nbytes=nbytes[0])
+        return _Slot(out=out, keep=(host, dev), ready=ready, timing=(start, end), nbytes=nbytes[0])
 
     def _hand_over(self, slot: _Slot) -> Any:
         if slot.ready is not None:
             torch.cuda.current_stream(self.device).wait_event(slot.ready)
             self._bytes += slot.nbytes
-            self._timings.append((slot.start, slot.end))
-            self._fold_timings(block=False)  # keeps the list short; never blocks
+            self._timings.append(slot.timing)
+            self._fold_timings(block=False)  # keeps the list short, never blocks
         self._batches += 1
         return slot.out

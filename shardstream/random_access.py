@@ -183,7 +183,10 @@ class ShardDataset(_TorchDataset):
         return sample if self.transform is None else self.transform(sample)
 
     def _foreign(self, sh: _ForeignShard, j: int, i: int) -> dict:
-        return decode_foreign_sample(sh.mm, sh.index, j, where=sh.path)
+        try:
+            return decode_foreign_sample(sh.mm, sh.index, j, where=sh.path)
+        except CorruptShardError as exc:
+            raise CorruptShardError(f"{exc} (global sample {i})") from exc
 
     def _corrupt(self, s: int, j: int, i: int, exc: BaseException) -> CorruptShardError:
         path = self._ds.shard_path(self._infos[s])

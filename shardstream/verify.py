@@ -12,6 +12,7 @@ from .errors import ShardstreamError
 from .index import TAR_BLOCK, ShardIndex, member_name
 from .manifest import ShardInfo
 from .shard import Dataset, iter_block_samples, open_dataset, sha256_file
+from .wdsindex import LAYOUT_WEBDATASET, iter_foreign_samples, load_foreign_index
 
 __all__ = ["Problem", "VerifyReport", "verify"]
 
@@ -82,6 +83,8 @@ def _check_shard(ds: Dataset, info: ShardInfo, start: int, decode: bool,
     if hashlib.sha256(idx_bytes).hexdigest() != info.index_sha256:
         return Problem(info.name, f"index {info.index} sha256 differs from the manifest; "
                        "rebuild it with `shardstream index`")
+    if ds.manifest.layout == LAYOUT_WEBDATASET:
+        return _check_foreign(ds, info, start, decode, report)
     try:
         index = ShardIndex.from_bytes(idx_bytes, where=idx_path)
     except ShardstreamError as exc:
@@ -101,13 +104,35 @@ def _check_shard(ds: Dataset, info: ShardInfo, start: int, decode: bool,
                 continue
             f.seek(int(index.block_offset[b]))
             data = f.read(int(index.block_size[b]))
-            ordinal, last = start + first, None
+            ordinal = start + first
             try:
-                for last in iter_block_samples(data, index, b, where=info.name):
+                for _ in iter_block_samples(data, index, b, where=info.name):
                     ordinal += 1
                     report.samples += 1
             except ShardstreamError as exc:
                 return Problem(info.name, str(exc), _key(ds, None, ordinal))
+    return None
+
+
+def _check_foreign(ds: Dataset, info: ShardInfo, start: int, decode: bool,
+                   report: VerifyReport) -> Problem | None:
+    """A webdataset tar indexed in place: decode every sample through its index."""
+    path = ds.shard_path(info)
+    try:
+        index = load_foreign_index(ds.index_path(info))
+        if index.shard_sha256 != info.sha256 or index.num_samples != info.num_samples:
+            return Problem(info.name, "index does not describe this shard; rebuild it with "
+                           "`shardstream index`")
+        report.bytes += info.bytes
+        if not decode:
+            report.samples += index.num_samples
+            return None
+        ordinal = start
+        for _ in iter_foreign_samples(path, index):
+            ordinal += 1
+            report.samples += 1
+    except ShardstreamError as exc:
+        return Problem(info.name, str(exc), f"{ordinal:09d}" if decode else None)
     return None
 
 

@@ -237,3 +237,24 @@ def test_sigterm_during_cli_write_publishes_nothing_and_cleans_up(tmp_path, work
     assert proc.returncode == 130, err
     assert "nothing was published" in err
     assert os.listdir(out) == []
+
+
+def test_index_info_verify_and_cat_on_foreign_webdataset_tars(tmp_path, capsys):
+    import webdataset as wds
+
+    os.makedirs(tmp_path / "wds")
+    with wds.ShardWriter(str(tmp_path / "wds" / "part-%02d.tar"), maxcount=40, verbose=0) as w:
+        for i in range(100):
+            w.write({"__key__": f"s{i:03d}", "json": {"id": i}, "cls": i % 3,
+                     "npy": np.arange(i % 5, dtype=np.int16)})
+    shards = sorted(str(p) for p in (tmp_path / "wds").glob("*.tar"))
+    assert main(["index", *shards]) == 0
+    assert "indexed 3 shards, 100 samples" in capsys.readouterr().out
+    assert main(["verify", str(tmp_path / "wds")]) == 0
+    assert "OK: 3 shards, 100 samples" in capsys.readouterr().out
+    assert main(["cat", str(tmp_path / "wds"), "--key", "s042"]) == 0
+    line = json.loads(capsys.readouterr().out)
+    assert line["json"] == {"id": 42} and line["cls"] == 0
+    assert main(["cat", str(tmp_path / "wds"), "--key", "nope"]) == 1
+    err = capsys.readouterr().err
+    assert "nope" in err and "Traceback" not in err

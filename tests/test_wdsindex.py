@@ -225,3 +225,54 @@ def test_truncated_own_shard_cannot_be_indexed(tmp_path):
     os.truncate(os.path.join(root, info.name), info.bytes - 2000)
     with pytest.raises(CorruptShardError, match=info.name):
         build_index([os.path.join(root, info.name)])
+
+
+@pytest.mark.parametrize("fmt", [tarfile.USTAR_FORMAT, tarfile.GNU_FORMAT, tarfile.PAX_FORMAT])
+def test_fast_header_walk_matches_tarfile(tmp_path, fmt):
+    from shardstream.wdsindex import _members, _tarfile_members
+    path = str(tmp_path / "t.tar")
+    names = ["a.txt", "p" * 90 + "/" + "q" * 90 + ".json", "é/ü.cls", "big.bin"]
+    if fmt != tarfile.USTAR_FORMAT:
+        names.append("x" * 300 + ".txt")  # long names: GNU 'L' or pax path records
+    with tarfile.open(path, "w", format=fmt, encoding="utf-8") as tf:
+        d = tarfile.TarInfo("somedir")
+        d.type = tarfile.DIRTYPE
+        tf.addfile(d)
+        link = tarfile.TarInfo("lnk.txt")
+        link.type, link.linkname = tarfile.SYMTYPE, "l" * 200 if fmt != tarfile.USTAR_FORMAT \
+            else "a.txt"
+        tf.addfile(link)
+        for k, name in enumerate(names):
+            ti = tarfile.TarInfo(name)
+            data = bytes(range(256)) * (k * 7 + 1)
+            ti.size = len(data)
+            tf.addfile(ti, io.BytesIO(data))
+    assert _members(path) == _tarfile_members(path)
+    assert [m.name for m in _members(path)] == names
+
+
+def test_global_pax_header_falls_back_to_tarfile(tmp_path):
+    from shardstream.wdsindex import _members, _tarfile_members
+    path = str(tmp_path / "g.tar")
+    with tarfile.open(path, "w", format=tarfile.PAX_FORMAT, pax_headers={"comment": "hi"}) as tf:
+        for k in range(3):
+            ti = tarfile.TarInfo(f"s{k}.txt")
+            ti.size = 1
+            tf.addfile(ti, io.BytesIO(b"x"))
+    assert _members(path) == _tarfile_members(path) and len(_members(path)) == 3
+
+
+@pytest.mark.parametrize("arr", [np.arange(300, dtype=np.int32), np.zeros((0, 3)),
+                                 np.asfortranarray(np.arange(12.0).reshape(3, 4)),
+                                 np.array(5, dtype=">i8"), np.array(["ab", "c"]),
+                                 np.zeros(2, dtype=[("a", "<i4"), ("b", "f8")])])
+def test_npy_fast_path_equals_np_load(arr):
+    b = io.BytesIO()
+    np.save(b, arr)
+    data = b.getvalue()
+    for _ in range(2):  # cold, then cached header
+        ours, theirs = decode_member("npy", data), np.load(io.BytesIO(data))
+        assert ours.dtype == theirs.dtype and ours.shape == theirs.shape
+        assert np.array_equal(ours, theirs) and not ours.flags.writeable
+    with pytest.raises(ValueError):
+        decode_member("npy", data[:-1] if arr.size else data[:20])
