@@ -155,13 +155,32 @@ _TYPE_NAMES = {int: "int", float: "float", bool: "bool", str: "str", bytes: "byt
                type(None): "null", list: "list", tuple: "list", np.ndarray: "ndarray"}
 
 
+_FAST_TYPES = frozenset((int, float, bool, str, bytes, type(None), np.ndarray))
+
+
 class SchemaBuilder:
-    """Accumulates the fields seen: dotted path -> count, types, array dtype/shape."""
+    """Accumulates the fields seen: dotted path -> count, types, array dtype/shape.
+
+    Samples of a shape seen before (same keys, same value types, no nested
+    containers) take a fast path: one dict lookup, counts folded in later.
+    """
 
     def __init__(self) -> None:
         self._fields: dict[str, dict[str, Any]] = {}
+        self._shapes: dict[tuple, list] = {}  # (keys, types) -> [count, array keys]
+
+    def known(self, sample: dict) -> bool:
+        """Count ``sample`` if its shape was seen (and checked) before; else False."""
+        entry = self._shapes.get((tuple(sample), tuple(map(type, sample.values()))))
+        if entry is None:
+            return False
+        entry[0] += 1
+        for k in entry[1]:
+            _observe_array(self._fields[k], sample[k])
+        return True
 
     def observe(self, sample: dict, prefix: str = "") -> None:
+        """Record a sample that passed :func:`check_sample` (the slow, general path)."""
         fields = self._fields
         for k, v in sample.items():
             t = type(v)
@@ -177,8 +196,23 @@ class SchemaBuilder:
             f["types"].add(name)
             if name in ("ndarray", "tensor"):
                 _observe_array(f, v)
+        if not prefix:
+            types = tuple(map(type, sample.values()))
+            if _FAST_TYPES.issuperset(types):
+                arrays = [k for k, t in zip(sample, types) if t is np.ndarray]
+                self._shapes[(tuple(sample), types)] = [0, arrays]
+
+    def _fold(self) -> None:
+        for (keys, types), entry in self._shapes.items():
+            if entry[0]:
+                for k, t in zip(keys, types):
+                    f = self._fields[k]
+                    f["count"] += entry[0]
+                    f["types"].add(_TYPE_NAMES[t])
+                entry[0] = 0
 
     def merge(self, other: "SchemaBuilder | dict[str, dict[str, Any]]") -> None:
+        self._fold()
         items = other.to_dict() if isinstance(other, SchemaBuilder) else other
         for path, g in items.items():
             f = self._fields.setdefault(path, {"count": 0, "types": set()})
@@ -193,6 +227,7 @@ class SchemaBuilder:
                     f["shape"] = _merge_shape(f["shape"], shape)
 
     def to_dict(self) -> dict[str, dict[str, Any]]:
+        self._fold()
         out = {}
         for path, f in sorted(self._fields.items()):
             d: dict[str, Any] = {"count": f["count"], "types": sorted(f["types"])}

@@ -168,8 +168,12 @@ def _encode_chunk(key_field: str, job: tuple[int, list[dict]]) -> tuple[list[byt
     schema = SchemaBuilder()
     out = []
     for i, s in enumerate(chunk, first):
-        out.append(encode_sample(s, key=sample_key(s, key_field, i)))
-        schema.observe(s)
+        key = sample_key(s, key_field, i)
+        if schema.known(s):
+            out.append(encode_sample(s, key=key, check=False))
+        else:
+            out.append(encode_sample(s, key=key))
+            schema.observe(s)
     return out, schema.to_dict()
 
 

@@ -90,8 +90,11 @@ class ShardSink:
     # -- samples -------------------------------------------------------------
     def write(self, sample: dict[str, Any]) -> None:
         key = sample_key(sample, self.key_field, self._ordinal)
-        data = encode_sample(sample, key=key)
-        self.schema.observe(sample)
+        if self.schema.known(sample):  # same keys and value types as a checked sample
+            data = encode_sample(sample, key=key, check=False)
+        else:
+            data = encode_sample(sample, key=key)
+            self.schema.observe(sample)
         self.write_encoded(data)
 
     def write_encoded(self, data: bytes) -> None:

@@ -229,3 +229,16 @@ def test_killed_writer_leaves_nothing_listed_and_rerun_succeeds(tmp_path, sig):
     write_shards(rows(5), out, overwrite=True)
     assert ids(out) == list(range(5)) and m.num_samples == 20
     assert not [e for e in os.listdir(out) if e.startswith(".")]
+
+
+def test_schema_fast_path_counts_and_still_rejects_bad_values(tmp_path):
+    data = [{"a": i, "x": np.zeros(i % 3, np.float32)} for i in range(10)]
+    data += [{"a": "s", "x": np.zeros((2, 2), np.int8)}, {"a": 1, "x": np.zeros(4, np.float32)}]
+    m = write_shards(data, tmp_path / "ds")
+    assert m.schema["a"] == {"count": 12, "types": ["int", "str"]}
+    assert m.schema["x"]["count"] == 12 and m.schema["x"]["dtypes"] == ["float32", "int8"]
+    assert m.schema["x"]["shape"] is None  # ndim varies
+    with pytest.raises(EncodeError, match="field 'x'"):
+        write_shards(data + [{"a": 2, "x": np.array(["str"])}], tmp_path / "ds2")
+    with pytest.raises(EncodeError, match="field 'a'"):
+        write_shards(data + [{"a": 2**70, "x": np.zeros(1)}], tmp_path / "ds3")
