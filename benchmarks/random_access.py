@@ -93,7 +93,7 @@ def bench_dataloader(directory: str, workload: str, batch: int, workers: int) ->
     from torch.utils.data import DataLoader
     from shardstream.random_access import ShardDataset
     try:
-        from shardstream.collate import collate  # type: ignore[attr-defined]
+        from shardstream.collation import collate  # type: ignore[attr-defined]
         which = "shardstream.collate"
     except ImportError:
         collate, which = pad_collate, "local pad_collate"

@@ -40,7 +40,7 @@ print(json.dumps({{"mode": "write", "workload": {name!r}, "n": {n},
 READ = r"""
 import json, time
 t0 = time.perf_counter()
-import shardstream.loader as L
+import shardstream.dataloader as L
 from shardstream.stream import ShardStream
 ds = ShardStream({out!r}, batch_size={batch}, shuffle={shuffle})
 dl = L.loader(ds, num_workers={workers})

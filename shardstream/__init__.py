@@ -5,6 +5,7 @@ The public API is what ``__all__`` lists; everything else is internal.
 
 __version__ = "0.1.0"
 
+from .collation import Collate, collate
 from .codec import decode_sample, encode_sample, iter_samples, unpack_blocks
 from .errors import (CorruptShardError, DatasetExistsError, DecodeError, EncodeError,
                      IndexMismatchError, InputError, ManifestError, ShardNotFoundError,
@@ -12,7 +13,10 @@ from .errors import (CorruptShardError, DatasetExistsError, DecodeError, EncodeE
 from .manifest import Manifest, ShardInfo, load_manifest
 from .parallel import write_shards
 from .prefetch import CUDAPrefetcher, PrefetchStats, to_device
+from .dataloader import ShardLoader, loader
 from .random_access import ShardDataset
+from .stream import ShardStream
+from .world import World, get_world
 from .wdsindex import build_index
 from .verify import verify
 from .writer import ShardWriter
@@ -26,7 +30,8 @@ __all__ = [
     # datasets
     "Manifest", "ShardInfo", "load_manifest", "verify", "build_index",
     # reading
-    "ShardDataset",
+    "ShardStream", "ShardDataset", "loader", "ShardLoader", "Collate", "collate", "World",
+    "get_world",
     # GPU
     "CUDAPrefetcher", "PrefetchStats", "to_device",
     # errors

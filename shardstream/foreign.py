@@ -1,0 +1,191 @@
+"""Sources without a manifest: shard-level splitting and safe member decoding.
+
+Tar shards listed by a brace pattern or a list are split between ranks and
+workers by whole shards, as webdataset does (counts per rank may differ; use
+a manifest for exact epochs, or ``resampled=True`` with ``epoch_size``).
+Our own shards (``<shard>.tar.idx`` next to them) are still read block by
+block through their index. Foreign webdataset tars are read with webdataset's
+tar iterators and their members decoded by extension -- never unpickled:
+
+``.json`` -> ``json.loads``; ``.npy`` -> ``np.load(allow_pickle=False)``;
+``.cls``/``.cls2``/``.index``/``.id`` -> int; ``.txt``/``.text`` -> str;
+``.msgpack``/``.mp``/``.mpk`` -> msgpack (no ext hooks run); anything else
+(``.pyd``, ``.pickle``, ``.pth``, images, ...) -> raw ``bytes``.
+"""
+
+from __future__ import annotations
+
+import io
+import json
+import logging
+import os
+import random
+from typing import Any, Callable, Iterable, Iterator, Sequence
+
+import msgpack
+import numpy as np
+
+from .errors import CorruptShardError, ShardNotFoundError
+from .index import INDEX_SUFFIX
+from .pipeline import BlockReader, ShardRef, rng_for
+
+__all__ = ["decode_member", "decode_wds_sample", "iter_shard", "iter_shards", "split_shards",
+           "resampled_shards", "buffer_shuffle", "batched", "limit", "is_indexed"]
+
+log = logging.getLogger("shardstream")
+_SHARD_TAG, _BUFFER_TAG, _RESAMPLE_TAG = 1, 4, 5
+_INT_EXTS = frozenset({"cls", "cls2", "index", "id"})
+_TEXT_EXTS = frozenset({"txt", "text"})
+_MSGPACK_EXTS = frozenset({"msgpack", "mp", "mpk"})
+
+
+# ---------------------------------------------------------------- member decoding
+def decode_member(name: str, data: bytes) -> Any:
+    """Decode one webdataset member by its last extension (see module docstring)."""
+    ext = name.rsplit(".", 1)[-1].lower()
+    if ext == "json":
+        return json.loads(data)
+    if ext == "npy":
+        return np.load(io.BytesIO(data), allow_pickle=False)
+    if ext in _INT_EXTS:
+        return int(data.decode("utf-8").strip())
+    if ext in _TEXT_EXTS:
+        return data.decode("utf-8")
+    if ext in _MSGPACK_EXTS:
+        return msgpack.unpackb(data, raw=False, strict_map_key=False)
+    return data
+
+
+def decode_wds_sample(sample: dict[str, Any], *, url: str = "?") -> dict[str, Any]:
+    """Decode every member of a webdataset sample; ``__key__`` and ``__url__`` are kept."""
+    out: dict[str, Any] = {}
+    for name, value in sample.items():
+        if name.startswith("__"):
+            out[name] = value
+            continue
+        try:
+            out[name] = decode_member(name, value)
+        except Exception as exc:  # json, numpy, msgpack, unicode: many exception types
+            raise CorruptShardError(f"shard {url}: sample {sample.get('__key__')!r}, member "
+                                    f"{name!r} cannot be decoded: {type(exc).__name__}: {exc}"
+                                    ) from exc
+    return out
+
+
+# ---------------------------------------------------------------- reading shards
+def is_indexed(url: str) -> bool:
+    """A local shardstream shard (its ``.idx`` lies next to it)."""
+    return os.path.exists(url + INDEX_SUFFIX)
+
+
+def iter_shard(url: str, *, on_error: str = "raise",
+               on_skip: Callable[[int], None] | None = None) -> Iterator[dict]:
+    """The samples of one shard, ours (via its index) or a foreign webdataset tar."""
+    if is_indexed(url):
+        yield from _iter_indexed(url, on_error, on_skip)
+    else:
+        yield from _iter_foreign(url, on_error)
+
+
+def iter_shards(urls: Iterable[str], *, on_error: str = "raise",
+                on_skip: Callable[[int], None] | None = None) -> Iterator[dict]:
+    for url in urls:
+        yield from iter_shard(url, on_error=on_error, on_skip=on_skip)
+
+
+def _iter_indexed(url: str, on_error: str, on_skip: Callable[[int], None] | None
+                  ) -> Iterator[dict]:
+    reader = BlockReader([ShardRef(url, url + INDEX_SUFFIX)], on_error=on_error,
+                         cache_bytes=1 << 20, on_skip=on_skip)
+    try:
+        ref = reader.open(0)
+        if ref.block_of is None:
+            return
+        firsts = ref.block_first.tolist() + [len(ref.block_of)]
+        for b in range(len(firsts) - 1):
+            local = np.arange(firsts[b], firsts[b + 1])
+            for s in reader.read(np.zeros(len(local), dtype=np.int64), local):
+                if s is not None:
+                    yield s
+            if ref.bad_from is not None:
+                return
+    finally:
+        reader.close()
+
+
+def _iter_foreign(url: str, on_error: str) -> Iterator[dict]:
+    import webdataset as wds
+
+    if "://" not in url and not os.path.exists(url):
+        exc = ShardNotFoundError(f"shard {url} does not exist; check the path or pattern")
+        if on_error != "warn":
+            raise exc
+        log.warning("%s; skipping it", exc)
+        return
+    last = None
+    try:
+        for sample in wds.tariterators.tarfile_samples(iter([{"url": url}])):
+            last = sample.get("__key__")
+            yield decode_wds_sample(sample, url=url)
+    except CorruptShardError as exc:
+        if on_error != "warn":
+            raise
+        log.warning("%s; skipping the rest of the shard", exc)
+    except Exception as exc:  # tarfile / gopen errors
+        err = CorruptShardError(f"shard {url}: unreadable after sample {last!r} "
+                                f"({type(exc).__name__}: {exc}); the tar is truncated or corrupt")
+        if on_error != "warn":
+            raise err from exc
+        log.warning("%s; skipping the rest of the shard", err)
+
+
+# ---------------------------------------------------------------- shard-level stages
+def split_shards(urls: Sequence[str], *, rank: int, world_size: int, worker: int,
+                 num_workers: int, seed: int, epoch: int, shuffle: bool) -> list[str]:
+    """Shuffle shards by (seed, epoch), then keep this rank's and worker's share."""
+    order = list(urls)
+    if shuffle:
+        order = [order[i] for i in rng_for(seed, epoch, _SHARD_TAG).permutation(len(order))]
+    return order[rank::world_size][worker::num_workers]
+
+
+def resampled_shards(urls: Sequence[str], *, seed: int, epoch: int, rank: int,
+                     worker: int) -> Iterator[str]:
+    """Endless shards drawn with replacement, seeded per (seed, epoch, rank, worker)."""
+    rng = rng_for(seed, epoch, _RESAMPLE_TAG, rank, worker)
+    while True:
+        for i in rng.integers(0, len(urls), 1024):
+            yield urls[int(i)]
+
+
+def buffer_shuffle(data: Iterable[Any], size: int, *, seed: int, epoch: int, rank: int,
+                   worker: int) -> Iterator[Any]:
+    """Deterministic buffer shuffle (webdataset's algorithm, seeded per reader)."""
+    import webdataset as wds
+
+    rng = random.Random(hash((seed, epoch, _BUFFER_TAG, rank, worker)))
+    return wds.filters._shuffle(iter(data), bufsize=size, initial=min(size, 100), rng=rng)
+
+
+def batched(data: Iterable[dict], size: int, collate: Callable[[list], Any], *,
+            partial: bool) -> Iterator[Any]:
+    """Group samples into lists of ``size`` and collate each."""
+    batch: list = []
+    for sample in data:
+        batch.append(sample)
+        if len(batch) == size:
+            yield collate(batch)
+            batch = []
+    if batch and partial:
+        yield collate(batch)
+
+
+def limit(data: Iterable[Any], n: int) -> Iterator[Any]:
+    """The first ``n`` items."""
+    if n <= 0:
+        return
+    for i, item in enumerate(data, 1):
+        yield item
+        if i >= n:
+            return
+

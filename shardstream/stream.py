@@ -1,0 +1,332 @@
+"""ShardStream: an IterableDataset over shards, exact per rank, resumable.
+
+With a manifest (a dataset directory or its ``manifest.json``) epochs are
+*exact*: see :mod:`shardstream.pipeline` for the layout. Without one (brace
+pattern, list of tars or URLs) shards are split per rank and worker; see
+:mod:`shardstream.foreign`.
+
+The epoch, the resume point and the skipped-sample counters live in a small
+shared-memory array created with the dataset, so ``set_epoch`` and
+``load_state_dict`` called in the main process reach DataLoader workers --
+persistent ones included -- at their next ``iter()``.
+"""
+
+from __future__ import annotations
+
+import multiprocessing as mp
+import os
+from typing import Any, Callable, Iterator, Sequence
+
+import numpy as np
+from torch.utils.data import IterableDataset, get_worker_info
+
+from . import foreign
+from .collation import collate as default_collate, to_wire
+from .errors import CorruptShardError, ManifestError
+from .manifest import MANIFEST_NAME
+from .pipeline import BlockReader, EpochOrder, Layout, ShardRef
+from .shard import open_dataset
+from .world import World, get_world
+
+__all__ = ["ShardStream", "STATE_VERSION"]
+
+STATE_VERSION = 1
+_MAX_WORKERS = 256
+_EPOCH, _START, _SKIP0 = 0, 1, 2  # slots of the shared array; _SKIP0 + worker + 1
+_SAMPLE_CHUNK = 256
+
+
+def _resolve(source: Any) -> tuple[Any, list[str] | None]:
+    """(Dataset or None, shard urls or None) for every accepted source form."""
+    if isinstance(source, (list, tuple)):
+        urls = [os.fspath(u) for u in source]
+        if not urls:
+            raise ValueError("source is an empty list of shards")
+        return None, urls
+    path = os.fspath(source)
+    if "{" in path:
+        import braceexpand
+
+        return None, list(braceexpand.braceexpand(path))
+    if os.path.isdir(path) or os.path.basename(path) == MANIFEST_NAME:
+        try:
+            return open_dataset(path), None
+        except ManifestError as exc:
+            raise ManifestError(f"{exc}. To read loose shards without a manifest, pass a "
+                                "brace pattern or a list of .tar paths") from exc
+    return None, [path]
+
+
+class ShardStream(IterableDataset):
+    """Stream samples or collated batches from shardstream shards (or webdataset tars).
+
+    ``source``: dataset directory, ``manifest.json`` path, brace pattern or list of
+    paths/URLs. ``batch_size``: yield collated batches (recommended) instead of
+    samples. ``shuffle``: shuffle shards and blocks by (seed, epoch) and samples in
+    windows of ``shuffle_buffer``. ``remainder``: ``"pad"`` (repeat samples so every
+    rank gets ``ceil(N / world)``) or ``"drop"``. ``on_error``: ``"raise"`` or
+    ``"warn"`` (skip the rest of a damaged shard, count it in :attr:`skipped`).
+    ``resampled``/``epoch_size``: for manifest-less sources, draw shards with
+    replacement and end each epoch after ``epoch_size`` samples per rank.
+    """
+
+    def __init__(self, source: Any, *, batch_size: int | None = None, shuffle: bool = False,
+                 seed: int = 0, shuffle_buffer: int = 8192, block_shuffle: bool = True,
+                 drop_last: bool = False, remainder: str = "pad",
+                 collate: Callable[[list], Any] | None = None,
+                 transform: Callable[[dict], dict] | None = None, rank: int | None = None,
+                 world_size: int | None = None, on_error: str = "raise",
+                 resampled: bool = False, epoch_size: int | None = None,
+                 cache_bytes: int = 64 << 20) -> None:
+        super().__init__()
+        if batch_size is not None and batch_size < 1:
+            raise ValueError(f"batch_size must be >= 1 or None, got {batch_size}")
+        if remainder not in ("pad", "drop"):
+            raise ValueError(f"remainder must be 'pad' or 'drop', got {remainder!r}")
+        if on_error not in ("raise", "warn"):
+            raise ValueError(f"on_error must be 'raise' or 'warn', got {on_error!r}")
+        if shuffle_buffer < 1:
+            raise ValueError(f"shuffle_buffer must be >= 1, got {shuffle_buffer}")
+        if epoch_size is not None and epoch_size < 1:
+            raise ValueError(f"epoch_size must be >= 1, got {epoch_size}")
+        self.dataset, self.urls = _resolve(source)
+        if self.dataset is None and resampled is False and epoch_size is not None:
+            raise ValueError("epoch_size needs resampled=True (a finite shard list ends "
+                             "when its shards do)")
+        if self.dataset is not None and resampled:
+            raise ValueError("resampled=True is for sources without a manifest; a manifest "
+                             "gives exact epochs already")
+        self.batch_size = batch_size
+        self.shuffle = shuffle
+        self.seed = seed
+        self.shuffle_buffer = shuffle_buffer
+        self.block_shuffle = block_shuffle
+        self.drop_last = drop_last
+        self.remainder = remainder
+        self.collate = collate or default_collate
+        self.transform = transform
+        self.rank, self.world_size = rank, world_size
+        self.on_error = on_error
+        self.resampled = resampled
+        self.epoch_size = epoch_size
+        self.cache_bytes = cache_bytes
+        self._shared = mp.RawArray("q", _SKIP0 + _MAX_WORKERS + 1)
+        self._local: tuple[int, int, int] | None = None  # (epoch, start, units) in a worker
+        self._units = 0  # units yielded by this process's current iteration
+        self._wire = False  # set by loader(): workers send numpy, the loader makes tensors
+
+    def __getstate__(self) -> dict[str, Any]:
+        """Plain pickling/deepcopy gets a private copy of the shared state; starting a
+        worker process (spawn) keeps the shared memory itself."""
+        state = self.__dict__.copy()
+        from multiprocessing.context import get_spawning_popen
+
+        if get_spawning_popen() is None:
+            state["_shared"] = list(self._shared)
+        return state
+
+    def __setstate__(self, state: dict[str, Any]) -> None:
+        if isinstance(state["_shared"], list):
+            shared = mp.RawArray("q", len(state["_shared"]))
+            shared[:] = state["_shared"]
+            state["_shared"] = shared
+        self.__dict__.update(state)
+
+    # -- public state --------------------------------------------------------
+    @property
+    def exact(self) -> bool:
+        """Whether epochs are exact (a manifest is known)."""
+        return self.dataset is not None
+
+    @property
+    def num_samples(self) -> int | None:
+        return self.dataset.manifest.num_samples if self.dataset is not None else None
+
+    @property
+    def epoch(self) -> int:
+        return int(self._shared[_EPOCH])
+
+    def set_epoch(self, epoch: int) -> None:
+        """Select the epoch's order; clears a pending resume point of another epoch."""
+        if epoch != self._shared[_EPOCH]:
+            self._shared[_START] = 0
+        self._shared[_EPOCH] = epoch
+
+    @property
+    def skipped(self) -> int:
+        """Samples skipped after errors (``on_error="warn"``) by this process and its
+        DataLoader workers (shared memory), summed over epochs."""
+        return int(sum(self._shared[_SKIP0:]))
+
+    def _count_skip(self, n: int) -> None:
+        info = get_worker_info()
+        slot = _SKIP0 + (info.id + 1 if info is not None else 0)
+        self._shared[min(slot, len(self._shared) - 1)] += n
+
+    def world(self) -> World:
+        return get_world(self.rank, self.world_size)
+
+    def layout(self, world_size: int | None = None, start: int | None = None) -> Layout:
+        """The exact layout for this epoch (``start``: samples of G already consumed)."""
+        if self.dataset is None:
+            raise TypeError("an exact layout needs a manifest; this source has none")
+        ws = self.world().world_size if world_size is None else world_size
+        return Layout(self.dataset.manifest.num_samples, self._shared[_START] if start is None
+                      else start, ws, self.batch_size or 1, self.drop_last, self.remainder)
+
+    def __len__(self) -> int:
+        """Per-rank batches (or samples, without batch_size) in one full epoch."""
+        if self.dataset is not None:
+            return self.layout(start=0).num_units
+        if self.epoch_size is not None:
+            return self._epoch_units(self.world().world_size)
+        raise TypeError("len() needs a manifest (exact epochs) or resampled=True with "
+                        "epoch_size; this source is a plain shard list")
+
+    def _epoch_units(self, world_size: int) -> int:
+        per_rank = self.epoch_size // world_size  # type: ignore[operator]
+        return per_rank // self.batch_size if self.batch_size else per_rank
+
+    # -- resume -----------------------------------------------------------------
+    def _fingerprint(self) -> dict[str, Any]:
+        return {"seed": self.seed, "shuffle": self.shuffle,
+                "shuffle_buffer": self.shuffle_buffer if self.shuffle else 1,
+                "block_shuffle": self.block_shuffle and self.shuffle,
+                "num_samples": self.num_samples}
+
+    def state_for(self, epoch: int, start: int, units: int) -> dict[str, Any]:
+        """State after this rank consumed ``units`` units of an iteration that began at
+        G offset ``start`` (every rank is assumed to have consumed as many)."""
+        consumed = self.layout(start=start).consumed_after(units)
+        if consumed is None:
+            epoch, consumed = epoch + 1, 0
+        return {"version": STATE_VERSION, "epoch": epoch, "consumed": consumed,
+                **self._fingerprint()}
+
+    def state_dict(self) -> dict[str, Any]:
+        """Resume state. In the main process with ``num_workers=0`` it counts what this
+        process yielded; with workers use :func:`shardstream.loader` (it counts the
+        batches delivered). Inside a worker (torchdata's StatefulDataLoader) it is
+        the worker's own progress."""
+        if self.dataset is None:
+            raise TypeError("state_dict() needs a manifest; manifest-less streams restart "
+                            "their epoch")
+        if get_worker_info() is not None:
+            epoch, start, _ = self._local or (self.epoch, self._shared[_START], 0)
+            return {"version": STATE_VERSION, "epoch": epoch, "start": start,
+                    "worker_units": self._units, **self._fingerprint()}
+        return self.state_for(self.epoch, self._iter_start, self._units)
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        """Continue from ``state`` at the next ``iter()``: the rest of its epoch."""
+        if state.get("version") != STATE_VERSION:
+            raise ValueError(f"unsupported state version {state.get('version')!r}")
+        mine = self._fingerprint()
+        diff = {k: (state.get(k), v) for k, v in mine.items() if state.get(k) != v}
+        if diff:
+            raise ValueError(f"state does not fit this stream (saved vs now: {diff}); resume "
+                             "with the same dataset, seed and shuffle settings")
+        if "worker_units" in state:  # a StatefulDataLoader worker's own state
+            self._local = (int(state["epoch"]), int(state["start"]), int(state["worker_units"]))
+            return
+        self._shared[_EPOCH] = int(state["epoch"])
+        self._shared[_START] = int(state["consumed"])
+        self._iter_start = int(state["consumed"])
+
+    _iter_start = 0
+
+    # -- iteration -----------------------------------------------------------------
+    def __iter__(self) -> Iterator[Any]:
+        world = self.world()
+        if self._local is not None and get_worker_info() is not None:
+            epoch, start, skip = self._local
+            self._local = None
+        else:
+            epoch, start, skip = self.epoch, int(self._shared[_START]), 0
+        self._iter_start = start
+        self._units = skip
+        if self.dataset is not None:
+            it = self._iter_exact(world, epoch, start, skip)
+        else:
+            it = self._iter_shards(world, epoch)
+        wire = self._wire and get_worker_info() is not None
+        for item in it:
+            self._units += 1
+            yield to_wire(item) if wire else item
+
+    def _reader(self) -> BlockReader:
+        ds = self.dataset
+        refs, base = [], 0
+        for info in ds.manifest.shards:
+            refs.append(ShardRef(ds.shard_path(info), ds.index_path(info), expected_bytes=info.bytes,
+                                 expected_samples=info.num_samples, base=base))
+            base += info.num_samples
+        return BlockReader(refs, on_error=self.on_error, cache_bytes=self.cache_bytes,
+                           on_skip=self._count_skip)
+
+    def _iter_exact(self, world: World, epoch: int, start: int, skip: int) -> Iterator[Any]:
+        layout = self.layout(world.world_size, start)
+        if layout.num_units == 0:
+            return
+        reader = self._reader()
+        counts = [s.num_samples for s in self.dataset.manifest.shards]
+        order = EpochOrder(counts, seed=self.seed, epoch=epoch, shuffle=self.shuffle,
+                           block_shuffle=self.block_shuffle,
+                           window=self.shuffle_buffer if self.shuffle else 1,
+                           block_firsts=reader.block_firsts)
+        units = layout.units_of(world.rank, world.worker, world.num_workers)[skip:]
+        try:
+            if self.batch_size:
+                for j in units:
+                    a, n = layout.span(world.rank, j)
+                    samples = reader.read(*order.locate(np.arange(a, a + n, dtype=np.int64)))
+                    yield self.collate(self._finish(samples))
+            else:
+                js = np.asarray(units, dtype=np.int64)
+                for c in range(0, len(js), _SAMPLE_CHUNK):
+                    pos = start + js[c:c + _SAMPLE_CHUNK] * world.world_size + world.rank
+                    yield from self._finish(reader.read(*order.locate(pos)))
+        finally:
+            reader.close()
+
+    _last_good: list | None = None
+
+    def _finish(self, samples: list) -> list:
+        """Apply the transform; fill skipped (None) slots by repeating good samples so
+        batch counts and sizes stay equal across ranks."""
+        if None in samples:
+            good = [s for s in samples if s is not None] or self._last_good
+            if not good:
+                raise CorruptShardError("every sample so far was skipped after errors; no "
+                                        "sample to pad with (see the warnings above)")
+            samples = [s if s is not None else good[i % len(good)]
+                       for i, s in enumerate(samples)]
+        self._last_good = samples[:1]
+        if self.transform is not None:
+            samples = [self.transform(s) for s in samples]
+        return samples
+
+    def _iter_shards(self, world: World, epoch: int) -> Iterator[Any]:
+        urls: Sequence[str] = self.urls  # type: ignore[assignment]
+        if self.resampled:
+            shard_iter: Any = foreign.resampled_shards(urls, seed=self.seed, epoch=epoch,
+                                                       rank=world.rank, worker=world.worker)
+        else:
+            shard_iter = foreign.split_shards(
+                urls, rank=world.rank, world_size=world.world_size, worker=world.worker,
+                num_workers=world.num_workers, seed=self.seed, epoch=epoch, shuffle=self.shuffle)
+        data: Any = foreign.iter_shards(shard_iter, on_error=self.on_error,
+                                        on_skip=self._count_skip)
+        if self.transform is not None:
+            data = map(self.transform, data)
+        if self.shuffle:
+            data = foreign.buffer_shuffle(data, self.shuffle_buffer, seed=self.seed, epoch=epoch,
+                                          rank=world.rank, worker=world.worker)
+        if self.epoch_size is not None:
+            units = self._epoch_units(world.world_size)
+            mine = len(range(world.worker, units, world.num_workers))
+            data = foreign.limit(data, mine * (self.batch_size or 1))
+        if self.batch_size:
+            data = foreign.batched(data, self.batch_size, self.collate,
+                                   partial=not self.drop_last and self.epoch_size is None)
+        return data

@@ -1,0 +1,91 @@
+"""Columnar collation rules."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import torch
+
+from shardstream.collation import Collate, collate
+
+
+def test_scalars_default_dtypes():
+    b = collate([{"i": 1, "f": 0.5, "b": True}, {"i": 2, "f": 1.5, "b": False}])
+    assert b["i"].dtype == torch.int64 and b["i"].tolist() == [1, 2]
+    assert b["f"].dtype == torch.float32 and b["f"].tolist() == [0.5, 1.5]
+    assert b["b"].dtype == torch.bool and b["b"].tolist() == [True, False]
+
+
+def test_int_float_mix_is_float_and_dtypes_configurable():
+    c = Collate(int_dtype=torch.int32, float_dtype=torch.float64)
+    b = c([{"i": 1, "x": 1}, {"i": 2, "x": 2.5}])
+    assert b["i"].dtype == torch.int32 and b["x"].dtype == torch.float64
+    assert b["x"].tolist() == [1.0, 2.5]
+
+
+def test_equal_shapes_stack_keep_dtype():
+    arrs = [np.full((2, 3), i, dtype=np.uint8) for i in range(4)]
+    b = collate([{"a": a} for a in arrs])
+    assert b["a"].shape == (4, 2, 3) and b["a"].dtype == torch.uint8 and "a_lengths" not in b
+    assert b["a"][3].sum().item() == 18
+    b["a"][0, 0, 0] = 9  # writable, not a view on read-only decoded bytes
+
+
+def test_ragged_padded_with_lengths():
+    vals = [np.arange(n, dtype=np.int32) + 1 for n in (3, 1, 0, 4)]
+    b = Collate(pad_value=-1)([{"t": v} for v in vals])
+    assert b["t"].dtype == torch.int32 and b["t"].shape == (4, 4)
+    assert b["t"].tolist() == [[1, 2, 3, -1], [1, -1, -1, -1], [-1] * 4, [1, 2, 3, 4]]
+    assert b["t_lengths"].dtype == torch.int64 and b["t_lengths"].tolist() == [3, 1, 0, 4]
+    assert "t_lengths" not in Collate(lengths=False)([{"t": v} for v in vals])
+
+
+def test_ragged_2d_pads_first_dim_and_other_shapes_list():
+    b = collate([{"t": np.ones((n, 2), np.float32)} for n in (1, 3)])
+    assert b["t"].shape == (2, 3, 2) and b["t"][0, 1:].sum().item() == 0
+    odd = collate([{"t": np.ones((2, 2))}, {"t": np.ones((2, 3))}])
+    assert isinstance(odd["t"], list) and odd["t"][1].shape == (2, 3)
+
+
+def test_tensors_and_cast_arrays():
+    b = Collate(cast_arrays=True)([{"t": torch.arange(3, dtype=torch.int16)},
+                                   {"t": torch.arange(3, dtype=torch.int16)}])
+    assert b["t"].dtype == torch.int64 and b["t"].shape == (2, 3)
+
+
+def test_strings_bytes_lists_nested():
+    b = collate([{"s": "a", "y": b"x", "l": [1, 2], "m": {"k": 1, "n": {"v": 0.5}}},
+                 {"s": "b", "y": b"z", "l": [3], "m": {"k": 2, "n": {"v": 1.5}}}])
+    assert b["s"] == ["a", "b"] and b["y"] == [b"x", b"z"] and b["l"] == [[1, 2], [3]]
+    assert b["m"]["k"].tolist() == [1, 2] and b["m"]["n"]["v"].dtype == torch.float32
+
+
+def test_none_and_missing_fields_become_lists():
+    b = collate([{"a": 1, "b": None}, {"a": None, "b": None}, {"a": 3, "c": "only"}])
+    assert b["a"] == [1, None, 3] and b["b"] == [None, None, None]
+    assert b["c"] == [None, None, "only"]
+
+
+def test_numpy_scalars_and_huge_ints():
+    b = collate([{"x": np.float64(1.5), "h": 2**70}, {"x": np.float64(2.5), "h": 1}])
+    assert b["x"].tolist() == [1.5, 2.5] and b["h"] == [2**70, 1]
+
+
+def test_errors():
+    with pytest.raises(ValueError):
+        collate([])
+    with pytest.raises(TypeError):
+        Collate(int_dtype="int64")
+
+
+def test_wire_round_trip():
+    from shardstream.collation import Ragged, from_wire, to_wire
+
+    vals = [{"t": np.arange(n, dtype=np.int16), "s": "x"} for n in (2, 4)]
+    packed = collate(vals, ragged=True)
+    assert isinstance(packed["t"], Ragged)
+    wire = to_wire(packed)
+    assert isinstance(wire["t_lengths"], np.ndarray)
+    back = from_wire(wire)
+    assert back["t"].tolist() == [[0, 1, 0, 0], [0, 1, 2, 3]] and back["s"] == ["x", "x"]
+    assert torch.equal(back["t"], collate(vals)["t"])
