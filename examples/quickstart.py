@@ -86,7 +86,7 @@ def main() -> None:
             opt.step()
             seen += len(labels)
             correct += int((logits.argmax(1) == labels).sum())
-            total_loss += float(loss) * len(labels)
+            total_loss += loss.item() * len(labels)
         print(f"epoch {epoch}: {seen} samples, {len(loader)} steps, loss "
               f"{total_loss / seen:.3f}, accuracy {correct / seen:.1%}, "
               f"{seen / (time.perf_counter() - t):,.0f} samples/s")

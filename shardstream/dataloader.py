@@ -132,6 +132,7 @@ def loader(dataset: ShardStream, *, num_workers: int = 2, pin_memory: bool | Non
         kwargs.update(persistent_workers=persistent_workers, prefetch_factor=prefetch_factor,
                       worker_init_fn=dataloader_kwargs.get("worker_init_fn", _worker_init),
                       multiprocessing_context=multiprocessing_context)
-    on_gpu = device is not None and torch.device(device).type != "cpu"
+    # batches come from the workers as numpy; they are made tensors (and pinned, so the
+    # prefetcher's copies are truly asynchronous) in this process
     return ShardLoader(dataset, DataLoader(dataset, **kwargs), device=device,
-                       pin_memory=pin_memory and num_workers > 0 and not on_gpu)
+                       pin_memory=pin_memory and num_workers > 0)
