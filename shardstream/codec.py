@@ -187,7 +187,24 @@ _dtype_cache: dict[bytes, np.dtype] = {}
 _u64 = struct.Struct("<Q")
 
 
+_fast_1d: dict[bytes, np.dtype] = {}  # header prefix (layout, len, dtype, ndim=1) -> dtype
+
+
 def _ext_hook(code: int, data: bytes) -> Any:
+    if code == NDARRAY_EXT and len(data) > 11:  # fast path: 1-d arrays of a known dtype
+        n = data[1]
+        dt = _fast_1d.get(data[:3 + n])
+        if dt is not None:
+            try:
+                arr = np.frombuffer(data, dt, offset=n + 11)
+                if arr.shape[0] == _u64.unpack_from(data, n + 3)[0]:
+                    return arr
+            except ValueError:  # damaged: the slow path says how
+                pass
+    return _ext_hook_slow(code, data)
+
+
+def _ext_hook_slow(code: int, data: bytes) -> Any:
     if code != NDARRAY_EXT:
         raise DecodeError(f"unknown msgpack ext type {code} (this shardstream reads type "
                           f"{NDARRAY_EXT}); upgrade shardstream to read this data")
@@ -200,6 +217,7 @@ def _ext_hook(code: int, data: bytes) -> Any:
         pos = 3 + n
         ndim = data[pos - 1]
         if ndim == 1:
+            _fast_1d[data[:pos]] = dt
             (length,) = _u64.unpack_from(data, pos)
             arr = np.frombuffer(data, dtype=dt, offset=pos + 8)
             if len(arr) == length:

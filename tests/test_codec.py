@@ -143,6 +143,16 @@ def test_malformed_ndarray_ext_is_a_decode_error(payload):
         decode_sample(data)
 
 
+@pytest.mark.parametrize("cut", [1, 3, 8, 12])
+def test_damaged_1d_array_after_fast_path_warmup_is_a_decode_error(cut):
+    good = encode_sample({"x": np.arange(10, dtype=np.int32)})
+    decode_sample(good)  # primes the fast path for this header
+    ext = msgpack.unpackb(good, ext_hook=lambda c, d: msgpack.ExtType(c, d))["x"]
+    damaged = msgpack.packb({"x": msgpack.ExtType(NDARRAY_EXT, ext.data[:-cut])})
+    with pytest.raises(DecodeError):
+        decode_sample(damaged)
+
+
 @pytest.mark.parametrize("data", [b"\xc1", b"\x81\xa1", msgpack.packb([1, 2])])
 def test_garbage_is_a_decode_error(data):
     with pytest.raises(DecodeError):
