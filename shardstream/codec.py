@@ -32,20 +32,28 @@ _CONTAINERS = (dict, list, tuple)
 
 
 # ---------------------------------------------------------------- encode
+_headers: dict[tuple[np.dtype, int], tuple[bytes, struct.Struct]] = {}
+
+
 def _array_payload(arr: np.ndarray) -> msgpack.ExtType:
     """ext payload: u8 layout | u8 len | dtype.str | u8 ndim | ndim x u64 | raw LE bytes."""
     dt = arr.dtype
-    if dt.kind not in _ARRAY_KINDS:
-        raise TypeError(f"numpy dtype {dt} is not numeric or bool")
-    if dt.byteorder == ">" or (dt.byteorder == "=" and sys.byteorder == "big"):
-        arr = arr.astype(dt.newbyteorder("<"))
-        dt = arr.dtype
+    head = _headers.get((dt, arr.ndim))
+    if head is None:
+        if dt.kind not in _ARRAY_KINDS:
+            raise TypeError(f"numpy dtype {dt} is not numeric or bool")
+        if dt.byteorder == ">" or (dt.byteorder == "=" and sys.byteorder == "big"):
+            arr = arr.astype(dt.newbyteorder("<"))
+            return _array_payload(arr)
+        code = dt.str.encode("ascii")
+        head = _headers[(dt, arr.ndim)] = (
+            struct.pack(f"<BB{len(code)}sB", _EXT_LAYOUT, len(code), code, arr.ndim),
+            struct.Struct(f"<{arr.ndim}Q"))
     if not arr.flags.c_contiguous:
         arr = np.ascontiguousarray(arr)
-    code = dt.str.encode("ascii")
-    head = struct.pack(f"<BB{len(code)}sB{arr.ndim}Q", _EXT_LAYOUT, len(code), code,
-                       arr.ndim, *arr.shape)
-    return msgpack.ExtType(NDARRAY_EXT, b"".join((head, arr.reshape(-1).view(np.uint8).data)))
+    prefix, shape = head
+    return msgpack.ExtType(NDARRAY_EXT, b"".join(
+        (prefix, shape.pack(*arr.shape), arr.reshape(-1).view(np.uint8).data)))
 
 
 def _default(obj: Any) -> Any:

@@ -105,7 +105,19 @@ class Manifest:
         atomic_write(os.path.join(directory, MANIFEST_NAME), self.to_json().encode())
 
 
-def load_manifest(directory: str) -> Manifest:
+def load_manifest(directory: str, storage_options: dict[str, Any] | None = None) -> Manifest:
+    """Read ``<directory>/manifest.json``; ``directory`` may be a URL (s3://, gs://, http://)."""
+    from . import storage
+
+    if storage.is_remote(directory):
+        url = storage.join(directory, MANIFEST_NAME)
+        try:
+            data = storage.read_bytes(url, storage_options=storage_options)
+        except FileNotFoundError:
+            raise ManifestError(f"{url} does not exist: {directory} is not a (finished) "
+                                "shardstream dataset") from None
+        return Manifest.from_json(data.decode("utf-8"), where=url)
+    directory = storage.local_path(directory)
     path = os.path.join(directory, MANIFEST_NAME)
     try:
         with open(path, "rb") as f:
@@ -222,7 +234,7 @@ class SchemaBuilder:
                 f.setdefault("dtypes", set()).update(g["dtypes"])
                 shape = g["shape"]
                 if "shape" not in f:
-                    f["shape"] = list(shape) if shape is not None else None
+                    f["shape"] = tuple(shape) if shape is not None else None
                 else:
                     f["shape"] = _merge_shape(f["shape"], shape)
 
@@ -233,7 +245,7 @@ class SchemaBuilder:
             d: dict[str, Any] = {"count": f["count"], "types": sorted(f["types"])}
             if "dtypes" in f:
                 d["dtypes"] = sorted(f["dtypes"])
-                d["shape"] = f["shape"]
+                d["shape"] = None if f["shape"] is None else list(f["shape"])
             out[path] = d
         return out
 
@@ -258,9 +270,14 @@ def _type_name(v: Any) -> str:
     return type(v).__name__
 
 
+_dtype_names: dict[Any, str] = {}
+
+
 def _observe_array(f: dict[str, Any], v: Any) -> None:
-    dtype = str(v.dtype).replace("torch.", "")
-    shape = list(v.shape)
+    dtype = _dtype_names.get(v.dtype)
+    if dtype is None:
+        dtype = _dtype_names[v.dtype] = str(v.dtype).replace("torch.", "")
+    shape = tuple(v.shape)
     if "dtypes" not in f:
         f["dtypes"] = {dtype}
         f["shape"] = shape
@@ -270,8 +287,8 @@ def _observe_array(f: dict[str, Any], v: Any) -> None:
         f["shape"] = _merge_shape(f["shape"], shape)
 
 
-def _merge_shape(a: list | None, b: list | None) -> list | None:
+def _merge_shape(a: tuple | list | None, b: tuple | list | None) -> tuple | None:
     """Per-dimension size where all agree, None where they vary; None if ndim varies."""
     if a is None or b is None or len(a) != len(b):
         return None
-    return [x if x == y else None for x, y in zip(a, b)]
+    return tuple(x if x == y else None for x, y in zip(a, b))
