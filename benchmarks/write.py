@@ -66,9 +66,16 @@ def child(mode: str, name: str, n: int, out: str, workers: int = 1, src: str = "
 
 
 def peer_write(py: str, system: str, name: str, n: int, out: str) -> dict:
+    """One peer write in its own process; HF gets an empty cache (from_generator would
+    otherwise return a dataset cached by an earlier run without generating anything)."""
     shutil.rmtree(out, ignore_errors=True)
-    r = subprocess.run([py, os.path.join(BENCH, "peers.py"), "write", system, name, str(n), out],
-                       capture_output=True, text=True)
+    cache = tempfile.mkdtemp(prefix="ss-bench-hf-cache-")
+    env = dict(os.environ, HF_DATASETS_CACHE=cache, HF_HOME=cache)
+    try:
+        r = subprocess.run([py, os.path.join(BENCH, "peers.py"), "write", system, name, str(n),
+                            out], capture_output=True, text=True, env=env)
+    finally:
+        shutil.rmtree(cache, ignore_errors=True)
     lines = [x for x in r.stdout.splitlines() if x.startswith("{")]
     if not lines:
         return {"error": r.stderr[-500:]}

@@ -1,25 +1,32 @@
 """shardstream: pack lists of dicts into tar shards and stream them into PyTorch.
 
-The public API is what ``__all__`` lists; everything else is internal.
+The public API is what ``__all__`` lists; everything else is internal. The
+packing half (codec, writer, manifest, verify) imports without torch, so the
+CLI starts fast; the reading half (torch datasets, loader, prefetcher) is
+imported on first use.
 """
+
+import importlib as _importlib
 
 __version__ = "0.1.0"
 
-from .collation import Collate, collate
 from .codec import decode_sample, encode_sample, iter_samples, unpack_blocks
 from .errors import (CorruptShardError, DatasetExistsError, DecodeError, EncodeError,
                      IndexMismatchError, InputError, ManifestError, ShardNotFoundError,
                      ShardstreamError, StorageError)
 from .manifest import Manifest, ShardInfo, load_manifest
 from .parallel import write_shards
-from .prefetch import CUDAPrefetcher, PrefetchStats, to_device
-from .dataloader import ShardLoader, loader
-from .random_access import ShardDataset
-from .stream import ShardStream
-from .world import World, get_world
-from .wdsindex import build_index
 from .verify import verify
+from .wdsindex import build_index
 from .writer import ShardWriter
+
+#: names that need torch, and the module each lives in
+_LAZY = {
+    "ShardStream": "stream", "ShardDataset": "random_access", "loader": "dataloader",
+    "ShardLoader": "dataloader", "Collate": "collation", "collate": "collation",
+    "World": "world", "get_world": "world", "CUDAPrefetcher": "prefetch",
+    "PrefetchStats": "prefetch", "to_device": "prefetch",
+}
 
 __all__ = [
     "__version__",
@@ -39,3 +46,16 @@ __all__ = [
     "ManifestError", "ShardNotFoundError", "CorruptShardError", "IndexMismatchError",
     "StorageError",
 ]
+
+
+def __getattr__(name: str) -> object:
+    module = _LAZY.get(name)
+    if module is None:
+        raise AttributeError(f"module 'shardstream' has no attribute {name!r}")
+    value = getattr(_importlib.import_module(f".{module}", __name__), name)
+    globals()[name] = value  # later lookups skip this function
+    return value
+
+
+def __dir__() -> list[str]:
+    return sorted(set(globals()) | set(_LAZY))

@@ -31,3 +31,12 @@ def test_errors_mix_in_the_builtin_they_mean():
     assert issubclass(shardstream.DatasetExistsError, FileExistsError)
     assert issubclass(shardstream.EncodeError, ValueError)
     assert issubclass(shardstream.StorageError, OSError)
+
+
+def test_packing_half_imports_without_torch():
+    import subprocess
+    import sys
+
+    code = ("import sys, shardstream; assert 'torch' not in sys.modules; "
+            "shardstream.ShardStream; assert 'torch' in sys.modules")
+    subprocess.run([sys.executable, "-c", code], check=True)
