@@ -12,6 +12,7 @@ import os
 import re
 import signal
 import sys
+import tempfile
 import time
 from itertools import chain
 from typing import Any, Callable, Iterator, Sequence
@@ -45,11 +46,45 @@ def _positive(text: str) -> int:
     return value
 
 
+def _storage_option(text: str) -> tuple[str, Any]:
+    """``key=value``; the value is parsed as JSON when it is JSON (true, 3, {...})."""
+    key, sep, value = text.partition("=")
+    if not sep or not key:
+        raise argparse.ArgumentTypeError(f"expected key=value, got {text!r}")
+    try:
+        return key, json.loads(value)
+    except ValueError:
+        return key, value
+
+
+def _options(pairs: list[tuple[str, Any]] | None) -> dict[str, Any] | None:
+    """``[("client_kwargs.region_name", "x")]`` -> ``{"client_kwargs": {"region_name": "x"}}``."""
+    if not pairs:
+        return None
+    out: dict[str, Any] = {}
+    for key, value in pairs:
+        *parents, leaf = key.split(".")
+        d = out
+        for k in parents:
+            d = d.setdefault(k, {})
+        d[leaf] = value
+    return out
+
+
+def _add_storage_arg(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--storage-option", dest="storage_option", action="append",
+                   type=_storage_option, metavar="KEY=VALUE",
+                   help="fsspec option for s3:// / gs:// / http(s):// URLs, repeatable "
+                        "(endpoint_url=http://host:9000, anon=true, "
+                        "client_kwargs.region_name=eu-west-1)")
+
+
 def _add_write_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("inputs", nargs="+", metavar="INPUT",
                    help="JSONL (.jsonl, .jsonl.gz), JSON array, msgpack stream, Parquet, "
                         "pickle (with --allow-pickle), or - for JSONL on stdin")
-    p.add_argument("-o", "--output", required=True, help="output dataset directory")
+    p.add_argument("-o", "--output", required=True,
+                   help="output dataset directory or URL (s3://bucket/prefix, gs://...)")
     p.add_argument("--prefix", default="shard", help="shard name prefix (default: shard)")
     p.add_argument("--max-samples", type=_positive, default=None, help="samples per shard")
     p.add_argument("--max-size", type=parse_size, default="256MiB",
@@ -66,6 +101,7 @@ def _add_write_args(p: argparse.ArgumentParser) -> None:
                    help="allow .pkl inputs (unpickling runs code: only for files you trust)")
     p.add_argument("--no-fsync", action="store_true", help="skip fsync (faster, less durable)")
     p.add_argument("-q", "--quiet", action="store_true", help="no progress bar or summary")
+    _add_storage_arg(p)
 
 
 def _parser() -> argparse.ArgumentParser:
@@ -76,10 +112,12 @@ def _parser() -> argparse.ArgumentParser:
     info = sub.add_parser("info", help="counts, sizes and schema of a dataset")
     info.add_argument("dataset")
     info.add_argument("--json", action="store_true", help="print the manifest summary as JSON")
+    _add_storage_arg(info)
     ver = sub.add_parser("verify", help="recompute checksums and decode every sample")
     ver.add_argument("dataset")
     ver.add_argument("--no-decode", action="store_true", help="checksums and structure only")
     ver.add_argument("-q", "--quiet", action="store_true")
+    _add_storage_arg(ver)
     idx = sub.add_parser("index", help="build indexes + manifest for existing tar shards")
     idx.add_argument("shards", nargs="+", help="tar files (webdataset or shardstream)")
     idx.add_argument("-o", "--output", default=None,
@@ -150,7 +188,7 @@ def _cmd_write(args: argparse.Namespace) -> int:
         return lambda: chain.from_iterable(iter_task(t, allow_pickle=allow) for t in group)
 
     common = dict(prefix=args.prefix, overwrite=args.overwrite, append=args.append,
-                  key_field=args.key_field)
+                  key_field=args.key_field, storage_options=_options(args.storage_option))
     sink = dict(max_samples=args.max_samples, max_bytes=args.max_size,
                 block_bytes=args.block_size, fsync=not args.no_fsync)
     progress = _Progress(not args.quiet, estimate_total(tasks))
@@ -182,10 +220,16 @@ def _cmd_write(args: argparse.Namespace) -> int:
 
 # ---------------------------------------------------------------- info / verify
 def _cmd_info(args: argparse.Namespace) -> int:
+    from .manifest import load_manifest
     from .shard import open_dataset
+    from .storage import is_remote
 
-    ds = open_dataset(args.dataset)
-    m = ds.manifest
+    if is_remote(args.dataset):
+        root = args.dataset
+        m = load_manifest(root, _options(args.storage_option))
+    else:
+        ds = open_dataset(args.dataset)
+        root, m = os.path.abspath(ds.root), ds.manifest
     if args.json:
         doc = json.loads(m.to_json())
         doc.pop("shards")
@@ -193,7 +237,7 @@ def _cmd_info(args: argparse.Namespace) -> int:
         print(json.dumps(doc, indent=1))
         return 0
     sizes = [s.bytes for s in m.shards] or [0]
-    print(f"dataset      {os.path.abspath(ds.root)}")
+    print(f"dataset      {root}")
     print(f"format       shardstream v{m.version} ({m.created_by})")
     print(f"samples      {m.num_samples:,}")
     print(f"shards       {len(m.shards)} (bytes min/max {min(sizes):,}/{max(sizes):,})")
@@ -211,10 +255,16 @@ def _cmd_info(args: argparse.Namespace) -> int:
 
 
 def _cmd_verify(args: argparse.Namespace) -> int:
+    from .storage import fetch_to_cache, is_remote
     from .verify import verify
 
     start = time.perf_counter()
-    report = verify(args.dataset, decode=not args.no_decode)
+    if is_remote(args.dataset):  # download into a temporary directory, check that
+        with tempfile.TemporaryDirectory(prefix="shardstream-verify-") as tmp:
+            local = fetch_to_cache(args.dataset, tmp, None, _options(args.storage_option))
+            report = verify(local, decode=not args.no_decode)
+    else:
+        report = verify(args.dataset, decode=not args.no_decode)
     for p in report.problems:
         print(f"BAD {p}", file=sys.stderr)
     if report.problems:

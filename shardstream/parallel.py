@@ -61,10 +61,15 @@ def _worker(rank: int, make_iter: Callable[[], Iterator[dict]], staging: str,
 def run_workers(output_dir: str, slices: list[Callable[[], Iterator[dict]]], *,
                 prefix: str = "shard", overwrite: bool = False, append: bool = False,
                 key_field: str = "__key__", progress: ProgressFn | None = None,
-                **sink_kw: Any) -> Manifest:
-    """Run one worker process per slice (a zero-argument callable giving dicts)."""
+                storage_options: dict[str, Any] | None = None, **sink_kw: Any) -> Manifest:
+    """Run one worker process per slice (a zero-argument callable giving dicts).
+
+    A remote ``output_dir`` (``s3://...``): workers stage locally, the parent
+    uploads every shard and then the manifest.
+    """
     base, replace = prepare_output(output_dir, prefix=prefix, overwrite=overwrite,
-                                   append=append, key_field=key_field)
+                                   append=append, key_field=key_field,
+                                   storage_options=storage_options)
     ctx = _context()
     stagings = [make_staging(output_dir) for _ in slices]
     counters = ctx.Array("q", 2 * len(slices), lock=False)
@@ -110,7 +115,8 @@ def run_workers(output_dir: str, slices: list[Callable[[], Iterator[dict]]], *,
             progress(sum(counters[0::2]) - seen[0], sum(counters[1::2]) - seen[1])
         return publish(output_dir, staged, schema, prefix=prefix, base=base, replace=replace,
                        key_field=key_field,
-                       block_bytes=sink_kw.get("block_bytes", DEFAULT_BLOCK_BYTES))
+                       block_bytes=sink_kw.get("block_bytes", DEFAULT_BLOCK_BYTES),
+                       storage_options=storage_options)
     finally:
         gc.unfreeze()
         for p in procs:
@@ -131,12 +137,14 @@ def write_shards(samples: Iterable[dict], output_dir: str | os.PathLike, *, work
                  max_bytes: int = DEFAULT_MAX_BYTES, block_bytes: int = DEFAULT_BLOCK_BYTES,
                  key_field: str = "__key__", overwrite: bool = False, append: bool = False,
                  fsync: bool = True, chunk_size: int = 1024,
-                 progress: ProgressFn | None = None) -> Manifest:
+                 progress: ProgressFn | None = None,
+                 storage_options: dict[str, Any] | None = None) -> Manifest:
     """Pack ``samples`` into shards in ``output_dir`` with ``workers`` processes.
 
     A sequence (list, ``torch`` map-style dataset, anything with ``len`` and
     ``[i]``) is split into ``workers`` contiguous ranges; the dataset keeps the
-    input order either way. Returns the manifest written.
+    input order either way. ``output_dir`` may be a URL (``s3://bucket/prefix``;
+    ``storage_options`` go to fsspec). Returns the manifest written.
     """
     if workers < 1:
         raise ValueError(f"workers must be >= 1, got {workers}")
@@ -148,12 +156,13 @@ def write_shards(samples: Iterable[dict], output_dir: str | os.PathLike, *, work
         cuts = [n * w // workers for w in range(workers + 1)]
         slices = [_range_slice(samples, cuts[w], cuts[w + 1]) for w in range(workers)]
         return run_workers(out, slices, prefix=prefix, overwrite=overwrite, append=append,
-                           key_field=key_field, progress=progress, **sink_kw)
+                           key_field=key_field, progress=progress,
+                           storage_options=storage_options, **sink_kw)
     if workers > 1:
         return _write_encoded(samples, out, workers, chunk_size, prefix, overwrite, append,
-                              key_field, progress, sink_kw)
+                              key_field, progress, dict(sink_kw, storage_options=storage_options))
     with ShardWriter(out, prefix=prefix, overwrite=overwrite, append=append,
-                     key_field=key_field, **sink_kw) as w:
+                     key_field=key_field, storage_options=storage_options, **sink_kw) as w:
         for sample in samples:
             w.write(sample)
             if progress and w.num_samples & 1023 == 0:

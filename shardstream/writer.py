@@ -5,6 +5,10 @@ and only moved to their final names (``<prefix>-000000.tar``) when the writer
 closes cleanly; ``manifest.json`` is written last. A crash, an exception or
 Ctrl-C therefore never leaves a shard that a manifest lists but that is
 incomplete, and an existing dataset survives a failed overwrite or append.
+
+Remote outputs (``s3://bucket/prefix``, ``gs://``... see :mod:`.storage`) are
+staged in a local temporary directory; each shard and index is uploaded
+whole, and the manifest last (see :func:`publish`).
 """
 
 from __future__ import annotations
@@ -15,11 +19,12 @@ import os
 import re
 import shutil
 import tempfile
+from concurrent.futures import ThreadPoolExecutor, as_completed
 from typing import Any, BinaryIO
 
 import numpy as np
 
-from . import __version__
+from . import __version__, storage
 from .codec import encode_sample
 from .errors import DatasetExistsError, EncodeError, ManifestError, StorageError
 from .index import INDEX_SUFFIX, TAR_END, ShardIndex, member_name, padded, tar_header
@@ -30,6 +35,7 @@ __all__ = ["ShardWriter", "DEFAULT_MAX_BYTES", "DEFAULT_BLOCK_BYTES"]
 DEFAULT_MAX_BYTES = 256 * 1024 * 1024
 DEFAULT_BLOCK_BYTES = 64 * 1024
 STAGING_PREFIX = ".staging-"
+UPLOAD_THREADS = 4
 _PAD = b"\0" * 512
 
 
@@ -227,43 +233,108 @@ def _existing_entries(output_dir: str) -> list[str]:
 
 def publish(output_dir: str, staged: list[tuple[str, ShardInfo]], schema: SchemaBuilder, *,
             prefix: str, base: Manifest | None, replace: Manifest | None, key_field: str,
-            block_bytes: int) -> Manifest:
+            block_bytes: int, storage_options: dict[str, Any] | None = None) -> Manifest:
     """Move staged shards to their final names and write the manifest last.
 
     ``base``: the dataset being appended to (kept); ``replace``: the dataset
-    being overwritten (its manifest goes first, then its shards).
+    being overwritten (its manifest goes first, then its shards). A remote
+    ``output_dir`` gets uploads instead of renames (:func:`_publish_remote`).
     """
+    if storage.is_remote(output_dir):
+        return _publish_remote(output_dir, staged, schema, prefix=prefix, base=base,
+                               replace=replace, key_field=key_field, block_bytes=block_bytes,
+                               storage_options=storage_options)
+    output_dir = storage.local_path(output_dir)
     if replace is not None:
         _remove(os.path.join(output_dir, MANIFEST_NAME))
         for s in replace.shards:
             _remove(os.path.join(output_dir, s.name))
             _remove(os.path.join(output_dir, s.index))
-    kept = list(base.shards) if base else []
-    taken = {s.name for s in kept}
-    number = _next_number(kept, prefix)
+    moves, final = _plan_names(staged, base, prefix)
+    for src, dst in moves:
+        try:
+            os.replace(src, os.path.join(output_dir, dst))
+        except OSError as exc:
+            raise _storage_error("move into place", os.path.join(output_dir, dst), exc) from exc
+    fsync_dir(output_dir)
+    manifest = _new_manifest(base, final, schema, key_field, block_bytes)
+    try:
+        manifest.save(output_dir)
+    except OSError as exc:
+        raise _storage_error("write", os.path.join(output_dir, MANIFEST_NAME), exc) from exc
+    return manifest
+
+
+def _plan_names(staged: list[tuple[str, ShardInfo]], base: Manifest | None, prefix: str
+                ) -> tuple[list[tuple[str, str]], list[ShardInfo]]:
+    """Final names: (staged file, final name) pairs and the new shards' infos."""
+    taken = {s.name for s in base.shards} if base else set()
+    number = _next_number(list(base.shards) if base else [], prefix)
+    moves: list[tuple[str, str]] = []
     final: list[ShardInfo] = []
     for staging_dir, info in staged:
         while f"{prefix}-{number:06d}.tar" in taken:
             number += 1
         name = f"{prefix}-{number:06d}.tar"
         number += 1
-        for src, dst in ((info.name, name), (info.index, name + INDEX_SUFFIX)):
-            try:
-                os.replace(os.path.join(staging_dir, src), os.path.join(output_dir, dst))
-            except OSError as exc:
-                raise _storage_error("move into place", os.path.join(output_dir, dst), exc) from exc
+        moves += [(os.path.join(staging_dir, info.name), name),
+                  (os.path.join(staging_dir, info.index), name + INDEX_SUFFIX)]
         final.append(ShardInfo(**{**info.__dict__, "name": name, "index": name + INDEX_SUFFIX}))
-    fsync_dir(output_dir)
+    return moves, final
+
+
+def _new_manifest(base: Manifest | None, final: list[ShardInfo], schema: SchemaBuilder,
+                  key_field: str, block_bytes: int) -> Manifest:
     merged = SchemaBuilder()
     if base:
         merged.merge(_schema_sets(base.schema))
     merged.merge(schema)
-    manifest = Manifest(shards=kept + final, schema=merged.to_dict(), key_field=key_field,
-                        block_bytes=block_bytes, created_by=f"shardstream {__version__}")
+    kept = list(base.shards) if base else []
+    return Manifest(shards=kept + final, schema=merged.to_dict(), key_field=key_field,
+                    block_bytes=block_bytes, created_by=f"shardstream {__version__}")
+
+
+def _publish_remote(url: str, staged: list[tuple[str, ShardInfo]], schema: SchemaBuilder, *,
+                    prefix: str, base: Manifest | None, replace: Manifest | None,
+                    key_field: str, block_bytes: int,
+                    storage_options: dict[str, Any] | None) -> Manifest:
+    """Upload shards and indexes (``UPLOAD_THREADS`` at a time), then the manifest.
+
+    Object stores have no rename, so an overwrite deletes the old manifest
+    first: while it runs, and if it fails, readers find no dataset rather
+    than a mix of old and new shards. On failure the objects this call
+    uploaded are deleted (best effort); an appended-to dataset is untouched
+    until its new manifest replaces the old one in a single PUT.
+    """
+    opts: dict[str, Any] = {"storage_options": storage_options}
+    manifest_url = storage.join(url, MANIFEST_NAME)
+    moves, final = _plan_names(staged, base, prefix)
+    if replace is not None:
+        storage.remove(manifest_url, **opts)
+    pool = ThreadPoolExecutor(UPLOAD_THREADS, thread_name_prefix="shardstream-upload")
     try:
-        manifest.save(output_dir)
-    except OSError as exc:
-        raise _storage_error("write", os.path.join(output_dir, MANIFEST_NAME), exc) from exc
+        futures = [pool.submit(storage.put_file, src, storage.join(url, dst), **opts)
+                   for src, dst in moves]
+        for f in as_completed(futures):
+            f.result()
+        pool.shutdown()
+        if replace is not None:
+            new = {dst for _, dst in moves}
+            for s in replace.shards:
+                for name in (s.name, s.index):
+                    if name not in new:
+                        storage.remove(storage.join(url, name), **opts)
+        manifest = _new_manifest(base, final, schema, key_field, block_bytes)
+        storage.put_bytes(manifest.to_json().encode(), manifest_url, **opts)
+    except BaseException:
+        pool.shutdown(cancel_futures=True)
+        for _, dst in moves:  # orphans: nothing lists them
+            try:
+                storage.remove(storage.join(url, dst), storage_options=storage_options,
+                               retry=storage.RetryPolicy(attempts=2))
+            except Exception:  # noqa: BLE001 - best effort, the first error matters
+                pass
+        raise
     return manifest
 
 
@@ -293,17 +364,24 @@ def _remove(path: str) -> None:
 
 
 def prepare_output(output_dir: str, *, prefix: str, overwrite: bool, append: bool,
-                   key_field: str) -> tuple[Manifest | None, Manifest | None]:
+                   key_field: str, storage_options: dict[str, Any] | None = None
+                   ) -> tuple[Manifest | None, Manifest | None]:
     """Check the output location; returns (base to append to, dataset to replace)."""
     if overwrite and append:
         raise ValueError("overwrite and append are mutually exclusive")
-    try:
-        os.makedirs(output_dir, exist_ok=True)
-    except OSError as exc:
-        raise _storage_error("create directory", output_dir, exc) from exc
-    entries = _existing_entries(output_dir)
+    remote = storage.is_remote(output_dir)
+    if remote:
+        entries = storage.list_prefix(output_dir, storage_options=storage_options)
+    else:
+        output_dir = storage.local_path(output_dir)
+        try:
+            os.makedirs(output_dir, exist_ok=True)
+        except OSError as exc:
+            raise _storage_error("create directory", output_dir, exc) from exc
+        entries = _existing_entries(output_dir)
     has_manifest = MANIFEST_NAME in entries
-    old = load_manifest(output_dir) if has_manifest and (append or overwrite) else None
+    old = load_manifest(output_dir, storage_options) \
+        if has_manifest and (append or overwrite) else None
     if append:
         if old is not None and old.key_field != key_field:
             raise ManifestError(f"{output_dir} uses key field {old.key_field!r}, not "
@@ -315,10 +393,11 @@ def prepare_output(output_dir: str, *, prefix: str, overwrite: bool, append: boo
         raise DatasetExistsError(
             f"{output_dir} already holds {what} ({shown}); pass overwrite=True "
             "(--overwrite) to replace it or append=True (--append) to add shards")
-    if overwrite:
+    if overwrite and not remote:
         for e in entries:  # leftovers of crashed writes
             if e.startswith(STAGING_PREFIX):
                 shutil.rmtree(os.path.join(output_dir, e), ignore_errors=True)
+    if overwrite:
         pat = re.compile(re.escape(prefix) + r"-\d+\.tar(\.idx)?$")
         stray = [e for e in entries if pat.match(e)]
         if old is None:
@@ -330,6 +409,13 @@ def prepare_output(output_dir: str, *, prefix: str, overwrite: bool, append: boo
 
 
 def make_staging(output_dir: str) -> str:
+    """A fresh staging directory: inside ``output_dir``, or a local temp dir for a URL."""
+    if storage.is_remote(output_dir):
+        try:
+            return tempfile.mkdtemp(prefix="shardstream" + STAGING_PREFIX)
+        except OSError as exc:
+            raise _storage_error("create a staging directory for", output_dir, exc) from exc
+    output_dir = storage.local_path(output_dir)
     try:
         return tempfile.mkdtemp(prefix=STAGING_PREFIX, dir=output_dir)
     except OSError as exc:
@@ -348,21 +434,28 @@ class ShardWriter:
     are packed into blocks of about ``block_bytes``; a larger sample is a
     block of its own. An existing dataset is refused unless ``overwrite=True``
     (replaced only when this writer succeeds) or ``append=True``.
+
+    ``output_dir`` may be a URL (``s3://bucket/prefix``, ``gs://...``, any
+    fsspec URL); ``storage_options`` go to the filesystem (``endpoint_url``,
+    ``key``, ``secret``...). Shards are staged locally and uploaded on close.
     """
 
     def __init__(self, output_dir: str | os.PathLike, *, prefix: str = "shard",
                  max_samples: int | None = None, max_bytes: int = DEFAULT_MAX_BYTES,
                  block_bytes: int = DEFAULT_BLOCK_BYTES, key_field: str = "__key__",
-                 overwrite: bool = False, append: bool = False, fsync: bool = True) -> None:
+                 overwrite: bool = False, append: bool = False, fsync: bool = True,
+                 storage_options: dict[str, Any] | None = None) -> None:
         if not re.fullmatch(r"[A-Za-z0-9_.][A-Za-z0-9_.-]*", prefix):
             raise ValueError(f"prefix {prefix!r} must be letters, digits, '_', '.' or '-'")
         self.output_dir = os.fspath(output_dir)
         self.prefix = prefix
         self.key_field = key_field
         self.block_bytes = block_bytes
+        self.storage_options = storage_options
         self._base, self._replace = prepare_output(self.output_dir, prefix=prefix,
                                                    overwrite=overwrite, append=append,
-                                                   key_field=key_field)
+                                                   key_field=key_field,
+                                                   storage_options=storage_options)
         self._staging = make_staging(self.output_dir)
         first = self._base.num_samples if self._base else 0
         self._sink = ShardSink(self._staging, max_samples=max_samples, max_bytes=max_bytes,
@@ -411,7 +504,8 @@ class ShardWriter:
             self.manifest = publish(self.output_dir, [(self._staging, i) for i in infos],
                                     self._sink.schema, prefix=self.prefix, base=self._base,
                                     replace=self._replace, key_field=self.key_field,
-                                    block_bytes=self.block_bytes)
+                                    block_bytes=self.block_bytes,
+                                    storage_options=self.storage_options)
         except BaseException:
             self.abort()
             raise

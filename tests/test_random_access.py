@@ -268,6 +268,6 @@ def test_damaged_sample_bytes_name_the_sample(tmp_path):
         ShardDataset(root)[0]
 
 
-def test_remote_source_is_a_clear_error():
-    with pytest.raises(NotImplementedError, match="storage"):
+def test_remote_source_without_cache_dir_is_a_clear_error():
+    with pytest.raises(ValueError, match="cache_dir"):
         ShardDataset("s3://bucket/data")

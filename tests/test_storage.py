@@ -1,0 +1,270 @@
+"""shardstream.storage + retry: URLs, error triage, retries and resume against real HTTP servers."""
+
+from __future__ import annotations
+
+import os
+import random
+import sys
+import time
+
+import pytest
+
+from servers import HTTPTestServer
+from shardstream import storage
+from shardstream.errors import ShardNotFoundError, StorageError
+from shardstream.retry import RetryPolicy, classify
+
+pytestmark = pytest.mark.storage
+
+FAST = RetryPolicy(attempts=6, base_delay=0.01, max_delay=0.05, timeout=5)
+DATA = random.Random(7).randbytes(600_000)
+
+
+@pytest.fixture
+def data_server():
+    with HTTPTestServer({"blob.bin": DATA}) as srv:
+        yield srv
+
+
+# ---------------------------------------------------------------- URLs and policy
+def test_url_helpers():
+    assert storage.is_remote("s3://b/x") and storage.is_remote("gs://b") and \
+        storage.is_remote("https://h/x") and storage.is_remote("pipe:cat x")
+    assert not storage.is_remote("/tmp/x") and not storage.is_remote("file:///tmp/x") and \
+        not storage.is_remote("rel/dir")
+    assert storage.join("s3://b/ds/", "shard-000000.tar") == "s3://b/ds/shard-000000.tar"
+    assert storage.join("/tmp/ds", "m.json") == "/tmp/ds/m.json"
+    assert storage.join("file:///tmp/ds", "m.json") == "/tmp/ds/m.json"
+    assert storage.local_path("file:///tmp/ds") == "/tmp/ds"
+
+
+def test_retry_policy_backoff_and_validation():
+    p = RetryPolicy(base_delay=0.5, max_delay=3, jitter=False)
+    assert [p.delay(k) for k in range(5)] == [0.5, 1, 2, 3, 3]
+    j = RetryPolicy(base_delay=0.5, max_delay=3)
+    rng = random.Random(0)
+    waits = [j.delay(3, rng) for _ in range(200)]
+    assert all(0 <= w <= 3 for w in waits) and len(set(waits)) > 100  # jittered
+    for bad in (dict(attempts=0), dict(base_delay=-1), dict(timeout=0)):
+        with pytest.raises(ValueError):
+            RetryPolicy(**bad)
+
+
+def _client_error(code: str, status: int) -> Exception:
+    from botocore.exceptions import ClientError
+
+    return ClientError({"Error": {"Code": code, "Message": code},
+                        "ResponseMetadata": {"HTTPStatusCode": status}}, "GetObject")
+
+
+def test_classify_third_party_errors():
+    import aiohttp
+    from botocore.exceptions import EndpointConnectionError, NoCredentialsError
+
+    assert classify(_client_error("AccessDenied", 403)) == "auth"
+    assert classify(_client_error("InvalidAccessKeyId", 403)) == "auth"
+    assert classify(NoCredentialsError()) == "auth"
+    assert classify(PermissionError("denied")) == "auth"
+    assert classify(_client_error("SlowDown", 503)) == "transient"
+    assert classify(_client_error("InternalError", 500)) == "transient"
+    assert classify(_client_error("NoSuchKey", 404)) == "missing"
+    assert classify(_client_error("InvalidArgument", 400)) == "fatal"
+    assert classify(EndpointConnectionError(endpoint_url="http://x")) == "transient"
+    assert classify(ConnectionResetError()) == "transient"
+    assert classify(TimeoutError()) == "transient"
+    assert classify(ValueError("bad")) == "fatal"
+    info = aiohttp.RequestInfo(aiohttp.client.URL("http://x"), "GET", {}, None)
+    assert classify(aiohttp.ClientResponseError(info, (), status=429)) == "transient"
+    assert classify(aiohttp.ClientResponseError(info, (), status=401)) == "auth"
+    # s3fs wraps: OSError raised from the ClientError
+    try:
+        try:
+            raise _client_error("SlowDown", 503)
+        except Exception as exc:
+            raise OSError(5, "wrapped") from exc
+    except OSError as wrapped:
+        assert classify(wrapped) == "transient"
+
+
+# ---------------------------------------------------------------- reads over HTTP
+def test_read_bytes_ranges(data_server):
+    url = data_server.url("blob.bin")
+    assert storage.read_bytes(url, retry=FAST) == DATA
+    assert storage.read_bytes(url, 1000, 5000, retry=FAST) == DATA[1000:5000]
+    assert storage.read_bytes(url, 5, 5, retry=FAST) == b""
+    assert storage.size(url, retry=FAST) == len(DATA)
+
+
+def test_open_stream_whole_and_offset(data_server):
+    url = data_server.url("blob.bin")
+    with storage.open_stream(url, chunk_size=100_000, retry=FAST) as f:
+        assert f.read(10) == DATA[:10]
+        assert f.read() == DATA[10:]
+        assert f.read(5) == b""
+    with storage.open_stream(url, start=123_457, end=400_000, size=len(DATA),
+                             chunk_size=50_000, retry=FAST) as f:
+        assert f.read() == DATA[123_457:400_000]
+
+
+def test_drop_mid_body_resumes_by_range_never_from_zero():
+    chunk = 64 * 1024
+    plan = [None, "drop", None, "drop", "drop", None, None, "drop"]
+    with HTTPTestServer({"blob.bin": DATA}, plan=plan, seed=1) as srv:
+        with storage.open_stream(srv.url("blob.bin"), size=len(DATA), chunk_size=chunk,
+                                 retry=FAST, readahead=False) as f:
+            out = bytearray()
+            while b := f.read(10_000):
+                out += b
+            assert f.retries == 4
+        gets = srv.requests("GET")
+    assert bytes(out) == DATA  # identical, no byte twice, none missing
+    starts = [r.start for r in gets]
+    assert starts.count(0) == 1  # the first request only: never re-read from zero
+    for bad, nxt in zip(gets, gets[1:]):
+        if bad.fault == "drop":
+            assert 0 < bad.sent < chunk
+            assert nxt.start == bad.start  # resumed at the first byte not yet handed out
+    resent = sum(r.sent for r in gets) - len(DATA)
+    assert resent == sum(r.sent for r in gets if r.fault == "drop") < 4 * chunk
+
+
+@pytest.mark.parametrize("readahead", [True, False])
+def test_random_faults_seeded_bytes_identical(readahead):
+    with HTTPTestServer({"blob.bin": DATA}, seed=42, fail_rate=0.15, drop_rate=0.2) as srv:
+        retry = RetryPolicy(attempts=30, base_delay=0.001, max_delay=0.01, timeout=5)
+        with storage.open_stream(srv.url("blob.bin"), size=len(DATA), chunk_size=32 * 1024,
+                                 retry=retry, readahead=readahead) as f:
+            assert f.read() == DATA
+            assert f.retries > 3
+        faults = [r.fault for r in srv.requests("GET") if r.fault]
+    assert {"503", "429", "drop"} <= set(faults)
+
+
+def test_throttling_and_5xx_are_retried_with_backoff():
+    plan = ["503", "429", "500", None]
+    with HTTPTestServer({"blob.bin": DATA}, plan=plan) as srv:
+        t0 = time.perf_counter()
+        retry = RetryPolicy(attempts=5, base_delay=0.05, jitter=False, timeout=5)
+        assert storage.read_bytes(srv.url("blob.bin"), 0, 100, retry=retry) == DATA[:100]
+        elapsed = time.perf_counter() - t0
+        assert [r.status for r in srv.requests("GET")] == [503, 429, 500, 206]
+    assert elapsed >= 0.05 + 0.1 + 0.2 - 0.01  # exponential waits between the tries
+
+
+def test_stall_times_out_and_is_retried():
+    with HTTPTestServer({"blob.bin": DATA}, plan=["stall"], stall_seconds=30) as srv:
+        retry = RetryPolicy(attempts=3, base_delay=0.01, timeout=0.5)
+        t0 = time.perf_counter()
+        with storage.open_stream(srv.url("blob.bin"), size=len(DATA), retry=retry) as f:
+            assert f.read() == DATA
+        assert time.perf_counter() - t0 < 10
+        gets = srv.requests("GET")
+    assert [r.fault for r in gets] == ["stall", None] and gets[1].start == 0
+
+
+def test_forbidden_fails_fast_without_retry_storm():
+    with HTTPTestServer({"blob.bin": DATA}, forbidden={"blob.bin"}) as srv:
+        url = srv.url("blob.bin")
+        t0 = time.perf_counter()
+        with pytest.raises(StorageError) as err:
+            storage.read_bytes(url, 0, 10, retry=RetryPolicy(attempts=10, base_delay=1))
+        assert time.perf_counter() - t0 < 1
+        assert len(srv.requests("GET")) == 1  # no retry
+    msg = str(err.value)
+    assert url in msg and "access denied" in msg and "credentials" in msg
+    assert err.value.kind == "auth" and err.value.tries == 1
+
+
+def test_budget_exhausted_names_url_and_last_error():
+    with HTTPTestServer({"blob.bin": DATA}, plan=["503"] * 10) as srv:
+        url = srv.url("blob.bin")
+        with pytest.raises(StorageError) as err:
+            storage.read_bytes(url, 0, 10, retry=RetryPolicy(attempts=3, base_delay=0.01))
+        assert len(srv.requests("GET")) == 3
+    msg = str(err.value)
+    assert url in msg and "after 3 tries" in msg and "503" in msg
+    assert err.value.kind == "transient"
+
+
+def test_missing_object_is_not_retried(data_server):
+    url = data_server.url("nope.bin")
+    with pytest.raises(ShardNotFoundError, match="nope.bin"):
+        storage.read_bytes(url, retry=FAST)
+    assert len(data_server.requests("GET")) == 1
+    assert not storage.exists(url, retry=FAST) and storage.exists(data_server.url("blob.bin"))
+
+
+def test_pipe_urls_need_opt_in(tmp_path):
+    p = tmp_path / "x.bin"
+    p.write_bytes(b"hello pipe")
+    url = f"pipe:cat {p}"
+    with pytest.raises(StorageError, match="allow_pipe=True"):
+        storage.open_stream(url)
+    with pytest.raises(StorageError, match="pipe"):
+        storage.read_bytes(url)
+    with storage.open_stream(url, allow_pipe=True) as f:
+        assert f.read() == b"hello pipe"
+    with pytest.raises(StorageError, match="status"):
+        with storage.open_stream(f"pipe:{sys.executable} -c 'import sys; sys.exit(3)'",
+                                 allow_pipe=True) as f:
+            f.read()
+
+
+def test_local_paths_and_file_urls(tmp_path):
+    url = f"file://{tmp_path}/sub/a.bin"
+    storage.put_bytes(b"abcdef", url)
+    assert storage.read_bytes(url, 1, 3) == b"bc"
+    assert storage.list_prefix(f"file://{tmp_path}/sub") == ["a.bin"]
+    with storage.open_stream(str(tmp_path / "sub" / "a.bin"), start=2) as f:
+        assert f.read() == b"cdef"
+    storage.put_file(tmp_path / "sub" / "a.bin", str(tmp_path / "other" / "b.bin"))
+    assert storage.exists(str(tmp_path / "other" / "b.bin"))
+    storage.remove(str(tmp_path / "other" / "b.bin"))
+    storage.remove(str(tmp_path / "other" / "b.bin"))  # missing_ok
+    assert storage.list_prefix(str(tmp_path / "nowhere")) == []
+    with pytest.raises(ShardNotFoundError):
+        storage.open_stream(str(tmp_path / "nowhere.bin"))
+
+
+def test_missing_package_names_the_extra(monkeypatch):
+    import fsspec.core
+
+    def boom(*a, **k):
+        raise ImportError("Install gcsfs to access Google Storage")
+    monkeypatch.setattr(fsspec.core, "url_to_fs", boom)
+    with pytest.raises(StorageError, match=r"shardstream\[gcs\]"):
+        storage.get_fs("gs://bucket/x")
+
+
+# ---------------------------------------------------------------- cache
+def test_fetch_to_cache_dataset_reuse_and_lru(make_dataset, tmp_path):
+    from shardstream.shard import open_dataset
+    from shardstream.verify import verify
+
+    a = make_dataset(300, "a")
+    b = make_dataset(200, "b")
+    cache = str(tmp_path / "cache")
+    with HTTPTestServer(str(tmp_path)) as srv:
+        local = storage.fetch_to_cache(srv.url("a"), cache, retry=FAST)
+        assert verify(local).ok and open_dataset(local).manifest.num_samples == 300
+        n = len(srv.requests("GET"))
+        assert storage.fetch_to_cache(srv.url("a"), cache, retry=FAST) == local
+        assert len(srv.requests("GET")) == n + 1  # only the manifest again
+        size_a = sum(os.path.getsize(os.path.join(local, f)) for f in os.listdir(local))
+        time.sleep(0.01)
+        local_b = storage.fetch_to_cache(srv.url("b"), cache, max_bytes=size_a + 10,
+                                         retry=FAST)
+        assert os.path.isdir(local_b) and not os.path.exists(local)  # LRU evicted a
+        one = storage.fetch_to_cache(srv.url("a/shard-000000.tar"), cache, retry=FAST)
+        with open(one, "rb") as f, open(os.path.join(a, "shard-000000.tar"), "rb") as g:
+            assert f.read() == g.read()
+    assert storage.fetch_to_cache(b, cache) == b  # local: unchanged
+
+
+def test_shard_dataset_over_http_uses_the_cache(make_dataset, tmp_path):
+    from shardstream.random_access import ShardDataset
+
+    make_dataset(120, "ds")
+    with HTTPTestServer(str(tmp_path)) as srv:
+        ds = ShardDataset(srv.url("ds"), cache_dir=str(tmp_path / "cache"))
+        assert len(ds) == 120 and ds[57]["id"] == 57
