@@ -5,28 +5,22 @@ workers by whole shards, as webdataset does (counts per rank may differ; use
 a manifest for exact epochs, or ``resampled=True`` with ``epoch_size``).
 Our own shards (``<shard>.tar.idx`` next to them) are still read block by
 block through their index. Foreign webdataset tars are read with webdataset's
-tar iterators and their members decoded by extension -- never unpickled:
-
-``.json`` -> ``json.loads``; ``.npy`` -> ``np.load(allow_pickle=False)``;
-``.cls``/``.cls2``/``.index``/``.id`` -> int; ``.txt``/``.text`` -> str;
-``.msgpack``/``.mp``/``.mpk`` -> msgpack (no ext hooks run); anything else
-(``.pyd``, ``.pickle``, ``.pth``, images, ...) -> raw ``bytes``.
+tar iterators and their members decoded by extension by
+:func:`shardstream.members.decode_member` -- never unpickled.
 """
 
 from __future__ import annotations
 
-import io
-import json
 import logging
 import os
 import random
 from typing import Any, Callable, Iterable, Iterator, Sequence
 
-import msgpack
 import numpy as np
 
 from .errors import CorruptShardError, ShardNotFoundError
 from .index import INDEX_SUFFIX
+from .members import decode_member
 from .pipeline import BlockReader, ShardRef, rng_for
 
 __all__ = ["decode_member", "decode_wds_sample", "iter_shard", "iter_shards", "split_shards",
@@ -34,26 +28,6 @@ __all__ = ["decode_member", "decode_wds_sample", "iter_shard", "iter_shards", "s
 
 log = logging.getLogger("shardstream")
 _SHARD_TAG, _BUFFER_TAG, _RESAMPLE_TAG = 1, 4, 5
-_INT_EXTS = frozenset({"cls", "cls2", "index", "id"})
-_TEXT_EXTS = frozenset({"txt", "text"})
-_MSGPACK_EXTS = frozenset({"msgpack", "mp", "mpk"})
-
-
-# ---------------------------------------------------------------- member decoding
-def decode_member(name: str, data: bytes) -> Any:
-    """Decode one webdataset member by its last extension (see module docstring)."""
-    ext = name.rsplit(".", 1)[-1].lower()
-    if ext == "json":
-        return json.loads(data)
-    if ext == "npy":
-        return np.load(io.BytesIO(data), allow_pickle=False)
-    if ext in _INT_EXTS:
-        return int(data.decode("utf-8").strip())
-    if ext in _TEXT_EXTS:
-        return data.decode("utf-8")
-    if ext in _MSGPACK_EXTS:
-        return msgpack.unpackb(data, raw=False, strict_map_key=False)
-    return data
 
 
 def decode_wds_sample(sample: dict[str, Any], *, url: str = "?") -> dict[str, Any]:

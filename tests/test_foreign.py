@@ -10,7 +10,7 @@ import pytest
 import webdataset as wds
 
 from shardstream.errors import CorruptShardError
-from shardstream.foreign import decode_member
+from shardstream.members import decode_member
 from shardstream.dataloader import loader
 from shardstream.stream import ShardStream
 
@@ -93,3 +93,19 @@ def test_corrupt_member_names_shard_and_key(tmp_path):
         w.write({"__key__": "broken", "json": b'{"a": '})
     with pytest.raises(CorruptShardError, match="bad.tar.*'broken'.*json"):
         list(ShardStream(str(tmp_path / "bad.tar")))
+
+
+def test_member_decoding_is_shared_and_safe():
+    import pickle
+
+    import msgpack
+
+    from shardstream.codec import encode_sample
+
+    assert decode_member("a.MSGPACK", msgpack.packb({1: "int keys from other writers"})) == \
+        {1: "int keys from other writers"}
+    arr = decode_member("x.mp", encode_sample({"a": np.arange(3)}))["a"]
+    np.testing.assert_array_equal(arr, [0, 1, 2])  # shardstream's array ext is understood
+    blob = pickle.dumps({"x": 1})
+    assert decode_member("x.pyd", blob) == blob and decode_member("x.pickle", blob) == blob
+    assert decode_member("seg.cls", b" 7\n") == 7
