@@ -201,8 +201,10 @@ def test_output_path_that_is_a_file_is_a_storage_error(tmp_path):
 
 
 KILL_SCRIPT = textwrap.dedent("""
-    import sys, numpy as np
+    import signal, sys, numpy as np
     from shardstream import ShardWriter
+    # a Ctrl-C, even when the test runner was started with SIGINT ignored (nohup, CI)
+    signal.signal(signal.SIGINT, signal.default_int_handler)
     with ShardWriter(sys.argv[1], max_samples=50, fsync=False, overwrite=True) as w:
         for i in range(10**9):
             w.write({"id": i, "x": np.zeros(100)})
