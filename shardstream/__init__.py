@@ -10,6 +10,7 @@ import importlib as _importlib
 
 __version__ = "0.1.0"
 
+from .convert import convert
 from .codec import decode_sample, encode_sample, iter_samples, unpack_blocks
 from .errors import (CorruptShardError, DatasetExistsError, DecodeError, EncodeError,
                      IndexMismatchError, InputError, ManifestError, ShardNotFoundError,
@@ -24,7 +25,7 @@ from .writer import ShardWriter
 _LAZY = {
     "ShardStream": "stream", "ShardDataset": "random_access", "loader": "dataloader",
     "ShardLoader": "dataloader", "Collate": "collation", "collate": "collation",
-    "World": "world", "get_world": "world", "CUDAPrefetcher": "prefetch",
+    "World": "world", "get_world": "world", "Mixture": "mixture", "Source": "mixture", "CUDAPrefetcher": "prefetch",
     "PrefetchStats": "prefetch", "to_device": "prefetch",
 }
 
@@ -35,10 +36,10 @@ __all__ = [
     # writing
     "ShardWriter", "write_shards",
     # datasets
-    "Manifest", "ShardInfo", "load_manifest", "verify", "build_index",
+    "Manifest", "ShardInfo", "load_manifest", "verify", "build_index", "convert",
     # reading
     "ShardStream", "ShardDataset", "loader", "ShardLoader", "Collate", "collate", "World",
-    "get_world",
+    "get_world", "Mixture", "Source",
     # GPU
     "CUDAPrefetcher", "PrefetchStats", "to_device",
     # errors

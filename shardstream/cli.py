@@ -1,4 +1,4 @@
-"""Command line: ``shardstream-write`` and ``shardstream {write,info,verify,index,cat}``.
+"""Command line: ``shardstream-write`` and ``shardstream {write,info,verify,index,cat,convert}``.
 
 A thin layer: parse, call the library, print ``ErrorType: message`` for
 shardstream errors. Exit codes: 0 ok, 1 data or storage error, 2 usage.
@@ -44,6 +44,16 @@ def _positive(text: str) -> int:
     if value < 1:
         raise argparse.ArgumentTypeError(f"must be >= 1, got {value}")
     return value
+
+
+def _compress(text: str) -> Any:
+    """``zstd``, ``zstd:19`` or ``none`` -> a Compression (or None)."""
+    from .compression import parse_compression
+
+    try:
+        return parse_compression(text)
+    except ValueError as exc:
+        raise argparse.ArgumentTypeError(str(exc)) from None
 
 
 def _storage_option(text: str) -> tuple[str, Any]:
@@ -92,6 +102,9 @@ def _add_write_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--block-size", type=parse_size, default="64KiB",
                    help="target size of a block of small samples (default: 64KiB)")
     p.add_argument("--workers", type=_positive, default=1, help="packing processes")
+    p.add_argument("--compress", type=_compress, default=None, metavar="CODEC[:LEVEL]",
+                   help="compress every block: zstd (level 3) or zstd:LEVEL (1-22); "
+                        "default: none")
     p.add_argument("--key-field", default="__key__",
                    help="field holding each sample's key (default: __key__; absent -> ordinal)")
     mode = p.add_mutually_exclusive_group()
@@ -100,6 +113,12 @@ def _add_write_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--allow-pickle", action="store_true",
                    help="allow .pkl inputs (unpickling runs code: only for files you trust)")
     p.add_argument("--no-fsync", action="store_true", help="skip fsync (faster, less durable)")
+    p.add_argument("--engine", choices=("local", "ray"), default="local",
+                   help="local process pool (default) or a Ray cluster (pip install "
+                        "'shardstream[ray]'); with ray, --workers sets the number of tasks")
+    p.add_argument("--address", default=None,
+                   help="Ray cluster address for --engine ray (e.g. auto, ray://head:10001); "
+                        "default: start a local Ray runtime")
     p.add_argument("-q", "--quiet", action="store_true", help="no progress bar or summary")
     _add_storage_arg(p)
 
@@ -129,6 +148,19 @@ def _parser() -> argparse.ArgumentParser:
     cat.add_argument("--key", default=None, help="only the sample with this key")
     cat.add_argument("--index", type=int, default=None, help="only the sample at this position")
     cat.add_argument("--full", action="store_true", help="print arrays and bytes in full")
+    conv = sub.add_parser("convert", help="rewrite a dataset with or without compression")
+    conv.add_argument("dataset", help="the (local) dataset to read")
+    conv.add_argument("output", help="new dataset directory or URL")
+    conv.add_argument("--compress", type=_compress, required=True, metavar="CODEC[:LEVEL]",
+                      help="zstd, zstd:LEVEL, or none to store blocks uncompressed")
+    conv.add_argument("--max-size", type=parse_size, default="256MiB",
+                      help="bytes per shard (default: 256MiB)")
+    conv.add_argument("--block-size", type=parse_size, default=None,
+                      help="uncompressed block size (default: the source's)")
+    conv.add_argument("--overwrite", action="store_true", help="replace an existing output")
+    conv.add_argument("--no-fsync", action="store_true", help="skip fsync")
+    conv.add_argument("-q", "--quiet", action="store_true")
+    _add_storage_arg(conv)
     return p
 
 
@@ -178,6 +210,7 @@ class _Progress:
 
 def _cmd_write(args: argparse.Namespace) -> int:
     from .inputs import estimate_total, group_tasks, iter_task, plan_tasks
+    from .manifest import load_manifest
     from .parallel import run_workers
     from .writer import ShardWriter
 
@@ -190,12 +223,26 @@ def _cmd_write(args: argparse.Namespace) -> int:
     common = dict(prefix=args.prefix, overwrite=args.overwrite, append=args.append,
                   key_field=args.key_field, storage_options=_options(args.storage_option))
     sink = dict(max_samples=args.max_samples, max_bytes=args.max_size,
-                block_bytes=args.block_size, fsync=not args.no_fsync)
-    progress = _Progress(not args.quiet, estimate_total(tasks))
+                block_bytes=args.block_size, fsync=not args.no_fsync,
+                compression=args.compress)
+    progress = _Progress(not args.quiet and args.engine == "local", estimate_total(tasks))
     start = time.perf_counter()
     try:
         groups = [g for g in group_tasks(tasks, args.workers) if g]
-        if args.workers > 1 and len(groups) > 1 and "-" not in args.inputs:
+        if args.engine == "ray":
+            from .integrations.ray import write_inputs_with_ray
+
+            if common.pop("storage_options"):
+                raise ValueError("--engine ray writes to a shared filesystem path; "
+                                 "--storage-option is for the local engine")
+            before = 0
+            if args.append and os.path.exists(os.path.join(args.output, "manifest.json")):
+                before = load_manifest(args.output).num_samples
+            manifest = write_inputs_with_ray(
+                args.inputs, args.output, address=args.address, allow_pickle=allow,
+                parts=args.workers if args.workers > 1 else None, **common, **sink)
+            progress.samples = manifest.num_samples - before
+        elif args.workers > 1 and len(groups) > 1 and "-" not in args.inputs:
             manifest = run_workers(args.output, [slice_of(g) for g in groups],
                                    progress=progress, **common, **sink)
         else:
@@ -243,6 +290,8 @@ def _cmd_info(args: argparse.Namespace) -> int:
     print(f"shards       {len(m.shards)} (bytes min/max {min(sizes):,}/{max(sizes):,})")
     print(f"size         {m.total_bytes / 1e6:,.1f} MB with indexes")
     print(f"key field    {m.key_field}")
+    comp = m.compression
+    print(f"compression  {'none' if comp is None else f'{comp.codec}:{comp.level} per block'}")
     print("schema")
     for path, f in m.schema.items():
         extra = ""
@@ -294,8 +343,22 @@ def _cmd_cat(args: argparse.Namespace) -> int:
     return 0
 
 
+def _cmd_convert(args: argparse.Namespace) -> int:
+    from .convert import convert
+
+    start = time.perf_counter()
+    m = convert(args.dataset, args.output, compression=args.compress, max_bytes=args.max_size,
+                block_bytes=args.block_size, overwrite=args.overwrite,
+                fsync=not args.no_fsync, storage_options=_options(args.storage_option))
+    if not args.quiet:
+        print(f"converted {m.num_samples:,} samples into {args.output}: {len(m.shards)} "
+              f"shards, {m.total_bytes / 1e6:,.1f} MB in {time.perf_counter() - start:.1f} s",
+              file=sys.stderr)
+    return 0
+
+
 _COMMANDS = {"write": _cmd_write, "info": _cmd_info, "verify": _cmd_verify,
-             "index": _cmd_index, "cat": _cmd_cat}
+             "index": _cmd_index, "cat": _cmd_cat, "convert": _cmd_convert}
 
 
 def main(argv: Sequence[str] | None = None) -> int:

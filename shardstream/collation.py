@@ -17,10 +17,22 @@ None / missing somewhere    a Python list with ``None`` at those positions
 ==========================  ===============================================
 
 Arrays whose shapes differ in other ways come back as a list of tensors.
+
+``missing="mask"`` (the default collate of a mixture, whose sources may have
+different schemas) treats a field that is None or missing in some samples
+differently: the absent rows are filled with a blank of the present values'
+kind (``0``, ``0.0``, ``False``, a zero array of the same shape, or an empty
+array when the present arrays are ragged) and collated by the rules above,
+and a ``<field>_present`` bool tensor ``[n]`` marks the real rows (only in
+batches where the field is absent somewhere). Fields of
+other kinds (str, bytes, list, dict) stay a list with None, plus the mask.
+A field absent from every sample of a batch is absent from that batch.
 """
 
 from __future__ import annotations
 
+from itertools import repeat
+from operator import is_
 from typing import Any, Sequence
 
 import numpy as np
@@ -42,7 +54,10 @@ class Collate:
 
     def __init__(self, *, int_dtype: torch.dtype = torch.int64,
                  float_dtype: torch.dtype = torch.float32, pad_value: int | float = 0,
-                 lengths: bool = True, cast_arrays: bool = False) -> None:
+                 lengths: bool = True, cast_arrays: bool = False,
+                 missing: str = "none") -> None:
+        if missing not in ("none", "mask"):
+            raise ValueError(f"missing must be 'none' or 'mask', got {missing!r}")
         for name, dt in (("int_dtype", int_dtype), ("float_dtype", float_dtype)):
             if not isinstance(dt, torch.dtype):
                 raise TypeError(f"{name} must be a torch.dtype, got {dt!r}")
@@ -51,11 +66,12 @@ class Collate:
         self.pad_value = pad_value
         self.lengths = lengths
         self.cast_arrays = cast_arrays
+        self.missing = missing
 
     def __repr__(self) -> str:
         return (f"Collate(int_dtype={self.int_dtype}, float_dtype={self.float_dtype}, "
                 f"pad_value={self.pad_value!r}, lengths={self.lengths}, "
-                f"cast_arrays={self.cast_arrays})")
+                f"cast_arrays={self.cast_arrays}, missing={self.missing!r})")
 
     def __call__(self, samples: Sequence[dict], *, ragged: bool = False) -> dict[str, Any]:
         """Collate ``samples``. ``ragged=True`` (used in DataLoader workers) leaves
@@ -84,10 +100,13 @@ class Collate:
     # -- one column --------------------------------------------------------
     def _field(self, out: dict[str, Any], key: str, vals: list, ragged: bool) -> None:
         v0 = vals[0]
-        if v0 is None:
+        if v0 is None or self.missing == "mask" and any(map(is_, vals, repeat(None))):
             v0 = next((v for v in vals if v is not None), None)
             if v0 is None:
                 out[key] = vals
+                return
+            if self.missing == "mask":
+                self._masked(out, key, vals, ragged)
                 return
             out[key] = vals  # some None: keep a list (documented)
             return
@@ -106,6 +125,16 @@ class Collate:
                                       for v in vals], type(v0.item()))
         else:  # str, bytes, list, anything else
             out[key] = vals
+
+    def _masked(self, out: dict[str, Any], key: str, vals: list, ragged: bool) -> None:
+        """``missing="mask"``: fill absent rows with a blank, add ``<key>_present``."""
+        present = np.fromiter((v is not None for v in vals), dtype=np.bool_, count=len(vals))
+        blank = _blank([v for v in vals if v is not None])
+        if blank is None:
+            out[key] = vals
+        else:
+            self._field(out, key, [blank if v is None else v for v in vals], ragged)
+        out[f"{key}_present"] = torch.from_numpy(present)
 
     def _scalars(self, vals: list, t: type) -> Any:
         try:
@@ -183,6 +212,27 @@ class Ragged:
         buf[np.arange(width) < lens[:, None]] = self.values
         t = torch.from_numpy(buf)
         return t if self.cast is None else t.to(self.cast)
+
+
+def _blank(present: list) -> Any:
+    """A stand-in for absent rows matching the present values' kind (None: keep None)."""
+    v0 = present[0]
+    t = type(v0)
+    if t is bool or t is int or t is float:
+        return t()
+    if isinstance(v0, np.generic):
+        return type(v0)(0)
+    if t is np.ndarray or t is torch.Tensor:
+        try:
+            arrs = [_as_numpy(v) for v in present]
+        except TypeError:
+            return None
+        a0 = arrs[0]
+        if all(a.shape == a0.shape and a.dtype == a0.dtype for a in arrs):
+            return np.zeros(a0.shape, dtype=a0.dtype)
+        if a0.ndim >= 1:
+            return np.zeros((0, *a0.shape[1:]), dtype=a0.dtype)
+    return None
 
 
 def _as_numpy(v: Any) -> np.ndarray:

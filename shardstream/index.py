@@ -1,7 +1,8 @@
 """Tar members and the per-shard index (``<shard>.tar.idx``).
 
 A shard is a POSIX (ustar) tar whose members are *blocks*: ``NNNNNN.ssb``,
-each holding one or more encoded samples back to back. The index, itself a
+each holding one or more encoded samples back to back (``NNNNNN.ssb.zst``
+when the dataset is compressed: each block one zstd frame). The index, itself a
 shardstream-encoded map, records where every block's data starts and where
 every sample starts inside its block, so readers seek without scanning.
 """
@@ -10,11 +11,15 @@ from __future__ import annotations
 
 import tarfile
 from dataclasses import dataclass
+from typing import TYPE_CHECKING
 
 import numpy as np
 
 from .codec import decode_sample, encode_sample
 from .errors import CorruptShardError, DecodeError
+
+if TYPE_CHECKING:
+    from .compression import BlockDecoder
 
 __all__ = ["BLOCK_EXT", "INDEX_SUFFIX", "ShardIndex", "tar_header", "padded", "member_name",
            "TAR_END"]
@@ -23,6 +28,8 @@ BLOCK_EXT = "ssb"
 INDEX_SUFFIX = ".idx"
 INDEX_FORMAT = "shardstream-index"
 INDEX_VERSION = 1
+#: version of an index of compressed blocks (uncompressed shards stay version 1)
+INDEX_VERSION_COMPRESSED = 2
 TAR_BLOCK = 512
 TAR_END = b"\0" * (2 * TAR_BLOCK)
 
@@ -32,8 +39,9 @@ def padded(n: int) -> int:
     return (n + TAR_BLOCK - 1) // TAR_BLOCK * TAR_BLOCK
 
 
-def member_name(block: int) -> str:
-    return f"{block:06d}.{BLOCK_EXT}"
+def member_name(block: int, suffix: str = "") -> str:
+    """``000003.ssb``; ``suffix`` marks a compressed block (``".zst"``)."""
+    return f"{block:06d}.{BLOCK_EXT}{suffix}"
 
 
 def tar_header(name: str, size: int) -> bytes:
@@ -52,6 +60,10 @@ class ShardIndex:
     ``block_offset[b]``: byte offset of block b's data in the tar;
     ``block_size[b]``: its size; ``block_first[b]``: shard-local ordinal of its
     first sample; ``sample_offset[i]``: where sample i starts inside its block.
+
+    Compressed shards (``compression="zstd"``, index version 2): ``block_size``
+    is the stored (compressed) size, ``block_raw_size`` the uncompressed one,
+    and ``sample_offset`` is relative to the *uncompressed* block.
     """
 
     num_samples: int
@@ -61,15 +73,29 @@ class ShardIndex:
     block_size: np.ndarray
     block_first: np.ndarray
     sample_offset: np.ndarray
+    compression: str | None = None
+    block_raw_size: np.ndarray | None = None
 
     @property
     def num_blocks(self) -> int:
         return len(self.block_offset)
 
+    @property
+    def raw_block_size(self) -> np.ndarray:
+        """Uncompressed size of every block (``block_size`` when not compressed)."""
+        return self.block_size if self.block_raw_size is None else self.block_raw_size
+
+    def block_decoder(self, path: str) -> "BlockDecoder | None":
+        """Decompresses this shard's blocks; ``None`` when they are stored raw."""
+        if self.compression is None:
+            return None
+        from .compression import BlockDecoder
+        return BlockDecoder(self.compression, self.raw_block_size, path)
+
     def to_bytes(self) -> bytes:
         off = self.sample_offset
         small = np.uint16 if (off.size == 0 or int(off.max()) < 1 << 16) else np.uint32
-        return encode_sample({
+        doc = {
             "format": INDEX_FORMAT, "version": INDEX_VERSION,
             "num_samples": self.num_samples, "shard_bytes": self.shard_bytes,
             "shard_sha256": self.shard_sha256,
@@ -77,7 +103,12 @@ class ShardIndex:
             "block_size": self.block_size.astype("<u8"),
             "block_first": self.block_first.astype("<u8"),
             "sample_offset": off.astype(small),
-        }, check=False)
+        }
+        if self.compression is not None:  # version 1 readers must refuse, not misread
+            doc["version"] = INDEX_VERSION_COMPRESSED
+            doc["compression"] = self.compression
+            doc["block_raw_size"] = self.raw_block_size.astype("<u8")
+        return encode_sample(doc, check=False)
 
     @classmethod
     def from_bytes(cls, data: bytes, *, where: str = "index") -> "ShardIndex":
@@ -88,12 +119,17 @@ class ShardIndex:
                                     "`shardstream index`") from exc
         if d.get("format") != INDEX_FORMAT:
             raise CorruptShardError(f"{where}: not a shardstream index")
-        if d.get("version") != INDEX_VERSION:
-            raise CorruptShardError(f"{where}: index version {d.get('version')} is not "
-                                    f"supported (this shardstream reads {INDEX_VERSION})")
+        version = d.get("version")
+        if version not in (INDEX_VERSION, INDEX_VERSION_COMPRESSED):
+            raise CorruptShardError(f"{where}: index version {version} is not supported (this "
+                                    f"shardstream reads {INDEX_VERSION} and "
+                                    f"{INDEX_VERSION_COMPRESSED}); upgrade shardstream")
         try:
+            compressed = version == INDEX_VERSION_COMPRESSED
             idx = cls(int(d["num_samples"]), int(d["shard_bytes"]), str(d["shard_sha256"]),
-                      d["block_offset"], d["block_size"], d["block_first"], d["sample_offset"])
+                      d["block_offset"], d["block_size"], d["block_first"], d["sample_offset"],
+                      str(d["compression"]) if compressed else None,
+                      d["block_raw_size"] if compressed else None)
         except (KeyError, TypeError, ValueError) as exc:
             raise CorruptShardError(f"{where}: index is missing field {exc}") from exc
         idx.validate(where)
@@ -111,12 +147,30 @@ class ShardIndex:
                   and bool(np.all(np.diff(self.block_first.astype(np.int64)) > 0))
                   and int(self.block_first[-1]) < self.num_samples
                   and int(ends.max()) <= self.shard_bytes)
+        if ok and self.compression is not None:
+            raw = self.block_raw_size
+            ok = raw is not None and len(raw) == nb and (nb == 0 or bool(np.all(
+                self.sample_offset.astype(np.int64) < raw.astype(np.int64)[self._block_of()])))
         if not ok:
             raise CorruptShardError(f"{where}: index is inconsistent; rebuild it with "
                                     "`shardstream index`")
 
+    def _block_of(self) -> np.ndarray:
+        """The block of every sample."""
+        counts = np.diff(np.append(self.block_first, self.num_samples).astype(np.int64))
+        return np.repeat(np.arange(self.num_blocks), counts)
+
+    def stored_ends(self) -> np.ndarray:
+        """Where each sample's stored bytes end in the shard (its block's end if compressed)."""
+        if self.compression is None:
+            return self.sample_spans()[1]
+        return (self.block_offset + self.block_size)[self._block_of()]
+
     def sample_spans(self) -> tuple[np.ndarray, np.ndarray]:
-        """Absolute (start, end) byte offsets of every sample in the shard."""
+        """Absolute (start, end) byte offsets of every sample in an uncompressed shard."""
+        if self.compression is not None:
+            raise ValueError("a compressed shard has no sample spans in the file; decompress "
+                             "its blocks (BlockDecoder)")
         n = self.num_samples
         counts = np.diff(np.append(self.block_first, n).astype(np.int64))
         block_of = np.repeat(np.arange(self.num_blocks), counts)

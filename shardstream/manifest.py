@@ -15,6 +15,7 @@ from typing import Any
 
 import numpy as np
 
+from .compression import Compression
 from .errors import ManifestError, StorageError
 
 __all__ = ["MANIFEST_NAME", "FORMAT_VERSION", "ShardInfo", "Manifest", "SchemaBuilder",
@@ -23,6 +24,8 @@ __all__ = ["MANIFEST_NAME", "FORMAT_VERSION", "ShardInfo", "Manifest", "SchemaBu
 MANIFEST_NAME = "manifest.json"
 FORMAT_NAME = "shardstream"
 FORMAT_VERSION = 1
+#: manifests of compressed datasets (version 1 readers refuse them with "upgrade")
+FORMAT_VERSION_COMPRESSED = 2
 
 
 @dataclass(frozen=True)
@@ -51,6 +54,8 @@ class Manifest:
     created_by: str = ""
     #: ``"shardstream"`` (block shards) or ``"webdataset"`` (foreign tars indexed in place)
     layout: str = "shardstream"
+    #: how blocks are compressed; ``None``: stored raw (and the manifest stays version 1)
+    compression: Compression | None = None
 
     @property
     def num_samples(self) -> int:
@@ -69,13 +74,18 @@ class Manifest:
         return out
 
     def to_json(self) -> str:
-        doc = {"format": FORMAT_NAME, "version": self.version, "created_by": self.created_by,
-               "codec": {"name": "msgpack", "ndarray_ext": 1},
+        doc: dict[str, Any] = {
+               "format": FORMAT_NAME, "version": self.version, "created_by": self.created_by,
+               "codec": {"name": "msgpack", "ndarray_ext": 1}}
+        if self.compression is not None:
+            doc["version"] = max(self.version, FORMAT_VERSION_COMPRESSED)
+            doc["compression"] = self.compression.to_json()
+        doc.update({
                "layout": self.layout, "key_field": self.key_field,
                "block_bytes": self.block_bytes,
                "num_samples": self.num_samples, "total_bytes": self.total_bytes,
                "num_shards": len(self.shards),
-               "shards": [asdict(s) for s in self.shards], "schema": self.schema}
+               "shards": [asdict(s) for s in self.shards], "schema": self.schema})
         return json.dumps(doc, indent=1) + "\n"
 
     @classmethod
@@ -87,16 +97,22 @@ class Manifest:
         if not isinstance(doc, dict) or doc.get("format") != FORMAT_NAME:
             raise ManifestError(f"{where}: not a shardstream manifest")
         version = doc.get("version")
-        if version != FORMAT_VERSION:
+        if version not in (FORMAT_VERSION, FORMAT_VERSION_COMPRESSED):
             raise ManifestError(f"{where}: format version {version!r} is not supported by this "
-                                f"shardstream (reads {FORMAT_VERSION}); upgrade shardstream")
+                                f"shardstream (reads {FORMAT_VERSION} and "
+                                f"{FORMAT_VERSION_COMPRESSED}); upgrade shardstream")
+        try:
+            compression = None if doc.get("compression") is None else \
+                Compression.from_json(doc["compression"], where=where)
+        except ValueError as exc:
+            raise ManifestError(str(exc)) from exc
         try:
             shards = [ShardInfo(**s) for s in doc["shards"]]
             return cls(shards=shards, schema=doc.get("schema", {}),
                        key_field=doc.get("key_field", "__key__"),
                        block_bytes=int(doc.get("block_bytes", 65536)), version=version,
                        created_by=doc.get("created_by", ""),
-                       layout=doc.get("layout", "shardstream"))
+                       layout=doc.get("layout", "shardstream"), compression=compression)
         except (KeyError, TypeError, ValueError) as exc:
             raise ManifestError(f"{where}: malformed shard list ({exc})") from exc
 

@@ -20,6 +20,7 @@ from itertools import islice
 from typing import Any, Callable, Iterable, Iterator
 
 from .codec import encode_sample
+from .compression import Compression, parse_compression
 from .manifest import Manifest, SchemaBuilder
 from .writer import DEFAULT_BLOCK_BYTES, DEFAULT_MAX_BYTES, ShardSink, ShardWriter, \
     make_staging, prepare_output, publish, sample_key
@@ -67,9 +68,11 @@ def run_workers(output_dir: str, slices: list[Callable[[], Iterator[dict]]], *,
     A remote ``output_dir`` (``s3://...``): workers stage locally, the parent
     uploads every shard and then the manifest.
     """
+    compression = parse_compression(sink_kw.pop("compression", None), sink_kw.pop("level", None))
+    sink_kw["compression"] = compression
     base, replace = prepare_output(output_dir, prefix=prefix, overwrite=overwrite,
                                    append=append, key_field=key_field,
-                                   storage_options=storage_options)
+                                   storage_options=storage_options, compression=compression)
     ctx = _context()
     stagings = [make_staging(output_dir) for _ in slices]
     counters = ctx.Array("q", 2 * len(slices), lock=False)
@@ -116,7 +119,7 @@ def run_workers(output_dir: str, slices: list[Callable[[], Iterator[dict]]], *,
         return publish(output_dir, staged, schema, prefix=prefix, base=base, replace=replace,
                        key_field=key_field,
                        block_bytes=sink_kw.get("block_bytes", DEFAULT_BLOCK_BYTES),
-                       storage_options=storage_options)
+                       storage_options=storage_options, compression=compression)
     finally:
         gc.unfreeze()
         for p in procs:
@@ -138,19 +141,22 @@ def write_shards(samples: Iterable[dict], output_dir: str | os.PathLike, *, work
                  key_field: str = "__key__", overwrite: bool = False, append: bool = False,
                  fsync: bool = True, chunk_size: int = 1024,
                  progress: ProgressFn | None = None,
-                 storage_options: dict[str, Any] | None = None) -> Manifest:
+                 storage_options: dict[str, Any] | None = None,
+                 compression: Compression | str | None = None,
+                 level: int | None = None) -> Manifest:
     """Pack ``samples`` into shards in ``output_dir`` with ``workers`` processes.
 
     A sequence (list, ``torch`` map-style dataset, anything with ``len`` and
     ``[i]``) is split into ``workers`` contiguous ranges; the dataset keeps the
     input order either way. ``output_dir`` may be a URL (``s3://bucket/prefix``;
-    ``storage_options`` go to fsspec). Returns the manifest written.
+    ``storage_options`` go to fsspec). ``compression``/``level``: as for
+    :class:`ShardWriter`. Returns the manifest written.
     """
     if workers < 1:
         raise ValueError(f"workers must be >= 1, got {workers}")
     out = os.fspath(output_dir)
     sink_kw = dict(max_samples=max_samples, max_bytes=max_bytes, block_bytes=block_bytes,
-                   fsync=fsync)
+                   fsync=fsync, compression=parse_compression(compression, level))
     if workers > 1 and isinstance(samples, Sequence) and len(samples) >= 2 * workers:
         n = len(samples)
         cuts = [n * w // workers for w in range(workers + 1)]

@@ -38,7 +38,7 @@ from .index import ShardIndex
 
 log = logging.getLogger("shardstream")
 
-__all__ = ["Layout", "EpochOrder", "ShardRef", "BlockReader", "rng_for"]
+__all__ = ["Layout", "EpochOrder", "ShardRef", "BlockReader", "rng_for", "shard_refs"]
 
 _SHARD_TAG, _BLOCK_TAG, _WINDOW_TAG, _BUFFER_TAG, _RESAMPLE_TAG = 1, 2, 3, 4, 5
 
@@ -186,7 +186,7 @@ class ShardRef:
 
     __slots__ = ("path", "index_path", "expected_bytes", "expected_samples", "base", "opened",
                  "fd", "block_first", "block_of", "block_offset", "block_size", "rel_start", "rel_end",
-                 "bad_from", "trunc_from", "size")
+                 "bad_from", "trunc_from", "size", "codec")
 
     def __init__(self, path: str, index_path: str, *, expected_bytes: int | None = None,
                  expected_samples: int | None = None, base: int | None = None) -> None:
@@ -203,6 +203,17 @@ class ShardRef:
         if self.base is None:
             return f"shard-local sample {i}"
         return f"sample {self.base + i:09d} (global ordinal; shard-local {i})"
+
+
+def shard_refs(dataset: Any) -> list[ShardRef]:
+    """One :class:`ShardRef` per shard of a dataset with a manifest, in manifest order."""
+    refs, base = [], 0
+    for info in dataset.manifest.shards:
+        refs.append(ShardRef(dataset.shard_path(info), dataset.index_path(info),
+                             expected_bytes=info.bytes, expected_samples=info.num_samples,
+                             base=base))
+        base += info.num_samples
+    return refs
 
 
 class BlockReader:
@@ -286,11 +297,12 @@ class BlockReader:
         rel_end = np.empty(n, dtype=np.int64)
         rel_end[:-1] = ref.rel_start[1:]
         last = np.append(firsts[1:], n) - 1
-        rel_end[last] = ref.block_size
+        rel_end[last] = index.raw_block_size  # offsets are into uncompressed blocks
         ref.rel_end = rel_end
         ref.size = size
+        ref.codec = index.block_decoder(ref.path)  # None: blocks stored raw
         if size < index.shard_bytes:
-            short = np.flatnonzero(ref.block_offset[ref.block_of] + rel_end > size)
+            short = np.flatnonzero(index.stored_ends() > size)
             ref.trunc_from = int(short[0]) if len(short) else None
         try:
             ref.fd = os.open(ref.path, os.O_RDONLY)
@@ -397,8 +409,10 @@ class BlockReader:
         if len(data) != size:
             raise CorruptShardError(f"shard {ref.path}: block {b} at byte offset {off} is "
                                     f"truncated ({len(data)} of {size} bytes)")
+        if ref.codec is not None:
+            data = ref.codec.decode(b, data, ref.label(int(ref.block_first[b])))
         self._cache[key] = data
-        self._cached += size
+        self._cached += len(data)
         while self._cached > self.cache_bytes and len(self._cache) > 1:
             _, old = self._cache.popitem(last=False)
             self._cached -= len(old)

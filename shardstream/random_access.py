@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import mmap
 import os
+from collections import OrderedDict
 from bisect import bisect_right
 from operator import index as as_index
 from typing import Any, Callable
@@ -43,6 +44,8 @@ __all__ = ["ShardDataset"]
 _REMOTE = ("s3://", "gs://", "http://", "https://")
 _unpackb = msgpack.unpackb
 _OPTS = _unpack_options
+#: decompressed blocks kept per shard of a compressed dataset
+CACHED_BLOCKS = 4
 
 
 class _BlockShard:
@@ -58,6 +61,56 @@ class _BlockShard:
         self.start = memoryview(starts.astype("=u8", copy=False)).cast("B").cast("Q")
         self.end = memoryview(ends.astype("=u8", copy=False)).cast("B").cast("Q")
         self.path = path
+
+
+class _CompressedShard:
+    """One mapped shard of compressed blocks: ``ds[i]`` decompresses its block only.
+
+    The last ``CACHED_BLOCKS`` decompressed blocks stay cached (LRU), so
+    neighbouring reads cost one decompression.
+    """
+
+    __slots__ = ("mm", "path", "index", "decoder", "block_of", "rel_start", "rel_end",
+                 "base", "cache")
+    foreign = False
+
+    def __init__(self, mm: mmap.mmap, index: ShardIndex, path: str, base: int) -> None:
+        n = index.num_samples
+        firsts = index.block_first.astype(np.int64)
+        self.mm, self.path, self.index, self.base = mm, path, index, base
+        self.decoder = index.block_decoder(path)
+        starts = index.sample_offset.astype(np.int64)
+        ends = np.empty(n, dtype=np.int64)
+        ends[:-1] = starts[1:]
+        ends[np.append(firsts[1:], n) - 1] = index.raw_block_size
+        self.block_of, self.rel_start, self.rel_end = (
+            _ints(a) for a in (index._block_of(), starts, ends))
+        self.cache: OrderedDict[int, bytes] = OrderedDict()
+
+    def sample_bytes(self, j: int) -> memoryview:
+        """Sample ``j``'s encoded bytes, decompressing its block unless cached."""
+        b = self.block_of[j]
+        data = self.cache.get(b)
+        if data is None:
+            data = self._load(b, j)
+        else:
+            self.cache.move_to_end(b)
+        return memoryview(data)[self.rel_start[j]:self.rel_end[j]]
+
+    def _load(self, b: int, j: int) -> bytes:
+        ix = self.index
+        off, size = int(ix.block_offset[b]), int(ix.block_size[b])
+        label = (f"sample {self.base + int(ix.block_first[b]):09d}; requested sample "
+                 f"{self.base + j:09d}")
+        view = memoryview(self.mm)[off:off + size]
+        try:
+            data = self.decoder.decode(b, view, label)
+        finally:
+            view.release()  # even if a traceback holds it: close() must not fail
+        self.cache[b] = data
+        if len(self.cache) > CACHED_BLOCKS:
+            self.cache.popitem(last=False)
+        return data
 
 
 class _ForeignShard:
@@ -101,7 +154,8 @@ class ShardDataset(_TorchDataset):
         self._lookup = [s for s, info in zip(self._starts, self._infos) if info.num_samples]
         self._lookup_shard = [k for k, info in enumerate(self._infos) if info.num_samples]
         self._pid = os.getpid()
-        self._open: list[_BlockShard | _ForeignShard | None] = [None] * len(self._infos)
+        self._open: list[_BlockShard | _CompressedShard | _ForeignShard | None] = \
+            [None] * len(self._infos)
         if check_files:
             self.check_files()
 
@@ -135,6 +189,8 @@ class ShardDataset(_TorchDataset):
                 total += sum(a.nbytes for a in (ix.key_offset, ix.member_first, ix.member_offset,
                                                 ix.member_size, ix.member_ext))
                 total += len(ix.key_blob)
+            elif isinstance(sh, _CompressedShard):
+                total += sh.block_of.nbytes + sh.rel_start.nbytes + sh.rel_end.nbytes
             else:
                 total += sh.start.nbytes + sh.end.nbytes
         return total
@@ -170,8 +226,11 @@ class ShardDataset(_TorchDataset):
         if sh.foreign:
             sample = self._foreign(sh, j, i)
         else:
+            # compressed shards have no ``start``: their bytes come from a decompressed block
+            raw = sh.mm[sh.start[j]:sh.end[j]] if sh.__class__ is _BlockShard \
+                else sh.sample_bytes(j)
             try:
-                sample = _unpackb(sh.mm[sh.start[j]:sh.end[j]], **_OPTS)
+                sample = _unpackb(raw, **_OPTS)
             except Exception as exc:
                 raise self._corrupt(s, j, i, exc) from exc
             if type(sample) is not dict:
@@ -201,7 +260,7 @@ class ShardDataset(_TorchDataset):
         self._open = [None] * len(self._infos)
         self._pid = os.getpid()
 
-    def _open_shard(self, s: int) -> _BlockShard | _ForeignShard:
+    def _open_shard(self, s: int) -> _BlockShard | _CompressedShard | _ForeignShard:
         info = self._infos[s]
         path, idx_path = self._ds.shard_path(info), self._ds.index_path(info)
         index = load_any_index(idx_path)
@@ -211,7 +270,12 @@ class ShardDataset(_TorchDataset):
                 f"index {idx_path} lists {index.num_samples} samples, the manifest "
                 f"{info.num_samples}; rebuild it with `shardstream index {path}`")
         mm = self._map(path, index, info, s)
-        sh = _ForeignShard(mm, index, path) if foreign else _BlockShard(mm, index, path)
+        if foreign:
+            sh: _BlockShard | _CompressedShard | _ForeignShard = _ForeignShard(mm, index, path)
+        elif index.compression is not None:
+            sh = _CompressedShard(mm, index, path, self._starts[s])
+        else:
+            sh = _BlockShard(mm, index, path)
         self._open[s] = sh
         return sh
 
@@ -265,6 +329,11 @@ class ShardDataset(_TorchDataset):
 _EMPTY = b""
 
 
+def _ints(a: np.ndarray) -> memoryview:
+    """An int64 array as a memoryview: indexing gives Python ints, 8 bytes each."""
+    return memoryview(a.astype("=u8", copy=False)).cast("B").cast("Q")
+
+
 def _first_past(index: ShardIndex | ForeignIndex, size: int) -> int | None:
     """Shard-local ordinal of the first sample whose bytes end past ``size``."""
     if isinstance(index, ForeignIndex):
@@ -272,7 +341,7 @@ def _first_past(index: ShardIndex | ForeignIndex, size: int) -> int | None:
         if not past.size:
             return None
         return int(np.searchsorted(index.member_first, past[0], side="right")) - 1
-    past = np.flatnonzero(index.sample_spans()[1] > size)
+    past = np.flatnonzero(index.stored_ends() > size)
     return int(past[0]) if past.size else None
 
 

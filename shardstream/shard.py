@@ -13,13 +13,14 @@ from dataclasses import dataclass
 from typing import Iterator
 
 from .codec import iter_samples
+from .compression import decompress_block
 from .errors import CorruptShardError, DecodeError, IndexMismatchError, ShardNotFoundError, \
     StorageError
 from .index import ShardIndex
 from .manifest import MANIFEST_NAME, Manifest, ShardInfo, load_manifest
 
-__all__ = ["Dataset", "open_dataset", "load_index", "read_block", "iter_block_samples", "iter_dataset",
-           "sha256_file"]
+__all__ = ["Dataset", "open_dataset", "load_index", "read_block", "decompress",
+           "iter_block_samples", "iter_dataset", "sha256_file"]
 
 
 @dataclass(frozen=True)
@@ -86,14 +87,24 @@ def load_index(ds: Dataset, info: ShardInfo, *, check_size: bool = True) -> Shar
 
 
 def read_block(f, index: ShardIndex, block: int, *, where: str = "") -> bytes:
-    """Read one block's bytes from an open shard file."""
+    """Read one block's (uncompressed) bytes from an open shard file."""
     off, size = int(index.block_offset[block]), int(index.block_size[block])
     f.seek(off)
     data = f.read(size)
     if len(data) != size:
         raise CorruptShardError(f"shard {where}: block {block} is truncated "
                                 f"({len(data)} of {size} bytes)")
-    return data
+    return decompress(data, index, block, where=where)
+
+
+def decompress(data: bytes, index: ShardIndex, block: int, *, where: str = "") -> bytes:
+    """``data`` as stored for ``block``, uncompressed (itself when stored raw)."""
+    if index.compression is None:
+        return data
+    first, stop = index.block_samples(block)
+    return decompress_block(index.compression, data, int(index.raw_block_size[block]),
+                            where=f"shard {where}: block {block} (shard-local samples "
+                                  f"{first}..{stop - 1})")
 
 
 def iter_block_samples(data: bytes, index: ShardIndex, block: int, *,

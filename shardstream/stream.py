@@ -21,10 +21,11 @@ import numpy as np
 from torch.utils.data import IterableDataset, get_worker_info
 
 from . import foreign
-from .collation import collate as default_collate, to_wire
+from .collation import Collate, collate as default_collate, to_wire
 from .errors import CorruptShardError, ManifestError
 from .manifest import MANIFEST_NAME
-from .pipeline import BlockReader, EpochOrder, Layout, ShardRef
+from .mixture import Mixture, MixtureReader, Source
+from .pipeline import BlockReader, EpochOrder, Layout, shard_refs
 from .shard import open_dataset
 from .world import World, get_world
 
@@ -34,6 +35,24 @@ STATE_VERSION = 1
 _MAX_WORKERS = 256
 _EPOCH, _START, _SKIP0 = 0, 1, 2  # slots of the shared array; _SKIP0 + worker + 1
 _SAMPLE_CHUNK = 256
+
+
+def _is_mixture(source: Any, weights: Any) -> bool:
+    return isinstance(source, Mixture) or weights is not None or (
+        isinstance(source, (list, tuple)) and any(isinstance(s, Source) for s in source))
+
+
+class _OrderReader:
+    """Reads positions of one epoch's G of a single dataset."""
+
+    def __init__(self, order: EpochOrder, reader: BlockReader) -> None:
+        self.order, self.reader = order, reader
+
+    def read(self, positions: np.ndarray) -> list[Any]:
+        return self.reader.read(*self.order.locate(positions))
+
+    def close(self) -> None:
+        self.reader.close()
 
 
 def _resolve(source: Any) -> tuple[Any, list[str] | None]:
@@ -68,6 +87,13 @@ class ShardStream(IterableDataset):
     ``"warn"`` (skip the rest of a damaged shard, count it in :attr:`skipped`).
     ``resampled``/``epoch_size``: for manifest-less sources, draw shards with
     replacement and end each epoch after ``epoch_size`` samples per rank.
+
+    Mixtures (see :mod:`shardstream.mixture`): ``source`` a :class:`Mixture`, or a
+    list of dataset directories / :class:`Source` with ``weights=`` and ``stop=``
+    (``"exhaust_all"`` default, ``"first_exhausted"``) or ``epoch_size=`` (samples
+    per epoch over all ranks). ``source_field``: put each sample's source index
+    (int; names in ``stream.mixture.names``) in that field. A mixture's default
+    collate is ``Collate(missing="mask")``.
     """
 
     def __init__(self, source: Any, *, batch_size: int | None = None, shuffle: bool = False,
@@ -77,7 +103,8 @@ class ShardStream(IterableDataset):
                  transform: Callable[[dict], dict] | None = None, rank: int | None = None,
                  world_size: int | None = None, on_error: str = "raise",
                  resampled: bool = False, epoch_size: int | None = None,
-                 cache_bytes: int = 64 << 20) -> None:
+                 cache_bytes: int = 64 << 20, weights: Sequence[float] | None = None,
+                 stop: str | None = None, source_field: str | None = None) -> None:
         super().__init__()
         if batch_size is not None and batch_size < 1:
             raise ValueError(f"batch_size must be >= 1 or None, got {batch_size}")
@@ -89,8 +116,17 @@ class ShardStream(IterableDataset):
             raise ValueError(f"shuffle_buffer must be >= 1, got {shuffle_buffer}")
         if epoch_size is not None and epoch_size < 1:
             raise ValueError(f"epoch_size must be >= 1, got {epoch_size}")
-        self.dataset, self.urls = _resolve(source)
-        if self.dataset is None and resampled is False and epoch_size is not None:
+        self.mixture: Mixture | None = None
+        if _is_mixture(source, weights):
+            self.mixture = self._mixture(source, weights, stop, epoch_size, resampled)
+            self.dataset, self.urls, epoch_size = None, None, None
+        elif stop is not None or source_field is not None:
+            raise ValueError("stop= and source_field= apply to mixtures; pass a list of "
+                             "sources with weights= (or a Mixture)")
+        else:
+            self.dataset, self.urls = _resolve(source)
+        if self.dataset is None and self.mixture is None and resampled is False \
+                and epoch_size is not None:
             raise ValueError("epoch_size needs resampled=True (a finite shard list ends "
                              "when its shards do)")
         if self.dataset is not None and resampled:
@@ -103,7 +139,8 @@ class ShardStream(IterableDataset):
         self.block_shuffle = block_shuffle
         self.drop_last = drop_last
         self.remainder = remainder
-        self.collate = collate or default_collate
+        self.collate = collate or (Collate(missing="mask") if self.mixture else default_collate)
+        self.source_field = source_field
         self.transform = transform
         self.rank, self.world_size = rank, world_size
         self.on_error = on_error
@@ -114,6 +151,20 @@ class ShardStream(IterableDataset):
         self._local: tuple[int, int, int] | None = None  # (epoch, start, units) in a worker
         self._units = 0  # units yielded by this process's current iteration
         self._wire = False  # set by loader(): workers send numpy, the loader makes tensors
+
+    @staticmethod
+    def _mixture(source: Any, weights: Any, stop: str | None, epoch_size: int | None,
+                 resampled: bool) -> Mixture:
+        if resampled:
+            raise ValueError("resampled=True is for sources without a manifest; a mixture "
+                             "has exact epochs")
+        if isinstance(source, Mixture):
+            if weights is not None or stop is not None or epoch_size is not None:
+                raise ValueError("set weights, stop and epoch_size on the Mixture itself")
+            return source
+        if isinstance(source, (str, os.PathLike)):
+            raise ValueError("weights= needs a list of sources, one weight each")
+        return Mixture(source, weights, stop=stop, epoch_size=epoch_size)
 
     def __getstate__(self) -> dict[str, Any]:
         """Plain pickling/deepcopy gets a private copy of the shared state; starting a
@@ -135,11 +186,14 @@ class ShardStream(IterableDataset):
     # -- public state --------------------------------------------------------
     @property
     def exact(self) -> bool:
-        """Whether epochs are exact (a manifest is known)."""
-        return self.dataset is not None
+        """Whether epochs are exact (a manifest is known, or a mixture of such)."""
+        return self.dataset is not None or self.mixture is not None
 
     @property
     def num_samples(self) -> int | None:
+        """Samples in one epoch's G (a mixture's per-epoch total); None without a manifest."""
+        if self.mixture is not None:
+            return self.mixture.num_samples
         return self.dataset.manifest.num_samples if self.dataset is not None else None
 
     @property
@@ -168,15 +222,15 @@ class ShardStream(IterableDataset):
 
     def layout(self, world_size: int | None = None, start: int | None = None) -> Layout:
         """The exact layout for this epoch (``start``: samples of G already consumed)."""
-        if self.dataset is None:
+        if not self.exact:
             raise TypeError("an exact layout needs a manifest; this source has none")
         ws = self.world().world_size if world_size is None else world_size
-        return Layout(self.dataset.manifest.num_samples, self._shared[_START] if start is None
+        return Layout(self.num_samples, self._shared[_START] if start is None
                       else start, ws, self.batch_size or 1, self.drop_last, self.remainder)
 
     def __len__(self) -> int:
         """Per-rank batches (or samples, without batch_size) in one full epoch."""
-        if self.dataset is not None:
+        if self.exact:
             return self.layout(start=0).num_units
         if self.epoch_size is not None:
             return self._epoch_units(self.world().world_size)
@@ -189,10 +243,13 @@ class ShardStream(IterableDataset):
 
     # -- resume -----------------------------------------------------------------
     def _fingerprint(self) -> dict[str, Any]:
-        return {"seed": self.seed, "shuffle": self.shuffle,
-                "shuffle_buffer": self.shuffle_buffer if self.shuffle else 1,
-                "block_shuffle": self.block_shuffle and self.shuffle,
-                "num_samples": self.num_samples}
+        out = {"seed": self.seed, "shuffle": self.shuffle,
+               "shuffle_buffer": self.shuffle_buffer if self.shuffle else 1,
+               "block_shuffle": self.block_shuffle and self.shuffle,
+               "num_samples": self.num_samples}
+        if self.mixture is not None:
+            out["mixture"] = self.mixture.signature()
+        return out
 
     def state_for(self, epoch: int, start: int, units: int) -> dict[str, Any]:
         """State after this rank consumed ``units`` units of an iteration that began at
@@ -208,7 +265,7 @@ class ShardStream(IterableDataset):
         process yielded; with workers use :func:`shardstream.loader` (it counts the
         batches delivered). Inside a worker (torchdata's StatefulDataLoader) it is
         the worker's own progress."""
-        if self.dataset is None:
+        if not self.exact:
             raise TypeError("state_dict() needs a manifest; manifest-less streams restart "
                             "their epoch")
         if get_worker_info() is not None:
@@ -245,7 +302,7 @@ class ShardStream(IterableDataset):
             epoch, start, skip = self.epoch, int(self._shared[_START]), 0
         self._iter_start = start
         self._units = skip
-        if self.dataset is not None:
+        if self.exact:
             it = self._iter_exact(world, epoch, start, skip)
         else:
             it = self._iter_shards(world, epoch)
@@ -254,38 +311,40 @@ class ShardStream(IterableDataset):
             self._units += 1
             yield to_wire(item) if wire else item
 
-    def _reader(self) -> BlockReader:
-        ds = self.dataset
-        refs, base = [], 0
-        for info in ds.manifest.shards:
-            refs.append(ShardRef(ds.shard_path(info), ds.index_path(info), expected_bytes=info.bytes,
-                                 expected_samples=info.num_samples, base=base))
-            base += info.num_samples
-        return BlockReader(refs, on_error=self.on_error, cache_bytes=self.cache_bytes,
-                           on_skip=self._count_skip)
+    def _epoch_reader(self, epoch: int) -> _OrderReader | MixtureReader:
+        """Reads positions of ``epoch``'s G: one dataset, or a mixture of several."""
+        window = self.shuffle_buffer if self.shuffle else 1
+        if self.mixture is not None:
+            return MixtureReader(self.mixture, epoch=epoch, seed=self.seed, shuffle=self.shuffle,
+                                 block_shuffle=self.block_shuffle,
+                                 shuffle_buffer=self.shuffle_buffer, on_error=self.on_error,
+                                 cache_bytes=self.cache_bytes, on_skip=self._count_skip,
+                                 source_field=self.source_field)
+        reader = BlockReader(shard_refs(self.dataset), on_error=self.on_error,
+                             cache_bytes=self.cache_bytes, on_skip=self._count_skip)
+        counts = [s.num_samples for s in self.dataset.manifest.shards]
+        order = EpochOrder(counts, seed=self.seed, epoch=epoch, shuffle=self.shuffle,
+                           block_shuffle=self.block_shuffle, window=window,
+                           block_firsts=reader.block_firsts)
+        return _OrderReader(order, reader)
 
     def _iter_exact(self, world: World, epoch: int, start: int, skip: int) -> Iterator[Any]:
         layout = self.layout(world.world_size, start)
         if layout.num_units == 0:
             return
-        reader = self._reader()
-        counts = [s.num_samples for s in self.dataset.manifest.shards]
-        order = EpochOrder(counts, seed=self.seed, epoch=epoch, shuffle=self.shuffle,
-                           block_shuffle=self.block_shuffle,
-                           window=self.shuffle_buffer if self.shuffle else 1,
-                           block_firsts=reader.block_firsts)
+        reader = self._epoch_reader(epoch)
         units = layout.units_of(world.rank, world.worker, world.num_workers)[skip:]
         try:
             if self.batch_size:
                 for j in units:
                     a, n = layout.span(world.rank, j)
-                    samples = reader.read(*order.locate(np.arange(a, a + n, dtype=np.int64)))
+                    samples = reader.read(np.arange(a, a + n, dtype=np.int64))
                     yield self.collate(self._finish(samples))
             else:
                 js = np.asarray(units, dtype=np.int64)
                 for c in range(0, len(js), _SAMPLE_CHUNK):
                     pos = start + js[c:c + _SAMPLE_CHUNK] * world.world_size + world.rank
-                    yield from self._finish(reader.read(*order.locate(pos)))
+                    yield from self._finish(reader.read(pos))
         finally:
             reader.close()
 

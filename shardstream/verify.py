@@ -8,10 +8,11 @@ import tarfile
 from dataclasses import dataclass, field
 from typing import Callable
 
+from .compression import CODECS
 from .errors import ShardstreamError
 from .index import TAR_BLOCK, ShardIndex, member_name
 from .manifest import ShardInfo
-from .shard import Dataset, iter_block_samples, open_dataset, sha256_file
+from .shard import Dataset, iter_block_samples, open_dataset, read_block, sha256_file
 from .wdsindex import LAYOUT_WEBDATASET, iter_foreign_samples, load_foreign_index
 
 __all__ = ["Problem", "VerifyReport", "verify"]
@@ -102,10 +103,9 @@ def _check_shard(ds: Dataset, info: ShardInfo, start: int, decode: bool,
             if not decode:
                 report.samples += stop - first
                 continue
-            f.seek(int(index.block_offset[b]))
-            data = f.read(int(index.block_size[b]))
             ordinal = start + first
             try:
+                data = read_block(f, index, b, where=info.name)
                 for _ in iter_block_samples(data, index, b, where=info.name):
                     ordinal += 1
                     report.samples += 1
@@ -144,7 +144,8 @@ def _check_block(f, index: ShardIndex, block: int, shard: str) -> str | None:
         header = tarfile.TarInfo.frombuf(f.read(TAR_BLOCK), "utf-8", "surrogateescape")
     except tarfile.TarError as exc:
         return f"block {block}: bad tar header at offset {off} ({exc})"
-    if header.name != member_name(block) or header.size != int(index.block_size[block]):
+    suffix = CODECS[index.compression] if index.compression in CODECS else ""
+    if header.name != member_name(block, suffix) or header.size != int(index.block_size[block]):
         return (f"block {block}: tar header says {header.name!r} of {header.size} bytes, the "
                 "index disagrees")
     return None

@@ -28,6 +28,7 @@ import numpy as np
 
 from . import __version__
 from .codec import decode_sample, encode_sample
+from .compression import CODECS, Compression, decompress_block
 from .errors import CorruptShardError, DatasetExistsError, DecodeError, ManifestError, \
     ShardNotFoundError, StorageError
 from .members import _DECODERS, _msgpack, _npy, _npz, decode_member
@@ -45,7 +46,7 @@ LAYOUT_WEBDATASET = "webdataset"
 LAYOUT_SHARDSTREAM = "shardstream"
 _META = re.compile(r"__[^/]*__($|/)")  # webdataset skips these members
 _KEY_EXT = re.compile(r"^((?:.*/|)[^.]+)[.]([^/]*)$")  # webdataset.tariterators.base_plus_ext
-_BLOCK_NAME = re.compile(r"\d{6}\." + BLOCK_EXT)
+_BLOCK_NAME = re.compile(r"\d{6}\." + BLOCK_EXT + r"(\.zst)?")
 _REMOTE = ("s3://", "gs://", "http://", "https://")
 
 
@@ -433,27 +434,60 @@ def scan_block_tar(path: str) -> ShardIndex:
 
     Block offsets come from the tar headers, sample offsets from skipping
     through each block with ``msgpack.Unpacker`` (nothing is decoded).
+    Compressed blocks (``NNNNNN.ssb.zst``) are decompressed to find them.
     """
     size = os.path.getsize(path)
     offsets: list[int] = []
     sizes: list[int] = []
+    raw_sizes: list[int] = []
     firsts: list[int] = []
     sample_offsets: list[int] = []
+    members = _members(path)
+    codec = _block_codec(members[0].name) if members else None
+    suffix = CODECS[codec] if codec else ""
     with open(path, "rb") as f:
-        for b, info in enumerate(_members(path)):
-            if info.name != f"{b:06d}.{BLOCK_EXT}":
+        for b, info in enumerate(members):
+            if info.name != f"{b:06d}.{BLOCK_EXT}{suffix}":
                 raise CorruptShardError(f"shard {path}: member {b} is {info.name!r}, expected "
-                                        f"{b:06d}.{BLOCK_EXT}: not a shardstream shard")
+                                        f"{b:06d}.{BLOCK_EXT}{suffix}: not a shardstream shard")
             _check_size(path, info, size)
             f.seek(info.offset_data)
             data = f.read(info.size)
+            if codec:
+                data = decompress_block(codec, data, _frame_size(data, path, b),
+                                        where=f"shard {path}: block {b}")
             offsets.append(info.offset_data)
             sizes.append(info.size)
+            raw_sizes.append(len(data))
             firsts.append(len(sample_offsets))
             sample_offsets.extend(_sample_offsets(data, path, b))
     return ShardIndex(len(sample_offsets), size, sha256_file(path),
                       np.array(offsets, np.uint64), np.array(sizes, np.uint64),
-                      np.array(firsts, np.uint64), np.array(sample_offsets, np.int64))
+                      np.array(firsts, np.uint64), np.array(sample_offsets, np.int64),
+                      codec, np.array(raw_sizes, np.uint64) if codec else None)
+
+
+def _block_codec(name: str) -> str | None:
+    """The codec of a block member named like ``000000.ssb.zst`` (None: ``.ssb``)."""
+    for codec, suffix in CODECS.items():
+        if name.endswith(f".{BLOCK_EXT}{suffix}"):
+            return codec
+    return None
+
+
+def _frame_size(data: bytes, path: str, block: int) -> int:
+    """The uncompressed size a zstd frame declares (the writer always records it)."""
+    import zstandard
+
+    try:
+        n = zstandard.frame_content_size(data)
+    except zstandard.ZstdError as exc:
+        raise CorruptShardError(f"shard {path}: block {block} is not a zstd frame ({exc}); "
+                                "the shard is damaged") from exc
+    if n < 0:
+        raise CorruptShardError(f"shard {path}: block {block}: the zstd frame does not "
+                                "declare its size; not written by shardstream")
+    return n
 
 
 def _sample_offsets(data: bytes, path: str, block: int) -> list[int]:
@@ -610,15 +644,21 @@ def _rebuild_own(paths: list[str], out: str, overwrite: bool) -> Manifest:
         old = load_manifest(out)
     by_name = {s.name: k for k, s in enumerate(old.shards)} if old else {}
     new: list[ShardInfo] = []
+    codecs = set()
     for p in paths:
         idx = scan_block_tar(p)
+        codecs.add(idx.compression)
         data = idx.to_bytes()
         idx_path = p + INDEX_SUFFIX
         _write(idx_path, data)
         new.append(_info(p, out, idx_path, data, idx.num_samples, idx.shard_bytes,
                          idx.shard_sha256, idx.num_blocks))
-    if old is None:
-        manifest = Manifest(shards=new, created_by=f"shardstream {__version__} index")
+    if len(codecs) > 1:
+        raise ValueError("some shards are compressed and some are not; index them separately")
+    codec = codecs.pop() if codecs else None
+    if old is None:  # the level is not stored in the shards: record the default
+        manifest = Manifest(shards=new, created_by=f"shardstream {__version__} index",
+                            compression=Compression(codec) if codec else None)
     else:
         missing = [s.name for s in new if s.name not in by_name]
         if missing:
@@ -629,7 +669,8 @@ def _rebuild_own(paths: list[str], out: str, overwrite: bool) -> Manifest:
         for s in new:
             shards[by_name[s.name]] = s
         manifest = Manifest(shards=shards, schema=old.schema, key_field=old.key_field,
-                            block_bytes=old.block_bytes, created_by=old.created_by)
+                            block_bytes=old.block_bytes, created_by=old.created_by,
+                            compression=old.compression)
     try:
         manifest.save(out)
     except OSError as exc:

@@ -26,6 +26,7 @@ import numpy as np
 
 from . import __version__, storage
 from .codec import encode_sample
+from .compression import BlockCompressor, Compression, parse_compression
 from .errors import DatasetExistsError, EncodeError, ManifestError, StorageError
 from .index import INDEX_SUFFIX, TAR_END, ShardIndex, member_name, padded, tar_header
 from .manifest import MANIFEST_NAME, Manifest, SchemaBuilder, ShardInfo, fsync_dir, load_manifest
@@ -64,12 +65,17 @@ class ShardSink:
     """Writes shards into one (staging) directory; knows nothing about datasets.
 
     ``first_ordinal`` numbers samples for error messages and default keys.
+    ``compression`` (``"zstd"``, ``"zstd:19"`` or a :class:`Compression`;
+    ``level`` overrides the level) compresses every block member on its own.
+    Shards roll on the uncompressed block sizes, so compressed shards stay
+    under ``max_bytes`` by about the compression ratio.
     """
 
     def __init__(self, directory: str, *, max_samples: int | None = None,
                  max_bytes: int = DEFAULT_MAX_BYTES, block_bytes: int = DEFAULT_BLOCK_BYTES,
                  key_field: str = "__key__", first_ordinal: int = 0, fsync: bool = True,
-                 name_format: str = "part-{:06d}.tar") -> None:
+                 name_format: str = "part-{:06d}.tar",
+                 compression: Compression | str | None = None, level: int | None = None) -> None:
         if max_samples is not None and max_samples < 1:
             raise ValueError(f"max_samples must be >= 1, got {max_samples}")
         if max_bytes < 4096:
@@ -83,6 +89,8 @@ class ShardSink:
         self.key_field = key_field
         self.fsync = fsync
         self.name_format = name_format
+        self.compression = parse_compression(compression, level)
+        self._compressor = BlockCompressor(self.compression) if self.compression else None
         self.schema = SchemaBuilder()
         self.shards: list[ShardInfo] = []
         self.num_samples = 0
@@ -133,6 +141,7 @@ class ShardSink:
         # compact arrays: 4 bytes per sample, whatever the shard's sample count
         self._offsets = array("Q")
         self._sizes = array("Q")
+        self._raw_sizes = array("Q")
         self._firsts = array("Q")
         self._sample_offsets = array("I")  # < block_bytes <= 2**31
 
@@ -162,7 +171,11 @@ class ShardSink:
             self._sample_offsets.append(pos)
             pos += len(data)
         payload = b"".join(self._block)
-        self._emit(tar_header(member_name(len(self._offsets)), len(payload)))
+        self._raw_sizes.append(len(payload))
+        suffix = ""
+        if self._compressor is not None:
+            payload, suffix = self._compressor.compress(payload), self._compressor.compression.suffix
+        self._emit(tar_header(member_name(len(self._offsets), suffix), len(payload)))
         self._offsets.append(self._shard_bytes)
         self._sizes.append(len(payload))
         self._firsts.append(self._shard_samples)
@@ -190,7 +203,9 @@ class ShardSink:
                            np.frombuffer(self._offsets, np.uint64),
                            np.frombuffer(self._sizes, np.uint64),
                            np.frombuffer(self._firsts, np.uint64),
-                           np.frombuffer(self._sample_offsets, np.uint32))
+                           np.frombuffer(self._sample_offsets, np.uint32),
+                           self.compression.codec if self.compression else None,
+                           np.frombuffer(self._raw_sizes, np.uint64) if self.compression else None)
         idx_bytes = index.to_bytes()
         idx_path = f.name + INDEX_SUFFIX
         try:
@@ -233,7 +248,8 @@ def _existing_entries(output_dir: str) -> list[str]:
 
 def publish(output_dir: str, staged: list[tuple[str, ShardInfo]], schema: SchemaBuilder, *,
             prefix: str, base: Manifest | None, replace: Manifest | None, key_field: str,
-            block_bytes: int, storage_options: dict[str, Any] | None = None) -> Manifest:
+            block_bytes: int, storage_options: dict[str, Any] | None = None,
+            compression: Compression | None = None) -> Manifest:
     """Move staged shards to their final names and write the manifest last.
 
     ``base``: the dataset being appended to (kept); ``replace``: the dataset
@@ -243,7 +259,7 @@ def publish(output_dir: str, staged: list[tuple[str, ShardInfo]], schema: Schema
     if storage.is_remote(output_dir):
         return _publish_remote(output_dir, staged, schema, prefix=prefix, base=base,
                                replace=replace, key_field=key_field, block_bytes=block_bytes,
-                               storage_options=storage_options)
+                               storage_options=storage_options, compression=compression)
     output_dir = storage.local_path(output_dir)
     if replace is not None:
         _remove(os.path.join(output_dir, MANIFEST_NAME))
@@ -257,7 +273,7 @@ def publish(output_dir: str, staged: list[tuple[str, ShardInfo]], schema: Schema
         except OSError as exc:
             raise _storage_error("move into place", os.path.join(output_dir, dst), exc) from exc
     fsync_dir(output_dir)
-    manifest = _new_manifest(base, final, schema, key_field, block_bytes)
+    manifest = _new_manifest(base, final, schema, key_field, block_bytes, compression)
     try:
         manifest.save(output_dir)
     except OSError as exc:
@@ -284,20 +300,23 @@ def _plan_names(staged: list[tuple[str, ShardInfo]], base: Manifest | None, pref
 
 
 def _new_manifest(base: Manifest | None, final: list[ShardInfo], schema: SchemaBuilder,
-                  key_field: str, block_bytes: int) -> Manifest:
+                  key_field: str, block_bytes: int,
+                  compression: Compression | None = None) -> Manifest:
     merged = SchemaBuilder()
     if base:
         merged.merge(_schema_sets(base.schema))
     merged.merge(schema)
     kept = list(base.shards) if base else []
     return Manifest(shards=kept + final, schema=merged.to_dict(), key_field=key_field,
-                    block_bytes=block_bytes, created_by=f"shardstream {__version__}")
+                    block_bytes=block_bytes, created_by=f"shardstream {__version__}",
+                    compression=compression)
 
 
 def _publish_remote(url: str, staged: list[tuple[str, ShardInfo]], schema: SchemaBuilder, *,
                     prefix: str, base: Manifest | None, replace: Manifest | None,
                     key_field: str, block_bytes: int,
-                    storage_options: dict[str, Any] | None) -> Manifest:
+                    storage_options: dict[str, Any] | None,
+                    compression: Compression | None = None) -> Manifest:
     """Upload shards and indexes (``UPLOAD_THREADS`` at a time), then the manifest.
 
     Object stores have no rename, so an overwrite deletes the old manifest
@@ -324,7 +343,7 @@ def _publish_remote(url: str, staged: list[tuple[str, ShardInfo]], schema: Schem
                 for name in (s.name, s.index):
                     if name not in new:
                         storage.remove(storage.join(url, name), **opts)
-        manifest = _new_manifest(base, final, schema, key_field, block_bytes)
+        manifest = _new_manifest(base, final, schema, key_field, block_bytes, compression)
         storage.put_bytes(manifest.to_json().encode(), manifest_url, **opts)
     except BaseException:
         pool.shutdown(cancel_futures=True)
@@ -364,7 +383,8 @@ def _remove(path: str) -> None:
 
 
 def prepare_output(output_dir: str, *, prefix: str, overwrite: bool, append: bool,
-                   key_field: str, storage_options: dict[str, Any] | None = None
+                   key_field: str, storage_options: dict[str, Any] | None = None,
+                   compression: Compression | None = None
                    ) -> tuple[Manifest | None, Manifest | None]:
     """Check the output location; returns (base to append to, dataset to replace)."""
     if overwrite and append:
@@ -386,6 +406,13 @@ def prepare_output(output_dir: str, *, prefix: str, overwrite: bool, append: boo
         if old is not None and old.key_field != key_field:
             raise ManifestError(f"{output_dir} uses key field {old.key_field!r}, not "
                                 f"{key_field!r}; append with the same key field")
+        if old is not None and old.compression != compression:
+            def spec(c: Compression | None) -> str:
+                return "none" if c is None else f"{c.codec}:{c.level}"
+            raise ManifestError(f"{output_dir} is compressed with {spec(old.compression)}, "
+                                f"this write with {spec(compression)}; append with "
+                                f"--compress {spec(old.compression)} (compression="
+                                f"{spec(old.compression)!r})")
         return old, None
     if entries and not overwrite:
         shown = ", ".join(entries[:5]) + (", ..." if len(entries) > 5 else "")
@@ -438,13 +465,18 @@ class ShardWriter:
     ``output_dir`` may be a URL (``s3://bucket/prefix``, ``gs://...``, any
     fsspec URL); ``storage_options`` go to the filesystem (``endpoint_url``,
     ``key``, ``secret``...). Shards are staged locally and uploaded on close.
+
+    ``compression="zstd"`` (``level=3`` by default, or ``"zstd:19"``) stores
+    every block as its own zstd frame (``NNNNNN.ssb.zst``); readers
+    decompress transparently and random access stays one block per sample.
     """
 
     def __init__(self, output_dir: str | os.PathLike, *, prefix: str = "shard",
                  max_samples: int | None = None, max_bytes: int = DEFAULT_MAX_BYTES,
                  block_bytes: int = DEFAULT_BLOCK_BYTES, key_field: str = "__key__",
                  overwrite: bool = False, append: bool = False, fsync: bool = True,
-                 storage_options: dict[str, Any] | None = None) -> None:
+                 storage_options: dict[str, Any] | None = None,
+                 compression: Compression | str | None = None, level: int | None = None) -> None:
         if not re.fullmatch(r"[A-Za-z0-9_.][A-Za-z0-9_.-]*", prefix):
             raise ValueError(f"prefix {prefix!r} must be letters, digits, '_', '.' or '-'")
         self.output_dir = os.fspath(output_dir)
@@ -452,15 +484,18 @@ class ShardWriter:
         self.key_field = key_field
         self.block_bytes = block_bytes
         self.storage_options = storage_options
+        self.compression = parse_compression(compression, level)
         self._base, self._replace = prepare_output(self.output_dir, prefix=prefix,
                                                    overwrite=overwrite, append=append,
                                                    key_field=key_field,
-                                                   storage_options=storage_options)
+                                                   storage_options=storage_options,
+                                                   compression=self.compression)
         self._staging = make_staging(self.output_dir)
         first = self._base.num_samples if self._base else 0
         self._sink = ShardSink(self._staging, max_samples=max_samples, max_bytes=max_bytes,
                                block_bytes=block_bytes, key_field=key_field,
-                               first_ordinal=first, fsync=fsync)
+                               first_ordinal=first, fsync=fsync,
+                               compression=self.compression)
         self.manifest: Manifest | None = None
         self._closed = False
 
@@ -505,7 +540,8 @@ class ShardWriter:
                                     self._sink.schema, prefix=self.prefix, base=self._base,
                                     replace=self._replace, key_field=self.key_field,
                                     block_bytes=self.block_bytes,
-                                    storage_options=self.storage_options)
+                                    storage_options=self.storage_options,
+                                    compression=self.compression)
         except BaseException:
             self.abort()
             raise

@@ -38,6 +38,7 @@ except ImportError as exc:  # pragma: no cover - depends on the environment
 
 from ..errors import EncodeError, InputError, StorageError
 from ..inputs import InputTask, group_tasks, iter_task, plan_tasks
+from ..compression import Compression, parse_compression
 from ..manifest import Manifest, SchemaBuilder, ShardInfo
 from ..writer import DEFAULT_BLOCK_BYTES, DEFAULT_MAX_BYTES, STAGING_PREFIX, ShardSink, \
     prepare_output, publish
@@ -156,7 +157,7 @@ def remove_staging(output_dir: str, job: str) -> None:
 
 def commit(output_dir: str, parts: list[StagedPart], *, base: Manifest | None,
            replace: Manifest | None, prefix: str, key_field: str,
-           block_bytes: int) -> Manifest:
+           block_bytes: int, compression: Compression | None = None) -> Manifest:
     """Publish the staged parts in ``order`` and write ``manifest.json`` last."""
     parts = sorted(parts, key=lambda p: p.order)
     for a, b in zip(parts, parts[1:]):
@@ -168,7 +169,7 @@ def commit(output_dir: str, parts: list[StagedPart], *, base: Manifest | None,
         schema.merge(p.schema)
     staged = [(os.path.join(output_dir, p.staging), info) for p in parts for info in p.shards]
     return publish(output_dir, staged, schema, prefix=prefix, base=base, replace=replace,
-                   key_field=key_field, block_bytes=block_bytes)
+                   key_field=key_field, block_bytes=block_bytes, compression=compression)
 
 
 _PREFIX = re.compile(r"[A-Za-z0-9_.][A-Za-z0-9_.-]*")
@@ -191,6 +192,7 @@ class ShardstreamDatasink(Datasink):
                  max_samples: int | None = None, max_bytes: int = DEFAULT_MAX_BYTES,
                  block_bytes: int = DEFAULT_BLOCK_BYTES, key_field: str = "__key__",
                  overwrite: bool = False, append: bool = False, fsync: bool = True,
+                 compression: Compression | str | None = None, level: int | None = None,
                  min_rows_per_write: int | None = None,
                  min_bytes_per_write: int | None = None) -> None:
         if not _PREFIX.fullmatch(prefix):
@@ -205,8 +207,10 @@ class ShardstreamDatasink(Datasink):
         self.block_bytes = block_bytes
         self.overwrite = overwrite
         self.append = append
+        self.compression = parse_compression(compression, level)
         self._sink_kw = dict(max_samples=max_samples, max_bytes=max_bytes,
-                             block_bytes=block_bytes, key_field=key_field, fsync=fsync)
+                             block_bytes=block_bytes, key_field=key_field, fsync=fsync,
+                             compression=self.compression)
         ShardSink(self.output_dir, **self._sink_kw)  # check the limits here, not in a task
         self._min_rows = min_rows_per_write
         self._min_bytes = min_bytes_per_write
@@ -223,7 +227,8 @@ class ShardstreamDatasink(Datasink):
         if self._prepared is None:
             self._prepared = prepare_output(self.output_dir, prefix=self.prefix,
                                             overwrite=self.overwrite, append=self.append,
-                                            key_field=self.key_field)
+                                            key_field=self.key_field,
+                                            compression=self.compression)
 
     def on_write_start(self, schema: Any = None) -> None:
         self.prepare()
@@ -236,7 +241,7 @@ class ShardstreamDatasink(Datasink):
             parts = [p for ret in returns if ret for p in ret]
             self.manifest = commit(self.output_dir, parts, base=base, replace=replace,
                                    prefix=self.prefix, key_field=self.key_field,
-                                   block_bytes=self.block_bytes)
+                                   block_bytes=self.block_bytes, compression=self.compression)
         finally:
             self._prepared = None
             remove_staging(self.output_dir, self.job)
