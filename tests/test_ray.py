@@ -229,3 +229,18 @@ def test_write_inputs_with_ray(tmp_path):
         ssray.write_inputs_with_ray([str(bad)], str(tmp_path / "o3"), address=None,
                                     allow_pickle=False, parts=1)
     assert not os.path.exists(tmp_path / "o3" / "manifest.json")
+
+
+def test_cli_engine_ray_with_compression(tmp_path, capsys):
+    from shardstream.cli import main
+
+    src = tmp_path / "in.jsonl"
+    src.write_text("".join(json.dumps({"id": i, "t": "x" * (i % 40)}) + "\n"
+                           for i in range(3000)))
+    out = str(tmp_path / "out")
+    assert main(["write", str(src), "-o", out, "--engine", "ray", "--workers", "2",
+                 "--compress", "zstd", "--max-samples", "500"]) == 0
+    assert "wrote 3,000 samples" in capsys.readouterr().err
+    assert [s["id"] for s in iter_dataset(out)] == list(range(3000))
+    assert load_manifest(out).compression is not None
+    assert main(["verify", out]) == 0
