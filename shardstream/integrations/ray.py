@@ -291,30 +291,12 @@ def write(ray_ds: Any, output: str | os.PathLike, *, preserve_order: bool = True
 
 
 # ---------------------------------------------------------------- CLI inputs
-class _InputsDatasink(ShardstreamDatasink):
-    """Rows are input-group numbers; a task reads its groups' files and packs them.
-
-    Each group becomes its own part (ordered by group number), so the dataset
-    keeps the input order however Ray bundles the rows.
-    """
-
-    def __init__(self, output: str, groups: list[list[InputTask]], allow_pickle: bool,
-                 **writer_kwargs: Any) -> None:
-        super().__init__(output, **writer_kwargs)
-        self._groups = groups
-        self._allow_pickle = allow_pickle
-
-    def write(self, blocks: Iterable[Any], ctx: Any) -> list[StagedPart]:
-        parts = []
-        for block in blocks:
-            for row in block_rows(block):
-                g = int(row["group"])
-                tasks = self._groups[g]
-                rows = chain.from_iterable(iter_task(t, allow_pickle=self._allow_pickle)
-                                           for t in tasks)
-                parts.append(pack_rows(self.output_dir, self.job, g, rows, self._sink_kw,
-                                       f"input group {g} (from {tasks[0].path})"))
-        return parts
+def _pack_group(output_dir: str, job: str, order: int, group: list[InputTask],
+                allow_pickle: bool, sink_kw: dict[str, Any]) -> StagedPart:
+    """Ray task: read one input group with shardstream's readers and pack it."""
+    rows = chain.from_iterable(iter_task(t, allow_pickle=allow_pickle) for t in group)
+    return pack_rows(output_dir, job, order, rows, sink_kw,
+                     f"input group {order} (from {group[0].path})")
 
 
 def write_inputs_with_ray(inputs: list[str], output: str, *, address: str | None,
@@ -345,13 +327,24 @@ def write_inputs_with_ray(inputs: list[str], output: str, *, address: str | None
                 if t.kind == "pickle":
                     iter_task(t)  # raises the standard refusal, reads nothing
         groups = [g for g in group_tasks(tasks, n) if g]
-        sink = _InputsDatasink(output, groups, allow_pickle, **writer_kwargs)
+        # plain tasks, one per input group, all at once: no Ray Data round trip (rows
+        # never leave the task that reads them), and the same staging + commit path
+        sink = ShardstreamDatasink(output, **writer_kwargs)
         sink.prepare()
-        items = [{"group": i} for i in range(len(groups))]
-        ray.data.from_items(items, override_num_blocks=max(1, len(items))).write_datasink(sink)
-        if sink.manifest is None:  # pragma: no cover - Ray skipped on_write_complete
-            raise RuntimeError("Ray finished the write without committing it")
-        return sink.manifest
+        base, replace = sink._prepared  # type: ignore[misc]
+        task = ray.remote(max_retries=3, retry_exceptions=False)(_pack_group)
+        try:
+            parts = ray.get([task.remote(sink.output_dir, sink.job, g, group, allow_pickle,
+                                         sink._sink_kw) for g, group in enumerate(groups)])
+            return commit(sink.output_dir, parts, base=base, replace=replace,
+                          prefix=sink.prefix, key_field=sink.key_field,
+                          block_bytes=sink.block_bytes, compression=sink.compression)
+        except ray.exceptions.RayTaskError as exc:  # the task's own error, e.g. InputError
+            cause = exc.as_instanceof_cause()
+            raise (cause.cause if isinstance(getattr(cause, "cause", None), Exception)
+                   else cause) from None
+        finally:
+            remove_staging(sink.output_dir, sink.job)
     finally:
         if started:
             ray.shutdown()
