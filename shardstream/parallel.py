@@ -22,8 +22,8 @@ from typing import Any, Callable, Iterable, Iterator
 from .codec import encode_sample
 from .compression import Compression, parse_compression
 from .manifest import Manifest, SchemaBuilder
-from .writer import DEFAULT_BLOCK_BYTES, DEFAULT_MAX_BYTES, ShardSink, ShardWriter, \
-    make_staging, prepare_output, publish, sample_key
+from .publish import make_staging, prepare_output, publish
+from .writer import DEFAULT_BLOCK_BYTES, DEFAULT_MAX_BYTES, ShardSink, ShardWriter, sample_key
 
 __all__ = ["write_shards", "run_workers"]
 

@@ -7,7 +7,7 @@ Every write task packs its rows into shards and indexes inside its own
 ``.staging-ray-<job>-<order>-<random>`` folder in the output directory (a
 retried attempt gets a fresh folder). The driver then moves the shards of the
 successful attempts to their final names in task order, writes
-``manifest.json`` last (:func:`shardstream.writer.publish`) and removes every
+``manifest.json`` last (:func:`shardstream.publish.publish`) and removes every
 staging folder of the job, so a dataset is complete or has no new manifest.
 
 The output must be a path that the driver and every worker node see (a local
@@ -40,8 +40,8 @@ from ..errors import EncodeError, InputError, StorageError
 from ..inputs import InputTask, group_tasks, iter_task, plan_tasks
 from ..compression import Compression, parse_compression
 from ..manifest import Manifest, SchemaBuilder, ShardInfo
-from ..writer import DEFAULT_BLOCK_BYTES, DEFAULT_MAX_BYTES, STAGING_PREFIX, ShardSink, \
-    prepare_output, publish
+from ..publish import STAGING_PREFIX, prepare_output, publish
+from ..writer import DEFAULT_BLOCK_BYTES, DEFAULT_MAX_BYTES, ShardSink
 
 __all__ = ["ShardstreamDatasink", "write", "write_inputs_with_ray", "block_rows",
            "RAY_STAGING_PREFIX"]
