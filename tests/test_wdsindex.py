@@ -229,7 +229,7 @@ def test_truncated_own_shard_cannot_be_indexed(tmp_path):
 
 @pytest.mark.parametrize("fmt", [tarfile.USTAR_FORMAT, tarfile.GNU_FORMAT, tarfile.PAX_FORMAT])
 def test_fast_header_walk_matches_tarfile(tmp_path, fmt):
-    from shardstream.wdsindex import _members, _tarfile_members
+    from shardstream.tarscan import list_members, list_members_tarfile
     path = str(tmp_path / "t.tar")
     names = ["a.txt", "p" * 90 + "/" + "q" * 90 + ".json", "é/ü.cls", "big.bin"]
     if fmt != tarfile.USTAR_FORMAT:
@@ -247,19 +247,19 @@ def test_fast_header_walk_matches_tarfile(tmp_path, fmt):
             data = bytes(range(256)) * (k * 7 + 1)
             ti.size = len(data)
             tf.addfile(ti, io.BytesIO(data))
-    assert _members(path) == _tarfile_members(path)
-    assert [m.name for m in _members(path)] == names
+    assert list_members(path) == list_members_tarfile(path)
+    assert [m.name for m in list_members(path)] == names
 
 
 def test_global_pax_header_falls_back_to_tarfile(tmp_path):
-    from shardstream.wdsindex import _members, _tarfile_members
+    from shardstream.tarscan import list_members, list_members_tarfile
     path = str(tmp_path / "g.tar")
     with tarfile.open(path, "w", format=tarfile.PAX_FORMAT, pax_headers={"comment": "hi"}) as tf:
         for k in range(3):
             ti = tarfile.TarInfo(f"s{k}.txt")
             ti.size = 1
             tf.addfile(ti, io.BytesIO(b"x"))
-    assert _members(path) == _tarfile_members(path) and len(_members(path)) == 3
+    assert list_members(path) == list_members_tarfile(path) and len(list_members(path)) == 3
 
 
 @pytest.mark.parametrize("arr", [np.arange(300, dtype=np.int32), np.zeros((0, 3)),
