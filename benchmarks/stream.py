@@ -8,7 +8,9 @@ harness's ``workloads.py``) with ShardWriter into ``DIR/<workload>`` unless
 it is already there, then reads one epoch per run in a fresh process and
 prints one JSON line: ``samples_per_s`` (whole epoch, loader creation
 included, as the peer harness measures), ``steady_samples_per_s`` (after
-the first batch), ``first_batch_s`` and the peak RSS of each worker.
+the first batch), ``first_batch_s``, the peak RSS of each worker, and the CPU
+time per batch after the first in the main process and in all workers together
+(``cpu_ms_per_batch_main`` / ``_workers``: steadier than rates on a shared machine).
 Compare with ``run_peers.sh`` in the same session (ratios, not absolutes).
 """
 
@@ -38,18 +40,32 @@ print(json.dumps({{"mode": "write", "workload": {name!r}, "n": {n},
 """
 
 READ = r"""
-import json, time
+import json, os, time
 t0 = time.perf_counter()
 import shardstream.dataloader as L
 from shardstream.stream import ShardStream
 ds = ShardStream({out!r}, batch_size={batch}, shuffle={shuffle})
 dl = L.loader(ds, num_workers={workers})
-n, first = 0, None
+def cpu_s(pid):
+    try:
+        with open(f"/proc/{{pid}}/stat") as f:
+            p = f.read().rsplit(")", 1)[1].split()
+        return (int(p[11]) + int(p[12])) / os.sysconf("SC_CLK_TCK")
+    except OSError:
+        return 0.0
+n, nb, first = 0, 0, None
 for b in dl:
     if first is None:
         first = time.perf_counter() - t0
+        it = getattr(dl.dataloader, "_iterator", None)
+        pids = [w.pid for w in getattr(it, "_workers", [])]
+        c0, m0 = [cpu_s(p) for p in pids], time.process_time()
     n += len(b["id"])
+    nb += 1
 dt = time.perf_counter() - t0
+# CPU per batch after the first (main process; each worker), robust to a busy machine
+cpu_main = (time.process_time() - m0) / max(nb - 1, 1) * 1e3
+cpu_workers = [(cpu_s(p) - c) / max(nb - 1, 1) * 1e3 for p, c in zip(pids, c0)]
 rss = []
 it = getattr(dl.dataloader, "_iterator", None)
 for w in getattr(it, "_workers", []):
@@ -63,7 +79,8 @@ print(json.dumps({{"mode": "read", "system": "shardstream", "workload": {name!r}
                   "seconds": round(dt, 3), "first_batch_s": round(first, 3),
                   "samples_per_s": round(n / dt),
                   "steady_samples_per_s": round((n - {batch}) / (dt - first)),
-                  "worker_peak_rss_mb": rss}}))
+                  "worker_peak_rss_mb": rss, "cpu_ms_per_batch_main": round(cpu_main, 3),
+                  "cpu_ms_per_batch_workers": round(sum(cpu_workers), 3)}}))
 """
 
 

@@ -195,20 +195,20 @@ _dtype_cache: dict[bytes, np.dtype] = {}
 _u64 = struct.Struct("<Q")
 
 
-_fast_1d: dict[bytes, np.dtype] = {}  # header prefix (layout, len, dtype, ndim=1) -> dtype
+# header prefix (layout, len, dtype, ndim=1) -> (dtype, itemsize), for the fast path
+_fast_1d: dict[bytes, tuple[np.dtype, int]] = {}
+_frombuffer = np.frombuffer
+_u64_at = _u64.unpack_from
 
 
 def _ext_hook(code: int, data: bytes) -> Any:
     if code == NDARRAY_EXT and len(data) > 11:  # fast path: 1-d arrays of a known dtype
         n = data[1]
-        dt = _fast_1d.get(data[:3 + n])
-        if dt is not None:
-            try:
-                arr = np.frombuffer(data, dt, offset=n + 11)
-                if arr.shape[0] == _u64.unpack_from(data, n + 3)[0]:
-                    return arr
-            except ValueError:  # damaged: the slow path says how
-                pass
+        hit = _fast_1d.get(data[:3 + n])
+        if hit is not None:
+            (length,) = _u64_at(data, n + 3)
+            if n + 11 + length * hit[1] == len(data):  # with count: half the cost
+                return _frombuffer(data, hit[0], length, n + 11)
     return _ext_hook_slow(code, data)
 
 
@@ -225,7 +225,7 @@ def _ext_hook_slow(code: int, data: bytes) -> Any:
         pos = 3 + n
         ndim = data[pos - 1]
         if ndim == 1:
-            _fast_1d[data[:pos]] = dt
+            _fast_1d[data[:pos]] = (dt, dt.itemsize)
             (length,) = _u64.unpack_from(data, pos)
             arr = np.frombuffer(data, dtype=dt, offset=pos + 8)
             if len(arr) == length:

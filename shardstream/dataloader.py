@@ -15,7 +15,7 @@ from typing import Any, Iterator
 import torch
 from torch.utils.data import DataLoader
 
-from .collation import from_wire
+from .collation import forget_workers, from_wire
 from .stream import ShardStream
 
 __all__ = ["ShardLoader", "loader"]
@@ -47,6 +47,16 @@ class ShardLoader:
     def __len__(self) -> int:
         return len(self.dataset)
 
+    def __del__(self) -> None:
+        # let go of the workers' shared-memory slots (batches still held keep theirs)
+        try:
+            it = getattr(self.dataloader, "_iterator", None)
+            pids = [w.pid for w in getattr(it, "_workers", None) or []]
+            if pids:
+                forget_workers(pids)
+        except Exception:  # interpreter shutdown: nothing left to free
+            pass
+
     @property
     def epoch(self) -> int:
         """The epoch the next (or current) pass reads."""
@@ -61,15 +71,26 @@ class ShardLoader:
         self.dataset.set_epoch(epoch)
 
     def _batches(self) -> Iterator[Any]:
-        """Batches as tensors: workers send numpy (cheap to pass), made tensors here."""
+        """Batches as tensors: workers send numpy (cheap to pass), made tensors here.
+
+        Numeric arrays of big batches arrive in shared memory (see
+        ``shardstream.collation.to_wire``): the tensors view a worker's slot,
+        which goes back to the worker once nothing refers to the batch any more
+        (pinning copies, so the slot is free at once)."""
         if self.dataloader.num_workers == 0:
             yield from self.dataloader
             return
         from torch.utils.data._utils.pin_memory import pin_memory
 
-        for batch in self.dataloader:
-            batch = from_wire(batch)
-            yield pin_memory(batch) if self.pin_memory else batch
+        it = iter(self.dataloader)
+        pids = [w.pid for w in getattr(it, "_workers", None) or []]
+        try:
+            for batch in it:
+                batch = from_wire(batch)
+                yield pin_memory(batch) if self.pin_memory else batch
+        finally:
+            if not self.dataloader.persistent_workers:  # these workers are done
+                forget_workers(pids)
 
     def _source(self) -> Any:
         if self.device is None or torch.device(self.device).type == "cpu":

@@ -7,6 +7,12 @@ Our own shards (``<shard>.tar.idx`` next to them) are still read block by
 block through their index. Foreign webdataset tars are read with webdataset's
 tar iterators and their members decoded by extension by
 :func:`shardstream.members.decode_member` -- never unpickled.
+
+Remote URLs (``s3://``, ``http://``...): an indexed shard (its ``.idx`` object
+exists) is downloaded into the node-local cache (:mod:`shardstream.remote`),
+the next ones ahead in a background thread; a foreign tar is streamed with
+:func:`shardstream.storage.open_stream` (resumable range requests) into the
+tar iterator -- webdataset's ``gopen`` (``curl`` pipes) is never used.
 """
 
 from __future__ import annotations
@@ -18,10 +24,12 @@ from typing import Any, Callable, Iterable, Iterator, Sequence
 
 import numpy as np
 
-from .errors import CorruptShardError, ShardNotFoundError
-from .index import INDEX_SUFFIX
+from . import storage
+from .errors import CorruptShardError, ShardNotFoundError, StorageError
+from .index import INDEX_SUFFIX, ShardIndex
 from .members import decode_member
 from .pipeline import BlockReader, ShardRef, rng_for
+from .remote import Prefetcher, RemoteCache
 
 __all__ = ["decode_member", "decode_wds_sample", "iter_shard", "iter_shards", "split_shards",
            "resampled_shards", "buffer_shuffle", "batched", "limit", "is_indexed"]
@@ -47,30 +55,67 @@ def decode_wds_sample(sample: dict[str, Any], *, url: str = "?") -> dict[str, An
 
 
 # ---------------------------------------------------------------- reading shards
-def is_indexed(url: str) -> bool:
-    """A local shardstream shard (its ``.idx`` lies next to it)."""
+def is_indexed(url: str, remote: RemoteCache | None = None) -> bool:
+    """A shardstream shard: its ``.idx`` lies next to it (locally, or as an object)."""
+    if storage.is_remote(url):
+        remote = remote or RemoteCache()
+        return remote.index_bytes(url + INDEX_SUFFIX, missing_ok=True) is not None
     return os.path.exists(url + INDEX_SUFFIX)
 
 
 def iter_shard(url: str, *, on_error: str = "raise",
-               on_skip: Callable[[int], None] | None = None) -> Iterator[dict]:
+               on_skip: Callable[[int], None] | None = None,
+               remote: RemoteCache | None = None) -> Iterator[dict]:
     """The samples of one shard, ours (via its index) or a foreign webdataset tar."""
-    if is_indexed(url):
-        yield from _iter_indexed(url, on_error, on_skip)
+    try:
+        indexed = is_indexed(url, remote)
+    except StorageError as exc:
+        if on_error != "warn" or getattr(exc, "kind", None) == "auth":
+            raise
+        log.warning("%s; skipping shard %s", exc, url)
+        return
+    if indexed:
+        yield from _iter_indexed(url, on_error, on_skip, remote)
     else:
-        yield from _iter_foreign(url, on_error)
+        yield from _iter_foreign(url, on_error, remote)
 
 
 def iter_shards(urls: Iterable[str], *, on_error: str = "raise",
-                on_skip: Callable[[int], None] | None = None) -> Iterator[dict]:
-    for url in urls:
-        yield from iter_shard(url, on_error=on_error, on_skip=on_skip)
+                on_skip: Callable[[int], None] | None = None,
+                remote: RemoteCache | None = None, prefetch: int = 2) -> Iterator[dict]:
+    """Samples of ``urls`` in turn; remote indexed shards of a list are downloaded
+    ``prefetch`` shards ahead (resampled streams are not)."""
+    ahead: Prefetcher | None = None
+    if remote is not None and prefetch > 0 and isinstance(urls, Sequence):
+        ahead = Prefetcher(lambda u: _fetch_indexed(u, remote), list(urls), depth=prefetch)
+    try:
+        for url in urls:
+            if ahead is not None:
+                try:
+                    ahead.take(url)
+                except Exception:  # noqa: BLE001 - iter_shard meets and reports it again
+                    pass
+            yield from iter_shard(url, on_error=on_error, on_skip=on_skip, remote=remote)
+    finally:
+        if ahead is not None:
+            ahead.close()
 
 
-def _iter_indexed(url: str, on_error: str, on_skip: Callable[[int], None] | None
-                  ) -> Iterator[dict]:
+def _fetch_indexed(url: str, remote: RemoteCache) -> str | None:
+    """Download a remote indexed shard into the cache (read-ahead); foreign tars: None."""
+    if not storage.is_remote(url):
+        return None
+    data = remote.index_bytes(url + INDEX_SUFFIX, missing_ok=True)
+    if data is None:
+        return None
+    size = ShardIndex.from_bytes(data, where=url + INDEX_SUFFIX).shard_bytes
+    return remote.shard_path(url, size=size, wait=False)
+
+
+def _iter_indexed(url: str, on_error: str, on_skip: Callable[[int], None] | None,
+                  remote: RemoteCache | None = None) -> Iterator[dict]:
     reader = BlockReader([ShardRef(url, url + INDEX_SUFFIX)], on_error=on_error,
-                         cache_bytes=1 << 20, on_skip=on_skip)
+                         cache_bytes=1 << 20, on_skip=on_skip, remote=remote)
     try:
         ref = reader.open(0)
         if ref.block_of is None:
@@ -87,20 +132,29 @@ def _iter_indexed(url: str, on_error: str, on_skip: Callable[[int], None] | None
         reader.close()
 
 
-def _iter_foreign(url: str, on_error: str) -> Iterator[dict]:
-    import webdataset as wds
+def _iter_foreign(url: str, on_error: str, remote: RemoteCache | None = None
+                  ) -> Iterator[dict]:
+    """A webdataset tar streamed through :func:`storage.open_stream` (never ``gopen``)."""
+    from webdataset.tariterators import group_by_keys, tar_file_expander
 
-    if "://" not in url and not os.path.exists(url):
+    if not storage.is_remote(url) and not os.path.exists(storage.local_path(url)):
         exc = ShardNotFoundError(f"shard {url} does not exist; check the path or pattern")
         if on_error != "warn":
             raise exc
         log.warning("%s; skipping it", exc)
         return
     last = None
+    opts = remote.storage_options if remote is not None else None
     try:
-        for sample in wds.tariterators.tarfile_samples(iter([{"url": url}])):
-            last = sample.get("__key__")
-            yield decode_wds_sample(sample, url=url)
+        with storage.open_stream(url, storage_options=opts) as stream:
+            files = tar_file_expander(iter([{"url": url, "stream": stream}]))
+            for sample in group_by_keys(files):
+                last = sample.get("__key__")
+                yield decode_wds_sample(sample, url=url)
+    except (StorageError, ShardNotFoundError) as exc:  # after the retry budget
+        if on_error != "warn" or getattr(exc, "kind", None) == "auth":
+            raise
+        log.warning("%s; skipping the rest of shard %s after sample %r", exc, url, last)
     except CorruptShardError as exc:
         if on_error != "warn":
             raise

@@ -27,7 +27,7 @@ import logging
 import os
 from collections import OrderedDict
 from dataclasses import dataclass
-from typing import Any, Callable, Sequence
+from typing import Any, Callable, Iterable, Iterator, Sequence
 
 import numpy as np
 
@@ -35,6 +35,8 @@ from .codec import decode_sample, iter_samples
 from .errors import CorruptShardError, DecodeError, IndexMismatchError, ShardNotFoundError, \
     StorageError
 from .index import ShardIndex
+from .remote import Prefetcher, RemoteCache
+from .storage import is_remote
 
 log = logging.getLogger("shardstream")
 
@@ -154,6 +156,28 @@ class EpochOrder:
             self._shard_orders[shard] = order
         return order
 
+    def shards_at(self, positions: np.ndarray) -> np.ndarray:
+        """Shard ids of the samples at ``positions`` (no block shuffle, no index needed)."""
+        y = positions % self.num_samples
+        if self.window > 1:
+            w = y // self.window
+            y = y.copy()
+            for wi in np.unique(w).tolist():
+                sel = w == wi
+                y[sel] = wi * self.window + self._window_perm(wi)[y[sel] - wi * self.window]
+        return self.order[np.searchsorted(self.cum, y, side="right") - 1]
+
+    def first_use(self, positions: Iterable[np.ndarray]) -> Iterator[int]:
+        """Shard ids in the order the batches of ``positions`` first touch them."""
+        seen: set[int] = set()
+        for pos in positions:
+            shards = self.shards_at(pos)
+            u, first = np.unique(shards, return_index=True)
+            for s in u[np.argsort(first)].tolist():
+                if s not in seen:
+                    seen.add(s)
+                    yield s
+
     def locate(self, positions: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
         """(shard ids, shard-local ordinals) of the samples at ``positions`` of G."""
         y = positions % self.num_samples
@@ -182,16 +206,20 @@ class ShardRef:
 
     ``bad_from`` is the first shard-local ordinal skipped after an error
     (``on_error="warn"``); ``trunc_from`` the first sample a truncated file lacks.
+    ``path`` may be a URL (``s3://``, ``http://``...): see :mod:`shardstream.remote`;
+    ``sha256``/``index_sha256`` (from the manifest) then name the cached copies.
     """
 
     __slots__ = ("path", "index_path", "expected_bytes", "expected_samples", "base", "opened",
                  "fd", "block_first", "block_of", "block_offset", "block_size", "rel_start", "rel_end",
-                 "bad_from", "trunc_from", "size", "codec")
+                 "bad_from", "trunc_from", "size", "codec", "sha256", "index_sha256")
 
     def __init__(self, path: str, index_path: str, *, expected_bytes: int | None = None,
-                 expected_samples: int | None = None, base: int | None = None) -> None:
+                 expected_samples: int | None = None, base: int | None = None,
+                 sha256: str | None = None, index_sha256: str | None = None) -> None:
         self.path, self.index_path = path, index_path
         self.expected_bytes, self.expected_samples, self.base = expected_bytes, expected_samples, base
+        self.sha256, self.index_sha256 = sha256, index_sha256
         self.opened = False
         self.fd = -1
         self.bad_from: int | None = None
@@ -211,7 +239,7 @@ def shard_refs(dataset: Any) -> list[ShardRef]:
     for info in dataset.manifest.shards:
         refs.append(ShardRef(dataset.shard_path(info), dataset.index_path(info),
                              expected_bytes=info.bytes, expected_samples=info.num_samples,
-                             base=base))
+                             base=base, sha256=info.sha256, index_sha256=info.index_sha256))
         base += info.num_samples
     return refs
 
@@ -224,18 +252,46 @@ class BlockReader:
     ``on_error="raise"`` raises errors naming the shard, the sample and its
     byte offset; ``"warn"`` logs the same text, skips the rest of that shard
     and reports skipped samples through ``on_skip``.
+
+    Remote shards (URLs) are fetched whole into ``remote``'s node-local cache
+    (a default :class:`~shardstream.remote.RemoteCache` when None) and then
+    read like local ones; :meth:`prefetch` downloads the next ones ahead.
+    Storage errors count as damage in warn mode, except authentication errors.
     """
 
     def __init__(self, shards: Sequence[ShardRef], *, on_error: str = "raise",
-                 cache_bytes: int = 64 << 20, on_skip: Callable[[int], None] | None = None) -> None:
+                 cache_bytes: int = 64 << 20, on_skip: Callable[[int], None] | None = None,
+                 remote: RemoteCache | None = None) -> None:
         self.shards = shards
         self.on_error = on_error
         self.cache_bytes = cache_bytes
         self.on_skip = on_skip
+        self.remote = remote
+        self._prefetcher: Prefetcher | None = None
         self._cache: OrderedDict[tuple[int, int], bytes] = OrderedDict()
         self._cached = 0
 
+    def prefetch(self, order: Iterable[int], depth: int = 2) -> None:
+        """Download remote shards ``order`` (shard ids, first use first) in the background."""
+        store = self._store()
+
+        def fetch(s: int) -> str | None:
+            ref = self.shards[s]
+            if not is_remote(ref.path):
+                return None
+            return store.shard_path(ref.path, size=ref.expected_bytes, sha256=ref.sha256,
+                                    wait=False)
+        self._prefetcher = Prefetcher(fetch, order, depth=depth)
+
+    def _store(self) -> RemoteCache:
+        if self.remote is None:
+            self.remote = RemoteCache()
+        return self.remote
+
     def close(self) -> None:
+        if self._prefetcher is not None:
+            self._prefetcher.close()
+            self._prefetcher = None
         for ref in self.shards:
             if ref.fd >= 0:
                 os.close(ref.fd)
@@ -258,10 +314,33 @@ class BlockReader:
         ref.opened = True
         ref.block_of = None
         try:
-            self._load(ref)
+            if is_remote(ref.path):
+                self._load_remote(s, ref)
+            else:
+                self._load(ref)
         except (CorruptShardError, ShardNotFoundError) as exc:
             self._fail(ref, 0, exc)
+        except StorageError as exc:
+            if getattr(exc, "kind", None) == "auth":
+                raise  # every shard would fail the same way: no skipping
+            self._fail(ref, 0, exc)
         return ref
+
+    def _load_remote(self, s: int, ref: ShardRef) -> None:
+        """Index by one request (cached), shard whole into the node-local cache."""
+        store = self._store()
+        taken = self._prefetcher.take(s) if self._prefetcher is not None else None
+        data = store.index_bytes(ref.index_path, sha256=ref.index_sha256)
+        assert data is not None
+        index = ShardIndex.from_bytes(data, where=ref.index_path)
+        size = ref.expected_bytes if ref.expected_bytes is not None else index.shard_bytes
+        fd = store.open_shard(ref.path, size=size, sha256=ref.sha256, path=taken)
+        try:
+            self._set_index(ref, index, os.fstat(fd).st_size)
+        except BaseException:
+            os.close(fd)
+            raise
+        ref.fd = fd
 
     def _load(self, ref: ShardRef) -> None:
         try:
@@ -277,7 +356,14 @@ class BlockReader:
                                      f"`shardstream index {ref.path}`") from None
         except OSError as exc:
             raise StorageError(f"cannot read {ref.index_path}: {exc.strerror or exc}") from exc
-        index = ShardIndex.from_bytes(data, where=ref.index_path)
+        self._set_index(ref, ShardIndex.from_bytes(data, where=ref.index_path), size)
+        try:
+            ref.fd = os.open(ref.path, os.O_RDONLY)
+        except OSError as exc:
+            raise StorageError(f"cannot open {ref.path}: {exc.strerror or exc}") from exc
+
+    def _set_index(self, ref: ShardRef, index: ShardIndex, size: int) -> None:
+        """Check ``index`` against the manifest entry and the shard's ``size``; keep it."""
         if ref.expected_bytes is not None and index.shard_bytes != ref.expected_bytes or \
                 ref.expected_samples is not None and index.num_samples != ref.expected_samples:
             raise IndexMismatchError(f"index {ref.index_path} does not match the manifest's entry "
@@ -304,10 +390,6 @@ class BlockReader:
         if size < index.shard_bytes:
             short = np.flatnonzero(index.stored_ends() > size)
             ref.trunc_from = int(short[0]) if len(short) else None
-        try:
-            ref.fd = os.open(ref.path, os.O_RDONLY)
-        except OSError as exc:
-            raise StorageError(f"cannot open {ref.path}: {exc.strerror or exc}") from exc
 
     def _fail(self, ref: ShardRef, first: int, exc: Exception) -> None:
         """Raise, or (warn mode) log and skip ``ref`` from sample ``first`` on."""

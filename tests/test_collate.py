@@ -89,3 +89,80 @@ def test_wire_round_trip():
     back = from_wire(wire)
     assert back["t"].tolist() == [[0, 1, 0, 0], [0, 1, 2, 3]] and back["s"] == ["x", "x"]
     assert torch.equal(back["t"], collate(vals)["t"])
+
+
+def _as_worker(monkeypatch):
+    """Make to_wire behave as in a DataLoader worker, with a fresh slot ring."""
+    import shardstream.collation as C
+
+    monkeypatch.setattr(C, "_in_worker", lambda: True)
+    monkeypatch.setattr(C, "_ring", None)
+    monkeypatch.setattr(C, "_SHM_MIN_BYTES", 0)
+    return C
+
+
+def _ship(obj):
+    """Pickle as the DataLoader's result queue does, and unpickle."""
+    import torch.multiprocessing  # noqa: F401  (registers the tensor reductions)
+    from multiprocessing.reduction import ForkingPickler
+
+    return ForkingPickler.loads(ForkingPickler.dumps(obj))
+
+
+def test_shm_wire_round_trip_and_release(monkeypatch):
+    import gc
+
+    C = _as_worker(monkeypatch)
+    vals = [{"t": np.arange(n, dtype=np.int32), "f": 0.5 * n, "s": "x" * n,
+             "m": {"a": np.ones(3, np.uint8)}} for n in (3, 1, 0, 5)]
+    expect = collate(vals)
+    wire = C.to_wire(collate(vals))
+    assert type(wire) is C._Wire and wire.slot is not None
+    ring = C._ring
+    assert ring.slots[0][2][0] == 1  # busy
+    back = C.from_wire(_ship(wire))
+    for k in ("t", "t_lengths", "f"):
+        assert torch.equal(back[k], expect[k]) and back[k].dtype == expect[k].dtype
+    assert torch.equal(back["m"]["a"], expect["m"]["a"]) and back["s"] == expect["s"]
+    back["t"][0, 0] = 7  # writable
+    t_view = back["t"][1:]  # a view keeps the slot busy too
+    del back
+    gc.collect()
+    assert ring.slots[0][2][0] == 1
+    assert t_view.tolist() == expect["t"][1:].tolist()
+    del t_view
+    gc.collect()
+    assert ring.slots[0][2][0] == 0  # free again once nothing refers to the batch
+    # the slot is reused, sent only once
+    again = C.to_wire(collate(vals))
+    assert type(again) is C._Wire and again.slot is None and again.key == wire.key
+    assert torch.equal(C.from_wire(_ship(again))["t"], expect["t"])
+
+
+def test_shm_ring_full_falls_back_to_pipe_and_kept_batches_stay(monkeypatch):
+    C = _as_worker(monkeypatch)
+    monkeypatch.setattr(C, "_SHM_MAX_SLOTS", 2)
+    kept, expect = [], []
+    for i in range(5):
+        vals = [{"t": np.full(n, i, dtype=np.int64)} for n in (i + 3, 2)]
+        expect.append(collate(vals))
+        wire = C.to_wire(collate(vals))
+        assert (type(wire) is C._Wire) == (i < 2)  # two slots, both held below
+        kept.append(C.from_wire(_ship(wire)))
+    for got, exp in zip(kept, expect):
+        assert torch.equal(got["t"], exp["t"]) and torch.equal(got["t_lengths"], exp["t_lengths"])
+    # a bigger batch grows a free slot in place
+    del kept[0]
+    big = [{"t": np.arange(100_000, dtype=np.int64)}]
+    wire = C.to_wire(collate(big))
+    assert type(wire) is C._Wire and wire.slot is not None
+    assert torch.equal(C.from_wire(_ship(wire))["t"][0], torch.arange(100_000))
+
+
+def test_shm_small_batches_and_switch_off(monkeypatch):
+    C = _as_worker(monkeypatch)
+    monkeypatch.setattr(C, "_SHM_MIN_BYTES", 1 << 20)
+    assert type(C.to_wire(collate([{"i": 1}]))) is dict  # small: through the pipe
+    monkeypatch.setattr(C, "_SHM_MIN_BYTES", 0)
+    monkeypatch.setattr(C, "_SHM_ENABLED", False)
+    assert type(C.to_wire(collate([{"t": np.ones(10)}]))) is dict

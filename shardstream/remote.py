@@ -1,0 +1,232 @@
+"""Reading shards from object storage: a node-local shard cache with read-ahead.
+
+Readers in exact mode need a shard's blocks in a shuffled order, and every
+rank and worker touches many shards. Rather than one range request per 64 KiB
+block, each shard is downloaded **whole, once per node**, with one resumable
+stream (:func:`shardstream.storage.open_stream`: 8 MiB range requests,
+retries with backoff, resume at the first byte not yet received) into a
+cache directory, and then read with ``pread`` exactly like a local shard.
+
+- :class:`RemoteCache`: where shards and indexes land. Entries are named by
+  the URL's hash plus the manifest's sha256 (or the size), so a rewritten
+  dataset never reads a stale copy. Files appear by atomic rename; one
+  process downloads an entry under an ``flock`` while the others wait for
+  it, so DataLoader workers and ranks on one node share each download. The
+  directory is kept under ``max_bytes`` by evicting least recently used
+  entries (an entry that a reader has open stays readable: POSIX unlink).
+- :class:`Prefetcher`: a background thread that downloads the shards a
+  reader will need next, in the order it will first touch them, at most
+  ``depth`` shards ahead of it.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import os
+import tempfile
+import threading
+from concurrent.futures import Future
+from typing import Any, Callable, Hashable, Iterable
+
+from . import storage
+from .errors import ShardNotFoundError, StorageError
+from .retry import DEFAULT_RETRY, RetryPolicy
+
+__all__ = ["RemoteCache", "Prefetcher", "default_cache_dir", "DEFAULT_CACHE_LIMIT"]
+
+#: default size limit of the node-local shard cache
+DEFAULT_CACHE_LIMIT = 16 << 30
+
+
+def default_cache_dir() -> str:
+    """``$TMPDIR/shardstream-<uid>/shards``: per user, shared by the processes of a node."""
+    uid = os.getuid() if hasattr(os, "getuid") else 0
+    return os.path.join(tempfile.gettempdir(), f"shardstream-{uid}", "shards")
+
+
+def _entry_name(url: str, tag: str) -> str:
+    digest = hashlib.sha256(url.encode()).hexdigest()[:16]
+    base = url.rstrip("/").rsplit("/", 1)[-1][-80:] or "object"
+    return f"{digest}-{tag}-{base}"
+
+
+class RemoteCache:
+    """Downloads remote shards (and indexes) into ``cache_dir``; see the module docs.
+
+    Picklable (DataLoader workers get a copy): it holds only settings.
+    """
+
+    def __init__(self, storage_options: dict[str, Any] | None = None, *,
+                 cache_dir: str | None = None, max_bytes: int | None = DEFAULT_CACHE_LIMIT,
+                 retry: RetryPolicy = DEFAULT_RETRY) -> None:
+        self.storage_options = dict(storage_options or {})
+        self.cache_dir = os.fspath(cache_dir) if cache_dir is not None else default_cache_dir()
+        self.max_bytes = max_bytes
+        self.retry = retry
+        self._indexes: dict[str, bytes | None] = {}
+
+    def __getstate__(self) -> dict[str, Any]:
+        state = self.__dict__.copy()
+        state["_indexes"] = {}
+        return state
+
+    # -- indexes ----------------------------------------------------------------
+    def index_bytes(self, url: str, *, sha256: str | None = None,
+                    missing_ok: bool = False) -> bytes | None:
+        """The index at ``url`` (one request; kept on disk when ``sha256`` names it).
+
+        ``missing_ok``: return None instead of raising :class:`ShardNotFoundError`.
+        """
+        if url in self._indexes:
+            data = self._indexes[url]
+            if data is None and not missing_ok:
+                raise ShardNotFoundError(f"index {url} does not exist")
+            return data
+        path = os.path.join(self.cache_dir, _entry_name(url, sha256[:16])) if sha256 else None
+        data = None
+        if path is not None:
+            try:
+                with open(path, "rb") as f:
+                    data = f.read()
+            except OSError:
+                data = None
+        if data is None:
+            try:
+                data = storage.read_bytes(url, storage_options=self.storage_options,
+                                          retry=self.retry)
+            except ShardNotFoundError:
+                self._indexes[url] = None
+                if missing_ok:
+                    return None
+                raise
+            if path is not None and (sha256 is None or
+                                     hashlib.sha256(data).hexdigest() == sha256):
+                self._store(path, data)
+        if len(self._indexes) > 4096:
+            self._indexes.clear()
+        self._indexes[url] = data
+        return data
+
+    def _store(self, path: str, data: bytes) -> None:
+        os.makedirs(self.cache_dir, exist_ok=True)
+        fd, tmp = tempfile.mkstemp(prefix=".part-", dir=self.cache_dir)
+        try:
+            with os.fdopen(fd, "wb") as f:
+                f.write(data)
+            os.replace(tmp, path)
+        except OSError:
+            try:
+                os.unlink(tmp)
+            except OSError:
+                pass
+
+    # -- shards -----------------------------------------------------------------
+    def shard_path(self, url: str, *, size: int | None = None, sha256: str | None = None,
+                   wait: bool = True) -> str | None:
+        """A complete local copy of ``url`` (downloaded unless cached); returns its path.
+
+        ``size`` (from the manifest or index) skips a HEAD request and validates
+        the cached copy; without ``sha256`` the size is part of the entry's name.
+        ``wait=False``: return None at once when another process is downloading it
+        (read-ahead moves on to the next shard instead of queueing behind it).
+        """
+        if size is None:
+            size = storage.size(url, storage_options=self.storage_options, retry=self.retry)
+        tag = sha256[:16] if sha256 else f"{size}b"
+        dest = os.path.join(self.cache_dir, _entry_name(url, tag))
+        if self._complete(dest, size):
+            return dest
+        os.makedirs(self.cache_dir, exist_ok=True)
+        lock = os.path.join(self.cache_dir, "." + os.path.basename(dest) + ".lock")
+        with storage._locked(lock, blocking=wait) as got:
+            if not got:
+                return None
+            if not self._complete(dest, size):
+                storage._download(url, dest, self.storage_options, self.retry, size)
+        storage._evict(self.cache_dir, self.max_bytes, keep=dest)
+        return dest
+
+    @staticmethod
+    def _complete(path: str, size: int) -> bool:
+        try:
+            if os.path.getsize(path) != size:
+                return False
+            os.utime(path)  # LRU: recently used
+            return True
+        except OSError:
+            return False
+
+    def open_shard(self, url: str, *, size: int | None = None, sha256: str | None = None,
+                   path: str | None = None) -> int:
+        """An open fd on the cached copy of ``url`` (``path``: already fetched there)."""
+        for _ in range(3):  # an entry evicted between download and open: fetch again
+            if path is None:
+                path = self.shard_path(url, size=size, sha256=sha256)
+            assert path is not None
+            try:
+                return os.open(path, os.O_RDONLY)
+            except FileNotFoundError:
+                path = None
+            except OSError as exc:
+                raise StorageError(f"cannot open the cached copy {path} of {url}: "
+                                   f"{exc.strerror or exc}; check cache_dir") from exc
+        raise StorageError(f"{url}: the cached copy keeps being evicted from {self.cache_dir}; "
+                           "raise the cache size limit (cache_limit=)")
+
+
+class Prefetcher:
+    """Runs ``fetch(key)`` in a background thread for keys in ``order``, ``depth`` ahead.
+
+    The reader calls :meth:`take` for a key when it needs it: it waits for that
+    key's fetch if one was started (re-raising its error) and lets the thread
+    move on; a key not fetched yet returns None (the reader fetches it itself).
+    """
+
+    def __init__(self, fetch: Callable[[Any], Any], order: Iterable[Hashable], *,
+                 depth: int = 2) -> None:
+        self._fetch, self._order, self.depth = fetch, iter(order), max(1, depth)
+        self._futures: dict[Hashable, Future] = {}
+        self._taken: set[Hashable] = set()
+        self._cond = threading.Condition()
+        self._stop = False
+        self._thread = threading.Thread(target=self._run, name="shardstream-prefetch",
+                                        daemon=True)
+        self._thread.start()
+
+    def _run(self) -> None:
+        try:
+            for key in self._order:
+                with self._cond:
+                    while len(self._futures) >= self.depth and not self._stop:
+                        self._cond.wait()
+                    if self._stop:
+                        return
+                    if key in self._futures or key in self._taken:
+                        continue
+                    fut: Future = Future()
+                    self._futures[key] = fut
+                try:
+                    fut.set_result(self._fetch(key))
+                except BaseException as exc:  # handed to the reader by take()
+                    fut.set_exception(exc)
+        except Exception:  # noqa: BLE001 - a broken order: the reader fetches itself
+            return
+
+    def take(self, key: Hashable) -> Any:
+        """The fetched value of ``key``, or None when the thread has not started it."""
+        with self._cond:
+            fut = self._futures.get(key)
+            self._taken.add(key)
+        if fut is None:
+            return None
+        try:
+            return fut.result()
+        finally:
+            with self._cond:
+                self._futures.pop(key, None)
+                self._cond.notify_all()
+
+    def close(self) -> None:
+        with self._cond:
+            self._stop = True
+            self._cond.notify_all()

@@ -1,0 +1,202 @@
+"""Streaming reads from object storage: SeaweedFS (S3) and HTTP servers on 127.0.0.1."""
+
+from __future__ import annotations
+
+import io
+import json
+import logging
+import os
+import tarfile
+
+import numpy as np
+import pytest
+
+from conftest import sample
+from servers import HTTPTestServer
+from shardstream import storage
+from shardstream.cli import write_main
+from shardstream.dataloader import loader
+from shardstream.errors import StorageError
+from shardstream.manifest import MANIFEST_NAME, load_manifest
+from shardstream.retry import RetryPolicy
+from shardstream.stream import ShardStream
+from shardstream.writer import ShardWriter
+
+pytestmark = pytest.mark.storage
+
+FAST = RetryPolicy(attempts=8, base_delay=0.005, max_delay=0.05, timeout=5)
+N = 600
+
+
+def _write(url: str, n: int = N, opts: dict | None = None) -> str:
+    with ShardWriter(url, max_samples=97, block_bytes=1024, fsync=False,
+                     storage_options=opts) as w:
+        for i in range(n):
+            w.write(sample(i))
+    return url
+
+
+def _ids(ds) -> list[int]:
+    return [i for b in ds for i in (b["id"].tolist() if ds.batch_size else [b["id"]])]
+
+
+def _same(a: dict, b: dict) -> None:
+    assert a.keys() == b.keys()
+    for k in a:
+        if isinstance(a[k], np.ndarray):
+            assert np.array_equal(a[k], b[k])
+        else:
+            assert a[k] == b[k]
+
+
+def test_s3_manifest_equals_local_read(s3_server, s3_bucket, tmp_path):
+    opts = s3_server.storage_options
+    local, url = _write(str(tmp_path / "ds")), _write(f"{s3_bucket}/ds", opts=opts)
+    kw = dict(shuffle=True, seed=3, shuffle_buffer=128)
+    cache = str(tmp_path / "cache")
+    remote = ShardStream(url, storage_options=opts, cache_dir=cache, **kw)
+    assert remote.exact and remote.num_samples == N
+    got, want = list(remote), list(ShardStream(local, **kw))
+    assert [s["id"] for s in got] == [s["id"] for s in want] and len(got) == N
+    for a, b in zip(got, want):
+        _same(a, b)
+    m = load_manifest(url, opts)
+    cached = os.listdir(cache)
+    assert sum(n.endswith(".tar") for n in cached) == len(m.shards)  # each shard once
+    remote.set_epoch(1)  # epoch 2 from the cache: same as local epoch 2
+    b = ShardStream(local, batch_size=32, **kw)
+    b.set_epoch(1)
+    r = ShardStream(url, storage_options=opts, cache_dir=cache, batch_size=32, **kw)
+    r.set_epoch(1)
+    assert _ids(r) == _ids(b)
+
+
+def test_http_manifest_and_brace_pattern(tmp_path):
+    local = _write(str(tmp_path / "ds"))
+    names = sorted(n for n in os.listdir(local) if n.endswith(".tar"))
+    with HTTPTestServer(str(tmp_path)) as srv:
+        ds = ShardStream(srv.url("ds"), batch_size=50, shuffle=True, seed=1,
+                         cache_dir=str(tmp_path / "c1"), retry=FAST)
+        assert _ids(ds) == _ids(ShardStream(local, batch_size=50, shuffle=True, seed=1))
+        assert any(r.start is not None for r in srv.requests())  # range requests
+        pattern = srv.url(f"ds/shard-{{000000..{len(names) - 1:06d}}}.tar")
+        ds = ShardStream(pattern, cache_dir=str(tmp_path / "c2"), retry=FAST)
+        assert not ds.exact and sorted(_ids(ds)) == list(range(N))
+
+
+def _wds_tar(path: str, first: int, n: int) -> None:
+    with tarfile.open(path, "w") as tar:
+        for i in range(first, first + n):
+            for ext, data in (("json", json.dumps({"id": i}).encode()),
+                              ("txt", f"text {i}".encode() * 50)):
+                info = tarfile.TarInfo(f"{i:06d}.{ext}")
+                info.size = len(data)
+                tar.addfile(info, io.BytesIO(data))
+
+
+def test_foreign_tars_stream_through_faults_without_gopen(tmp_path, monkeypatch):
+    import webdataset.tariterators as ti
+
+    def no_gopen(*a, **k):
+        raise AssertionError("webdataset gopen must not be used")
+    monkeypatch.setattr(ti.gopen, "gopen", no_gopen)
+    d = tmp_path / "wds"
+    d.mkdir()
+    for k in range(4):
+        _wds_tar(str(d / f"w-{k}.tar"), k * 50, 50)
+    with HTTPTestServer(str(tmp_path), seed=5, drop_rate=0.4, fail_rate=0.2) as srv:
+        ds = ShardStream(srv.url("wds/w-{0..3}.tar"), retry=FAST, shuffle=True,
+                         shuffle_buffer=16)
+        ids = [json.loads(s["json"])["id"] if isinstance(s["json"], (bytes, str))
+               else s["json"]["id"] for s in ds]
+        assert sorted(ids) == list(range(200))  # every sample exactly once
+        assert any(r.fault == "drop" for r in srv.log)
+
+
+def test_prefix_listing_without_manifest(s3_server, s3_bucket, tmp_path):
+    opts = s3_server.storage_options
+    url = _write(f"{s3_bucket}/loose", opts=opts)
+    storage.remove(storage.join(url, MANIFEST_NAME), storage_options=opts)
+    ds = ShardStream(url + "/", storage_options=opts, cache_dir=str(tmp_path / "c"))
+    assert not ds.exact and len(ds.urls) == 7 and ds.urls == sorted(ds.urls)
+    assert sorted(_ids(ds)) == list(range(N))
+    with pytest.raises(Exception, match="no manifest.json and no .tar"):
+        ShardStream(f"{s3_bucket}/nothing-here", storage_options=opts)
+
+
+def test_faults_resume_every_sample_exactly_once(tmp_path):
+    local = _write(str(tmp_path / "ds"))
+    with HTTPTestServer(str(tmp_path), seed=11, drop_rate=0.3, fail_rate=0.2) as srv:
+        ds = ShardStream(srv.url("ds"), batch_size=40, shuffle=True, seed=2, retry=FAST,
+                         cache_dir=str(tmp_path / "c"))
+        got = _ids(ds)
+        assert got == _ids(ShardStream(local, batch_size=40, shuffle=True, seed=2))
+        assert sorted(got) == list(range(N))
+        faults = [r.fault for r in srv.log]
+        assert "drop" in faults and ("503" in faults or "429" in faults)
+        # every dropped request is retried from its own range start, no earlier
+        for k, d in enumerate(srv.log):
+            if d.fault == "drop":
+                later = [r for r in srv.log[k + 1:] if r.path == d.path and r.fault is None]
+                assert later and all((r.start or 0) >= (d.start or 0) for r in later)
+
+
+def test_forbidden_fails_fast(tmp_path):
+    _write(str(tmp_path / "ds"))
+    with HTTPTestServer(str(tmp_path), forbidden={"ds/shard-000000.tar"}) as srv:
+        for on_error in ("raise", "warn"):
+            ds = ShardStream(srv.url("ds"), on_error=on_error, cache_dir=str(tmp_path / "c"))
+            with pytest.raises(StorageError, match="access denied") as err:
+                list(ds)
+            assert "shard-000000.tar" in str(err.value) and "credentials" in str(err.value)
+        assert len(srv.requests("GET", "ds/shard-000000.tar")) == 2  # one per run: no retries
+
+
+def test_warn_skips_a_failing_shard_and_counts_it(tmp_path, caplog):
+    _write(str(tmp_path / "ds"))
+    m = load_manifest(str(tmp_path / "ds"))
+    bad = m.shards[2]
+    with HTTPTestServer(str(tmp_path)) as srv:
+        srv.next_fault = lambda path, body: "503" if path == f"ds/{bad.name}" else None
+        retry = RetryPolicy(attempts=3, base_delay=0.001, max_delay=0.01, timeout=5)
+        kw = dict(batch_size=25, world_size=2, on_error="warn", retry=retry,
+                  cache_dir=str(tmp_path / "c"))
+        with caplog.at_level(logging.WARNING, logger="shardstream"):
+            r0 = ShardStream(srv.url("ds"), rank=0, **kw)
+            r1 = ShardStream(srv.url("ds"), rank=1, **kw)
+            b0, b1 = _ids(r0), _ids(r1)
+        assert len(b0) == len(b1) == N // 2  # ranks stay equal
+        assert r0.skipped + r1.skipped == bad.num_samples
+        assert set(range(N)) - set(b0 + b1) == set(range(194, 194 + bad.num_samples))
+        text = caplog.text
+        assert f"ds/{bad.name}" in text and "503" in text and "3 tries" in text
+
+
+def test_cli_write_to_s3_then_two_workers(s3_server, s3_bucket, tmp_path, monkeypatch):
+    src = tmp_path / "in.jsonl"
+    src.write_text("".join(json.dumps({"id": i, "v": [i] * (i % 4 + 1)}) + "\n"
+                           for i in range(1000)))
+    url = f"{s3_bucket}/cli"
+    for k, v in s3_server.env.items():
+        monkeypatch.setenv(k, v)
+    assert write_main([str(src), "-o", url, "--max-samples", "150", "-q"]) == 0
+    ds = ShardStream(url, batch_size=32, shuffle=True, cache_dir=str(tmp_path / "c"))
+    ids = [i for b in loader(ds, num_workers=2) for i in b["id"].tolist()]
+    assert sorted(ids) == list(range(1000))
+    assert not [n for n in os.listdir(tmp_path / "c") if n.startswith(".part-")]
+
+
+def test_torchrun_two_ranks_over_s3(s3_server, s3_bucket, tmp_path, monkeypatch):
+    from test_distributed import torchrun
+
+    url = _write(f"{s3_bucket}/ddp", n=1003, opts=s3_server.storage_options)
+    for k, v in s3_server.env.items():
+        monkeypatch.setenv(k, v)
+    out = tmp_path / "out"
+    out.mkdir()
+    script = os.path.join(os.path.dirname(__file__), "scripts", "ddp_remote.py")
+    torchrun(script, url, str(out), str(tmp_path / "cache"))
+    ranks = [json.loads((out / f"rank{r}.json").read_text()) for r in range(2)]
+    assert len(ranks[0]["batches"]) == len(ranks[1]["batches"]) == ranks[0]["len"]
+    flat = [i for r in ranks for b in r["batches"] for i in b]
+    assert sorted(set(flat)) == list(range(1003)) and len(flat) == 1004  # pad repeats 1
