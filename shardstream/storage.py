@@ -49,6 +49,40 @@ _PACKAGES = {"s3": "s3fs", "gcs": "gcsfs", "http": "aiohttp"}
 
 
 # ---------------------------------------------------------------- URLs
+# ---------------------------------------------------------------- fork safety
+# fsspec runs its async filesystems (s3fs, gcsfs, http) on one event loop in a
+# thread. A forked child (a DataLoader worker) inherits that loop object and
+# its epoll instance, which the parent still uses: when the child later closes
+# the inherited connections (s3fs's finalizer, aiohttp's connector __del__),
+# asyncio unregisters their sockets from that *shared* epoll, and the parent's
+# next request on such a pooled connection waits for its timeout (60 s). The
+# child gets a private selector for the inherited loop, so whatever it closes
+# stays in the child; fsspec itself gives the child a fresh loop.
+_inherited_loop: list[Any] = [None]
+
+
+def _before_fork() -> None:
+    asyn = __import__("sys").modules.get("fsspec.asyn")
+    _inherited_loop[0] = asyn.loop[0] if asyn is not None else None
+
+
+def _after_fork_in_child() -> None:
+    loop, _inherited_loop[0] = _inherited_loop[0], None
+    if loop is not None and getattr(loop, "_selector", None) is not None:
+        import selectors
+
+        loop._selector = selectors.DefaultSelector()
+
+
+def _after_fork_in_parent() -> None:
+    _inherited_loop[0] = None
+
+
+if hasattr(os, "register_at_fork"):
+    os.register_at_fork(before=_before_fork, after_in_child=_after_fork_in_child,
+                        after_in_parent=_after_fork_in_parent)
+
+
 def _protocol(url: str) -> str:
     head, sep, _ = url.partition("://")
     return head.lower() if sep and head.isidentifier() else ""

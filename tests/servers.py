@@ -62,6 +62,17 @@ def find_weed() -> str | None:
     return shutil.which("weed") or (near if os.access(near, os.X_OK) else None)
 
 
+def _optional_listeners_off(weed: str) -> list[str]:
+    """Flags that disable listeners on fixed ports (Iceberg, Lance), where weed has them."""
+    try:
+        help_text = subprocess.run([weed, "server", "-h"], capture_output=True, text=True,
+                                   timeout=30).stderr
+    except (OSError, subprocess.TimeoutExpired):
+        return []
+    return [f"-s3.port.{name}=0" for name in ("iceberg", "lance")
+            if f"-s3.port.{name}" in help_text]
+
+
 class SeaweedFS:
     """``weed server -s3`` on free ports; :meth:`start` returns when buckets can be made."""
 
@@ -108,6 +119,7 @@ class SeaweedFS:
         cmd = [weed, "server", f"-dir={data}", "-s3", f"-s3.port={ports[0]}", f"-ip={HOST}",
                f"-ip.bind={HOST}", f"-master.port={ports[1]}", f"-volume.port={ports[2]}",
                f"-filer.port={ports[3]}", "-volume.max=300", "-master.volumeSizeLimitMB=64"]
+        cmd += _optional_listeners_off(weed)  # fixed ports: two servers on a host would collide
         self.log_path = os.path.join(self.workdir, "weed.log")
         with open(self.log_path, "wb") as log:
             self.proc = subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT,

@@ -268,3 +268,26 @@ def test_shard_dataset_over_http_uses_the_cache(make_dataset, tmp_path):
     with HTTPTestServer(str(tmp_path)) as srv:
         ds = ShardDataset(srv.url("ds"), cache_dir=str(tmp_path / "cache"))
         assert len(ds) == 120 and ds[57]["id"] == 57
+
+
+def test_forked_child_gets_a_private_selector_for_the_inherited_fsspec_loop():
+    """A child closing inherited connections must not touch the parent's epoll instance
+    (the parent's next request on a pooled connection would hang until its timeout)."""
+    import multiprocessing as mp
+
+    import fsspec.asyn
+
+    import shardstream.storage  # noqa: F401  (registers the fork handler)
+
+    loop = fsspec.asyn.get_loop()
+    parent_fd = loop._selector.fileno()
+
+    def child(conn) -> None:
+        conn.send(loop._selector.fileno() != parent_fd)
+
+    here, there = mp.get_context("fork").Pipe()
+    proc = mp.get_context("fork").Process(target=child, args=(there,))
+    proc.start()
+    assert here.recv() is True
+    proc.join(10)
+    assert loop._selector.fileno() == parent_fd  # the parent's loop is untouched
