@@ -36,6 +36,7 @@ from .errors import CorruptShardError, DecodeError, IndexMismatchError, ShardNot
     StorageError
 from .index import ShardIndex
 from .remote import Prefetcher, RemoteCache
+from .shard import read_index_file
 from .storage import is_remote
 
 log = logging.getLogger("shardstream")
@@ -348,14 +349,7 @@ class BlockReader:
         except FileNotFoundError:
             raise ShardNotFoundError(f"shard {ref.path} is missing; restore it or rewrite the "
                                      "dataset") from None
-        try:
-            with open(ref.index_path, "rb") as f:
-                data = f.read()
-        except FileNotFoundError:
-            raise ShardNotFoundError(f"index {ref.index_path} is missing; rebuild it with "
-                                     f"`shardstream index {ref.path}`") from None
-        except OSError as exc:
-            raise StorageError(f"cannot read {ref.index_path}: {exc.strerror or exc}") from exc
+        data = read_index_file(ref.index_path, ref.path)
         self._set_index(ref, ShardIndex.from_bytes(data, where=ref.index_path), size)
         try:
             ref.fd = os.open(ref.path, os.O_RDONLY)

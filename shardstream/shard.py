@@ -19,7 +19,7 @@ from .errors import CorruptShardError, DecodeError, IndexMismatchError, ShardNot
 from .index import ShardIndex
 from .manifest import MANIFEST_NAME, Manifest, ShardInfo, load_manifest
 
-__all__ = ["Dataset", "open_dataset", "load_index", "read_block", "decompress",
+__all__ = ["Dataset", "open_dataset", "read_index_file", "load_index", "read_block", "decompress",
            "iter_block_samples", "iter_dataset", "sha256_file"]
 
 
@@ -58,6 +58,19 @@ def sha256_file(path: str, chunk: int = 1 << 20) -> str:
             h.update(b)
 
 
+def read_index_file(idx_path: str, shard_path: str | None = None) -> bytes:
+    """The bytes of an index file; a missing one names the command that rebuilds it."""
+    try:
+        with open(idx_path, "rb") as f:
+            return f.read()
+    except FileNotFoundError:
+        rebuild = f"`shardstream index {shard_path}`" if shard_path else "`shardstream index`"
+        raise ShardNotFoundError(f"index {idx_path} is missing; rebuild it with "
+                                 f"{rebuild}") from None
+    except OSError as exc:
+        raise StorageError(f"cannot read {idx_path}: {exc.strerror or exc}") from exc
+
+
 def load_index(ds: Dataset, info: ShardInfo, *, check_size: bool = True) -> ShardIndex:
     """Read a shard's index; raise if the shard or index is missing or disagrees."""
     shard_path, idx_path = ds.shard_path(info), ds.index_path(info)
@@ -66,15 +79,7 @@ def load_index(ds: Dataset, info: ShardInfo, *, check_size: bool = True) -> Shar
     except FileNotFoundError:
         raise ShardNotFoundError(f"shard {shard_path} is listed in the manifest but missing; "
                                  "restore it or rewrite the dataset") from None
-    try:
-        with open(idx_path, "rb") as f:
-            data = f.read()
-    except FileNotFoundError:
-        raise ShardNotFoundError(f"index {idx_path} is missing; rebuild it with "
-                                 f"`shardstream index {shard_path}`") from None
-    except OSError as exc:
-        raise StorageError(f"cannot read {idx_path}: {exc.strerror or exc}") from exc
-    index = ShardIndex.from_bytes(data, where=idx_path)
+    index = ShardIndex.from_bytes(read_index_file(idx_path, shard_path), where=idx_path)
     if check_size and (size != index.shard_bytes or size != info.bytes):
         raise IndexMismatchError(
             f"shard {shard_path} is {size} bytes but its index/manifest say "

@@ -32,7 +32,7 @@ from .errors import CorruptShardError, DatasetExistsError, DecodeError, Manifest
 from .members import _DECODERS, _msgpack, _npy, _npz, decode_member
 from .index import BLOCK_EXT, INDEX_SUFFIX, ShardIndex
 from .manifest import MANIFEST_NAME, Manifest, ShardInfo, atomic_write, load_manifest
-from .shard import sha256_file
+from .shard import read_index_file, sha256_file
 from .tarscan import check_member_size, list_members
 
 __all__ = ["WDS_INDEX_FORMAT", "LAYOUT_WEBDATASET", "ForeignIndex", "scan_foreign_tar",
@@ -145,14 +145,7 @@ def load_any_index(path: str) -> ShardIndex | ForeignIndex:
 
 
 def _read_index_dict(path: str) -> dict:
-    try:
-        with open(path, "rb") as f:
-            data = f.read()
-    except FileNotFoundError:
-        raise ShardNotFoundError(f"index {path} is missing; rebuild it with "
-                                 "`shardstream index SHARDS -o DIR`") from None
-    except OSError as exc:
-        raise StorageError(f"cannot read {path}: {exc.strerror or exc}") from exc
+    data = read_index_file(path)
     try:
         d = decode_sample(data)
     except DecodeError as exc:
