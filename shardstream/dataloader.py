@@ -15,7 +15,7 @@ from typing import Any, Iterator
 import torch
 from torch.utils.data import DataLoader
 
-from .collation import forget_workers, from_wire
+from .wire import forget_workers, from_wire
 from .stream import ShardStream
 
 __all__ = ["ShardLoader", "loader"]
@@ -74,7 +74,7 @@ class ShardLoader:
         """Batches as tensors: workers send numpy (cheap to pass), made tensors here.
 
         Numeric arrays of big batches arrive in shared memory (see
-        ``shardstream.collation.to_wire``): the tensors view a worker's slot,
+        ``shardstream.wire.to_wire``): the tensors view a worker's slot,
         which goes back to the worker once nothing refers to the batch any more
         (pinning copies, so the slot is free at once)."""
         if self.dataloader.num_workers == 0:

@@ -21,7 +21,8 @@ import numpy as np
 from torch.utils.data import IterableDataset, get_worker_info
 
 from . import foreign, storage
-from .collation import Collate, collate as default_collate, to_wire
+from .collation import Collate, collate as default_collate
+from .wire import to_wire
 from .errors import CorruptShardError, ManifestError
 from .manifest import MANIFEST_NAME, load_manifest
 from .mixture import Mixture, MixtureReader, Source

@@ -79,7 +79,8 @@ def test_errors():
 
 
 def test_wire_round_trip():
-    from shardstream.collation import Ragged, from_wire, to_wire
+    from shardstream.collation import Ragged
+    from shardstream.wire import from_wire, to_wire
 
     vals = [{"t": np.arange(n, dtype=np.int16), "s": "x"} for n in (2, 4)]
     packed = collate(vals, ragged=True)
@@ -93,7 +94,7 @@ def test_wire_round_trip():
 
 def _as_worker(monkeypatch):
     """Make to_wire behave as in a DataLoader worker, with a fresh slot ring."""
-    import shardstream.collation as C
+    import shardstream.wire as C
 
     monkeypatch.setattr(C, "_in_worker", lambda: True)
     monkeypatch.setattr(C, "_ring", None)

@@ -309,7 +309,7 @@ def test_loader_shared_memory_batches_kept_and_bounded(make_dataset):
     while the workers reuse their slots, and the main process lets go of the slots."""
     import gc
 
-    import shardstream.collation as C
+    import shardstream.wire as C
 
     def make(i):
         return {"id": i, "t": np.full(50 + i % 200, i, dtype=np.int64), "s": str(i)}
