@@ -42,7 +42,12 @@ def main() -> None:
     ap.add_argument("--workers", type=int, default=2)
     args = ap.parse_args()
 
-    dist.init_process_group("gloo")
+    # gloo on CPU; with GPUs: one per rank, NCCL, and batches prefetched to the GPU
+    cuda = torch.cuda.is_available()
+    device = torch.device("cuda", int(os.environ.get("LOCAL_RANK", 0))) if cuda else None
+    if cuda:
+        torch.cuda.set_device(device)
+    dist.init_process_group("nccl" if cuda else "gloo")
     rank = dist.get_rank()
     data, created = args.data, False
     if data is None:  # rank 0 writes a sample dataset, everyone uses the same path
@@ -55,11 +60,11 @@ def main() -> None:
         dist.barrier()
 
     torch.manual_seed(0)
-    model = nn.parallel.DistributedDataParallel(
-        nn.Sequential(nn.Linear(8, 32), nn.ReLU(), nn.Linear(32, 2)))
+    net = nn.Sequential(nn.Linear(8, 32), nn.ReLU(), nn.Linear(32, 2)).to(device or "cpu")
+    model = nn.parallel.DistributedDataParallel(net)
     opt = torch.optim.SGD(model.parameters(), lr=0.1)
     ds = ShardStream(data, batch_size=args.batch_size, shuffle=True, seed=0)
-    loader = shardstream.loader(ds, num_workers=args.workers)
+    loader = shardstream.loader(ds, num_workers=args.workers, device=device)  # CUDAPrefetcher
 
     for epoch in range(args.epochs):
         loader.set_epoch(epoch)
@@ -73,7 +78,8 @@ def main() -> None:
             total += loss.item()
             correct += int((logits.argmax(1) == batch["label"]).sum())
             steps += 1
-        stats = torch.tensor([total, correct, steps * args.batch_size], dtype=torch.float64)
+        stats = torch.tensor([total, correct, steps * args.batch_size], dtype=torch.float64,
+                             device=device or "cpu")
         dist.all_reduce(stats)
         if rank == 0:
             print(f"epoch {epoch}: {steps} batches/rank, loss {stats[0] / steps / dist.get_world_size():.3f}, "
