@@ -28,8 +28,10 @@ import time
 import numpy as np
 
 HERE = os.path.dirname(os.path.abspath(__file__))
-BENCH = os.environ.get("SHARDSTREAM_BENCH", "/work/shared/bench")
+BENCH = os.environ.get("SHARDSTREAM_BENCH", os.path.join(HERE, "..", "..", "shared", "bench"))
 sys.path.insert(0, BENCH)
+sys.path.insert(0, HERE)
+from common import best_getitem_rate  # noqa: E402
 
 
 def tokens_zipf(n: int, seed: int = 0):
@@ -64,23 +66,20 @@ def emit(doc: dict) -> None:
 
 
 READ = r"""
-import json, time
+import json, sys, time
 t0 = time.perf_counter()
-import shardstream.dataloader as L
-from shardstream.stream import ShardStream
-dl = L.loader(ShardStream({path!r}, batch_size=256), num_workers=2)
-n, first = 0, None
-for b in dl:
-    if first is None:
-        first = time.perf_counter() - t0
-    n += len(b["id"])
-dt = time.perf_counter() - t0
-print(json.dumps({{"n": n, "samples_per_s": n / dt, "steady": (n - 256) / (dt - first)}}))
+sys.path.insert(0, {here!r})
+from common import epoch
+import shardstream
+dl = shardstream.loader(shardstream.ShardStream({path!r}, batch_size=256), num_workers=2)
+r = epoch(dl, t0)
+print(json.dumps({{"n": r["n"], "samples_per_s": r["samples_per_s"],
+                  "steady": r["steady_samples_per_s"]}}))
 """
 
 
 def stream_rate(path: str) -> dict:
-    out = subprocess.run([sys.executable, "-c", READ.format(path=path)], check=True,
+    out = subprocess.run([sys.executable, "-c", READ.format(path=path, here=HERE)], check=True,
                          capture_output=True, text=True).stdout
     return json.loads(out.strip().splitlines()[-1])
 
@@ -89,15 +88,7 @@ def getitem_rate(path: str) -> float:
     from shardstream.random_access import ShardDataset
     ds = ShardDataset(path)
     idx = np.random.default_rng(1).integers(0, len(ds), 20000).tolist()
-    for i in idx:
-        ds[i]
-    best = 0.0
-    for _ in range(3):
-        t = time.perf_counter()
-        for i in idx:
-            ds[i]
-        best = max(best, len(idx) / (time.perf_counter() - t))
-    return best
+    return best_getitem_rate(ds, idx)
 
 
 def dictionary_gain(n: int = 4000) -> None:

@@ -44,8 +44,10 @@ print(json.dumps({{"mode": "write", "out": {out!r}, "n": {n},
 """
 
 READ = r"""
-import json, time
+import json, sys, time
 t0 = time.perf_counter()
+sys.path.insert(0, {here!r})
+from common import epoch
 import shardstream.dataloader as L
 from shardstream.stream import ShardStream
 kind = {kind!r}
@@ -55,12 +57,8 @@ else:
     ds = ShardStream({parts!r}, weights={weights!r}, epoch_size=100_000, batch_size={batch},
                      shuffle={shuffle}, source_field="__source__")
 dl = L.loader(ds, num_workers={workers})
-n, first = 0, None
-for b in dl:
-    if first is None:
-        first = time.perf_counter() - t0
-    n += len(b["id"])
-dt = time.perf_counter() - t0
+r = epoch(dl, t0)
+n, dt, first = r["n"], r["seconds"], r["first_batch_s"]
 t1, n1 = time.perf_counter(), 0
 for _ in range({epochs} - 1):  # later epochs: persistent workers, steady state
     for b in dl:
@@ -111,7 +109,7 @@ def main() -> None:
         for kind in rates:
             line = _run(READ.format(kind=kind, single=single, parts=parts, weights=WEIGHTS,
                                     batch=args.batch, shuffle=args.shuffle,
-                                    workers=args.workers, epochs=args.epochs))
+                                    workers=args.workers, epochs=args.epochs, here=HERE))
             print(line, flush=True)
             rates[kind].append(json.loads(line)["samples_per_s"])
             steady[kind].append(json.loads(line)["steady_samples_per_s"])

@@ -23,7 +23,10 @@ import time
 
 import numpy as np
 
-BENCH = os.environ.get("SHARDSTREAM_BENCH", "/work/shared/bench")
+HERE = os.path.dirname(os.path.abspath(__file__))
+BENCH = os.environ.get("SHARDSTREAM_BENCH", os.path.join(HERE, "..", "..", "shared", "bench"))
+sys.path.insert(0, HERE)
+from common import best_getitem_rate  # noqa: E402
 
 
 def write(directory: str, workload: str, n: int) -> None:
@@ -75,14 +78,7 @@ def bench_getitem(directory: str, workload: str) -> dict:
     idx = np.random.default_rng(1).integers(0, n, 20000).tolist()
     ds[0]
     open_s = time.perf_counter() - t
-    for i in idx:  # warm the page cache and this process's page tables
-        ds[i]
-    best = 0.0
-    for _ in range(3):
-        t = time.perf_counter()
-        for i in idx:
-            ds[i]
-        best = max(best, len(idx) / (time.perf_counter() - t))
+    best = best_getitem_rate(ds, idx)
     return {"mode": "getitem", "system": "shardstream", "workload": workload, "n": n,
             "random_getitem_per_s": round(best), "open_s": round(open_s, 4),
             "index_bytes_per_sample": round(ds.index_nbytes() / n, 2)}

@@ -30,21 +30,16 @@ BENCH = os.environ.get("SHARDSTREAM_BENCH", os.path.join(ROOT, "..", "shared", "
 sys.path.insert(0, os.path.join(ROOT, "tests"))
 
 READ = r"""
-import json, os, time
+import json, os, sys, time
 t0 = time.perf_counter()
-import shardstream.dataloader as L
-from shardstream.stream import ShardStream
-ds = ShardStream({src!r}, batch_size={batch}, shuffle={shuffle}, cache_dir={cache!r},
-                 storage_options={opts!r})
-dl = L.loader(ds, num_workers={workers})
-n, first = 0, None
-for b in dl:
-    if first is None:
-        first = time.perf_counter() - t0
-    n += len(b["id"])
-dt = time.perf_counter() - t0
-print(json.dumps({{"seconds": dt, "first_batch_s": first, "n": n,
-                  "steady_samples_per_s": (n - {batch}) / (dt - first)}}))
+sys.path.insert(0, {here!r})
+from common import epoch
+import shardstream
+ds = shardstream.ShardStream({src!r}, batch_size={batch}, shuffle={shuffle},
+                             cache_dir={cache!r}, storage_options={opts!r})
+r = epoch(shardstream.loader(ds, num_workers={workers}), t0)
+print(json.dumps({{k: r[k] for k in ("seconds", "first_batch_s", "n",
+                                     "steady_samples_per_s")}}))
 """
 
 
@@ -81,7 +76,7 @@ def _upload(local: str, url: str, opts: dict) -> None:
 
 def _read(src: str, args: argparse.Namespace, cache: str, opts: dict | None) -> dict:
     code = READ.format(src=src, batch=args.batch, shuffle=args.shuffle, workers=args.workers,
-                       cache=cache, opts=opts)
+                       cache=cache, opts=opts, here=HERE)
     env = {**os.environ, "PYTHONPATH": ROOT}
     proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env=env)
     if proc.returncode:
