@@ -23,7 +23,7 @@ from torch.utils.data import IterableDataset, get_worker_info
 from . import foreign, storage
 from .collation import Collate, collate as default_collate
 from .wire import to_wire
-from .errors import CorruptShardError, ManifestError
+from .errors import CorruptShardError, ManifestError, ShardNotFoundError
 from .manifest import MANIFEST_NAME, load_manifest
 from .mixture import Mixture, MixtureReader, Source
 from .pipeline import BlockReader, EpochOrder, Layout, shard_refs
@@ -65,12 +65,12 @@ def _resolve(source: Any, storage_options: dict[str, Any] | None = None
         urls = [os.fspath(u) for u in source]
         if not urls:
             raise ValueError("source is an empty list of shards")
-        return None, urls
+        return None, _existing(urls)
     path = os.fspath(source)
     if "{" in path:
         import braceexpand
 
-        return None, list(braceexpand.braceexpand(path))
+        return None, _existing(list(braceexpand.braceexpand(path)))
     if storage.is_remote(path):
         return _resolve_remote(path, storage_options)
     if os.path.isdir(path) or os.path.basename(path) == MANIFEST_NAME:
@@ -79,7 +79,17 @@ def _resolve(source: Any, storage_options: dict[str, Any] | None = None
         except ManifestError as exc:
             raise ManifestError(f"{exc}. To read loose shards without a manifest, pass a "
                                 "brace pattern or a list of .tar paths") from exc
-    return None, [path]
+    return None, _existing([path])
+
+
+def _existing(urls: list[str]) -> list[str]:
+    """Local shards must exist now (a typo should fail here, not in a worker later)."""
+    missing = [u for u in urls if not storage.is_remote(u) and not os.path.exists(u)]
+    if missing:
+        more = f" (and {len(missing) - 1} more)" if len(missing) > 1 else ""
+        raise ShardNotFoundError(f"{missing[0]}{more} does not exist: pass a dataset "
+                                 "directory, its manifest.json, or existing .tar shards")
+    return urls
 
 
 def _resolve_remote(url: str, storage_options: dict[str, Any] | None

@@ -248,6 +248,7 @@ def test_bad_arguments(sources, tmp_path):
         Mixture(sources, stop="first_exhausted")
     with pytest.raises(ValueError, match="unique"):
         Mixture(sources, WEIGHTS, names=["a", "a", "b"])
+    (tmp_path / "loose.tar").write_bytes(b"")  # exists, but has no manifest
     with pytest.raises(ValueError, match="no manifest"):
         Mixture([sources[0], str(tmp_path / "loose.tar")], [1, 1])
     with pytest.raises(ValueError, match="apply to mixtures"):

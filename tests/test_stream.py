@@ -335,3 +335,12 @@ def test_loader_shared_memory_batches_kept_and_bounded(make_dataset):
     gc.collect()
     assert not mine()
     assert torch.equal(kept[-1]["t"], ref[-1]["t"])  # still valid after the workers left
+
+
+def test_missing_local_source_fails_at_construction(tmp_path):
+    from shardstream.errors import ShardNotFoundError
+
+    with pytest.raises(ShardNotFoundError, match="nope does not exist"):
+        ShardStream(str(tmp_path / "nope"))
+    with pytest.raises(ShardNotFoundError, match=r"a-0\.tar \(and 2 more\) does not exist"):
+        ShardStream(str(tmp_path / "a-{0..2}.tar"))
