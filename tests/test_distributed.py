@@ -35,6 +35,7 @@ def torchrun(script: str, *args: str, nproc: int = 2, timeout: int = 120) -> Non
             raise AssertionError(out[first:first + 4000] if first >= 0 else out[-4000:])
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("remainder", ["drop", "pad"])
 def test_two_ranks_two_workers(make_dataset, tmp_path, remainder):
     path = make_dataset(N)

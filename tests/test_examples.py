@@ -19,6 +19,7 @@ def run(args: list[str], tmp_path, timeout: int = 240) -> str:
     return r.stdout
 
 
+@pytest.mark.slow
 def test_quickstart_packs_streams_and_learns(tmp_path):
     out = run([sys.executable, os.path.join(ROOT, "examples", "quickstart.py"),
                "--out", str(tmp_path / "ds")], tmp_path)
@@ -26,6 +27,7 @@ def test_quickstart_packs_streams_and_learns(tmp_path):
     assert "epoch 2:" in out and out.rstrip().endswith("done")
 
 
+@pytest.mark.slow
 def test_train_ddp_example_under_torchrun(tmp_path):
     script = os.path.join(ROOT, "examples", "train_ddp.py")
     if not os.path.exists(script):

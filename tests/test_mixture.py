@@ -258,6 +258,7 @@ def test_bad_arguments(sources, tmp_path):
 
 
 # ---------------------------------------------------------------- torchrun
+@pytest.mark.slow
 def test_two_ranks_two_workers(sources, tmp_path):
     from test_distributed import torchrun
 

@@ -23,7 +23,8 @@ from shardstream.manifest import load_manifest  # noqa: E402
 from shardstream.shard import iter_dataset  # noqa: E402
 
 N = 50_000
-pytestmark = pytest.mark.filterwarnings("ignore::DeprecationWarning:ray.*")
+pytestmark = [pytest.mark.slow,  # starts a Ray runtime
+              pytest.mark.filterwarnings("ignore::DeprecationWarning:ray.*")]
 
 
 @pytest.fixture(scope="module", autouse=True)

@@ -186,6 +186,7 @@ def test_cli_write_to_s3_then_two_workers(s3_server, s3_bucket, tmp_path, monkey
     assert not [n for n in os.listdir(tmp_path / "c") if n.startswith(".part-")]
 
 
+@pytest.mark.slow
 def test_torchrun_two_ranks_over_s3(s3_server, s3_bucket, tmp_path, monkeypatch):
     from test_distributed import torchrun
 
