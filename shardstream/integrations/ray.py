@@ -230,18 +230,26 @@ class ShardstreamDatasink(Datasink):
                                             key_field=self.key_field,
                                             compression=self.compression)
 
+    def commit(self, parts: list[StagedPart]) -> Manifest:
+        """Publish the parts of a finished job; ``manifest.json`` last."""
+        self.prepare()  # an empty dataset may never start a write task
+        base, replace = self._prepared  # type: ignore[misc]
+        self.manifest = commit(self.output_dir, parts, base=base, replace=replace,
+                               prefix=self.prefix, key_field=self.key_field,
+                               block_bytes=self.block_bytes, compression=self.compression)
+        return self.manifest
+
+    def pack(self, order: int, rows: Iterable[dict], where: str) -> StagedPart:
+        """In a task: pack ``rows`` as part ``order`` into a fresh staging folder."""
+        return pack_rows(self.output_dir, self.job, order, rows, self._sink_kw, where)
+
     def on_write_start(self, schema: Any = None) -> None:
         self.prepare()
 
     def on_write_complete(self, write_result: Any) -> None:
         returns = getattr(write_result, "write_returns", write_result)  # older Ray: a list
         try:
-            self.prepare()  # an empty dataset may never start a write task
-            base, replace = self._prepared  # type: ignore[misc]
-            parts = [p for ret in returns if ret for p in ret]
-            self.manifest = commit(self.output_dir, parts, base=base, replace=replace,
-                                   prefix=self.prefix, key_field=self.key_field,
-                                   block_bytes=self.block_bytes, compression=self.compression)
+            self.commit([p for ret in returns if ret for p in ret])
         finally:
             self._prepared = None
             remove_staging(self.output_dir, self.job)
@@ -253,8 +261,7 @@ class ShardstreamDatasink(Datasink):
     # -- workers --------------------------------------------------------------
     def write(self, blocks: Iterable[Any], ctx: Any) -> list[StagedPart]:
         rows = chain.from_iterable(block_rows(b) for b in blocks)
-        return [pack_rows(self.output_dir, self.job, ctx.task_idx, rows, self._sink_kw,
-                          f"Ray write task {ctx.task_idx}")]
+        return [self.pack(ctx.task_idx, rows, f"Ray write task {ctx.task_idx}")]
 
     @property
     def min_rows_per_write(self) -> int | None:
@@ -291,12 +298,11 @@ def write(ray_ds: Any, output: str | os.PathLike, *, preserve_order: bool = True
 
 
 # ---------------------------------------------------------------- CLI inputs
-def _pack_group(output_dir: str, job: str, order: int, group: list[InputTask],
-                allow_pickle: bool, sink_kw: dict[str, Any]) -> StagedPart:
+def _pack_group(sink: "ShardstreamDatasink", order: int, group: list[InputTask],
+                allow_pickle: bool) -> StagedPart:
     """Ray task: read one input group with shardstream's readers and pack it."""
     rows = chain.from_iterable(iter_task(t, allow_pickle=allow_pickle) for t in group)
-    return pack_rows(output_dir, job, order, rows, sink_kw,
-                     f"input group {order} (from {group[0].path})")
+    return sink.pack(order, rows, f"input group {order} (from {group[0].path})")
 
 
 def write_inputs_with_ray(inputs: list[str], output: str, *, address: str | None,
@@ -330,15 +336,11 @@ def write_inputs_with_ray(inputs: list[str], output: str, *, address: str | None
         # plain tasks, one per input group, all at once: no Ray Data round trip (rows
         # never leave the task that reads them), and the same staging + commit path
         sink = ShardstreamDatasink(output, **writer_kwargs)
-        sink.prepare()
-        base, replace = sink._prepared  # type: ignore[misc]
+        sink.prepare()  # refuse a bad output before any task runs
         task = ray.remote(max_retries=3, retry_exceptions=False)(_pack_group)
         try:
-            parts = ray.get([task.remote(sink.output_dir, sink.job, g, group, allow_pickle,
-                                         sink._sink_kw) for g, group in enumerate(groups)])
-            return commit(sink.output_dir, parts, base=base, replace=replace,
-                          prefix=sink.prefix, key_field=sink.key_field,
-                          block_bytes=sink.block_bytes, compression=sink.compression)
+            return sink.commit(ray.get([task.remote(sink, g, group, allow_pickle)
+                                        for g, group in enumerate(groups)]))
         except ray.exceptions.RayTaskError as exc:  # the task's own error, e.g. InputError
             cause = exc.as_instanceof_cause()
             raise (cause.cause if isinstance(getattr(cause, "cause", None), Exception)
