@@ -7,6 +7,11 @@ scalars. numpy arrays (numeric or bool dtypes, any shape) and CPU torch
 tensors travel as ext type :data:`NDARRAY_EXT` and decode as read-only numpy
 arrays that view the decoded bytes (``np.frombuffer``, no copy). Decoding
 never unpickles. See ``docs/FORMAT.md`` for the byte layout.
+
+Inside compressed frames only (``encode_sample(..., pack=True)``), integer
+arrays whose values fit a narrower integer type are stored in it as ext type
+:data:`PACKED_EXT` and widened back to their own dtype on decode (a writable copy):
+token ids in int32/int64 take 2 bytes each before zstd sees them.
 """
 
 from __future__ import annotations
@@ -20,11 +25,13 @@ import numpy as np
 
 from .errors import DecodeError, EncodeError
 
-__all__ = ["NDARRAY_EXT", "encode_sample", "decode_sample", "iter_samples", "check_sample",
+__all__ = ["NDARRAY_EXT", "PACKED_EXT", "encode_sample", "repack", "decode_sample", "iter_samples", "check_sample",
            "unpack_blocks"]
 
 #: msgpack ext type code of an n-dimensional array.
 NDARRAY_EXT = 1
+#: msgpack ext type code of an integer array stored in a narrower integer type.
+PACKED_EXT = 2
 _EXT_LAYOUT = 1  # first byte of the ext payload: layout version
 _ARRAY_KINDS = frozenset("biufc")  # bool, int, uint, float, complex
 _INT_MIN, _UINT_MAX = -(1 << 63), (1 << 64) - 1
@@ -82,6 +89,48 @@ def _default(obj: Any) -> Any:
 
 
 _packer_options = {"default": _default, "use_bin_type": True, "datetime": False}
+
+#: narrower integer types tried in order, smallest first
+_NARROW = tuple(np.dtype(t) for t in ("u1", "i1", "<u2", "<i2", "<u4", "<i4"))
+_MIN_PACK = 8  # arrays shorter than this are not worth the longer header
+
+
+def _packed_payload(arr: np.ndarray) -> msgpack.ExtType | None:
+    """ext payload: u8 layout | u8 len | own dtype.str | u8 len | stored dtype.str |
+    u8 ndim | ndim x u64 | raw LE bytes of the stored dtype; None: no narrower type fits."""
+    dt = arr.dtype
+    lo, hi = int(arr.min()), int(arr.max())
+    for nt in _NARROW:
+        if nt.itemsize >= dt.itemsize:
+            return None
+        info = np.iinfo(nt)
+        if info.min <= lo and hi <= info.max:
+            break
+    else:
+        return None
+    own, stored = dt.newbyteorder("<").str.encode(), nt.str.encode()
+    head = struct.pack(f"<BB{len(own)}sB{len(stored)}sB{arr.ndim}Q", _EXT_LAYOUT, len(own), own,
+                       len(stored), stored, arr.ndim, *arr.shape)
+    return msgpack.ExtType(PACKED_EXT, head + arr.astype(nt).reshape(-1).data)
+
+
+def _default_packed(obj: Any) -> Any:
+    """``default`` hook for compressed frames: integer arrays narrowed when they fit."""
+    arr = obj
+    if type(obj) is not np.ndarray:
+        torch = sys.modules.get("torch")
+        if torch is not None and isinstance(obj, torch.Tensor) and obj.device.type == "cpu" \
+                and not obj.is_floating_point() and not obj.is_complex() \
+                and obj.dtype != torch.bool:
+            arr = obj.detach().numpy()
+    if type(arr) is np.ndarray and arr.dtype.kind in "iu" and arr.size >= _MIN_PACK:
+        packed = _packed_payload(arr)
+        if packed is not None:
+            return packed
+    return _default(obj)
+
+
+_packed_options = dict(_packer_options, default=_default_packed)
 
 
 def check_sample(sample: Any) -> None:
@@ -161,10 +210,12 @@ def _find_bad(obj: Any, path: str) -> tuple[str, str] | None:
     return None
 
 
-def encode_sample(sample: dict, *, key: object = None, check: bool = True) -> bytes:
+def encode_sample(sample: dict, *, key: object = None, check: bool = True,
+                  pack: bool = False) -> bytes:
     """Encode one sample dict to msgpack bytes.
 
-    ``key`` only labels error messages. Raises :class:`EncodeError` naming the
+    ``key`` only labels error messages. ``pack=True`` narrows integer arrays
+    (:data:`PACKED_EXT`): for compressed frames only. Raises :class:`EncodeError` naming the
     sample and the field path of the first value that cannot be encoded.
     """
     if check:
@@ -175,7 +226,7 @@ def encode_sample(sample: dict, *, key: object = None, check: bool = True) -> by
             raise EncodeError(f"sample {label}, field {exc.path!r}: {exc}", sample=label,
                               path=exc.path) from None
     try:
-        return msgpack.packb(sample, **_packer_options)
+        return msgpack.packb(sample, **(_packed_options if pack else _packer_options))
     except (TypeError, ValueError, OverflowError) as exc:
         label = _label(sample, key)
         bad = _find_bad(sample, "")
@@ -197,12 +248,21 @@ _u64 = struct.Struct("<Q")
 
 # header prefix (layout, len, dtype, ndim=1) -> (dtype, itemsize), for the fast path
 _fast_1d: dict[bytes, tuple[np.dtype, int]] = {}
+# packed: header prefix (layout, own dtype, stored dtype, ndim=1) -> (own, stored, itemsize)
+_fast_packed: dict[bytes, tuple[np.dtype, np.dtype, int]] = {}
 _frombuffer = np.frombuffer
 _u64_at = _u64.unpack_from
 
 
 def _ext_hook(code: int, data: bytes) -> Any:
-    if code == NDARRAY_EXT and len(data) > 11:  # fast path: 1-d arrays of a known dtype
+    if code == PACKED_EXT and len(data) > 14:  # fast path: 1-d, known dtypes (compressed)
+        end = 4 + data[1] + data[2 + data[1]]
+        hit = _fast_packed.get(data[:end])
+        if hit is not None:
+            (length,) = _u64_at(data, end)
+            if end + 8 + length * hit[2] == len(data):
+                return _frombuffer(data, hit[1], length, end + 8).astype(hit[0])
+    elif code == NDARRAY_EXT and len(data) > 11:  # fast path: 1-d arrays of a known dtype
         n = data[1]
         hit = _fast_1d.get(data[:3 + n])
         if hit is not None:
@@ -213,9 +273,12 @@ def _ext_hook(code: int, data: bytes) -> Any:
 
 
 def _ext_hook_slow(code: int, data: bytes) -> Any:
+    if code == PACKED_EXT:
+        return _unpack_narrowed(data)
     if code != NDARRAY_EXT:
-        raise DecodeError(f"unknown msgpack ext type {code} (this shardstream reads type "
-                          f"{NDARRAY_EXT}); upgrade shardstream to read this data")
+        raise DecodeError(f"unknown msgpack ext type {code} (this shardstream reads types "
+                          f"{NDARRAY_EXT} and {PACKED_EXT}); upgrade shardstream to read this "
+                          "data")
     try:
         if data[0] != _EXT_LAYOUT:
             raise DecodeError(f"unknown ndarray layout {data[0]}")
@@ -239,6 +302,37 @@ def _ext_hook_slow(code: int, data: bytes) -> Any:
     except (IndexError, struct.error, ValueError) as exc:
         raise DecodeError(f"malformed ndarray ({exc})") from exc
     raise DecodeError(f"ndarray of shape {shape} and dtype {dt} does not match its data bytes")
+
+
+def _unpack_narrowed(data: bytes) -> np.ndarray:
+    """A :data:`PACKED_EXT` payload widened back to its own dtype (a writable copy)."""
+    try:
+        if data[0] != _EXT_LAYOUT:
+            raise DecodeError(f"unknown packed-array layout {data[0]}")
+        n = data[1]
+        own = _dtype_cache.get(data[2:2 + n]) or _parse_dtype(data[2:2 + n])
+        pos = 2 + n
+        m = data[pos]
+        stored = _dtype_cache.get(data[pos + 1:pos + 1 + m]) or \
+            _parse_dtype(data[pos + 1:pos + 1 + m])
+        pos += 1 + m
+        ndim = data[pos]
+        shape = struct.unpack_from(f"<{ndim}Q", data, pos + 1)
+        if ndim == 1:
+            _fast_packed[data[:pos + 1]] = (own, stored, stored.itemsize)
+        pos += 1 + 8 * ndim
+        count = 1
+        for d in shape:
+            count *= d
+        if own.kind not in "iu" or stored.kind not in "iu" or \
+                len(data) - pos != count * stored.itemsize:
+            raise DecodeError(f"packed array of shape {shape}, {stored} as {own}, does not "
+                              "match its data bytes")
+        return np.frombuffer(data, stored, count, pos).astype(own).reshape(shape)
+    except DecodeError:
+        raise
+    except (IndexError, struct.error, ValueError, TypeError) as exc:
+        raise DecodeError(f"malformed packed array ({exc})") from exc
 
 
 def _parse_dtype(code_b: bytes) -> np.dtype:
@@ -285,6 +379,11 @@ def iter_samples(data: bytes | bytearray | memoryview) -> Iterator[dict]:
     if unpacker.tell() != len(data):
         raise DecodeError(f"block ends inside a sample ({len(data) - unpacker.tell()} stray "
                           "bytes): truncated or corrupt")
+
+
+def repack(data: bytes | memoryview, pack: bool) -> bytes:
+    """One encoded sample re-encoded with (``pack=True``) or without narrowed integer arrays."""
+    return encode_sample(decode_sample(data), check=False, pack=pack)
 
 
 def unpack_blocks(members: Iterator[dict], field: str = "ssb") -> Iterator[dict]:

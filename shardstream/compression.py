@@ -1,12 +1,20 @@
-"""Per-block compression: the codec registry, ``compress`` and checked ``decompress``.
+"""Compression: the codec registry, frame compression and checked decompression.
 
-Each block member of a shard is compressed on its own (a zstd frame with its
-content size and a content checksum), so the index still points at blocks
-and a reader decompresses exactly the block it needs. Uncompressed datasets
-never touch this module. A damaged frame is reported as a
-:class:`~shardstream.errors.CorruptShardError` naming the shard and block; the
-decompressor is never trusted blindly: the frame's declared size must match
-the index, and the checksum must match the content.
+Format v3 (written now): every block member is a run of small zstd *frames*,
+each holding one or more whole samples (about ``frame_bytes`` of encoded
+samples; a larger sample is a frame of its own), all compressed with one zstd
+dictionary trained on the writer's first samples and stored in every shard
+and its index. The index records where each frame starts, so ``ds[i]``
+decompresses one frame (about a sample), and the stream reader decompresses a
+block frame by frame. Integer arrays are narrowed inside frames
+(:data:`~shardstream.codec.PACKED_EXT`).
+
+Format v2 (read only): every block member is one zstd frame.
+
+Uncompressed datasets never touch this module. A damaged frame is reported as
+a :class:`~shardstream.errors.CorruptShardError` naming the shard, block and
+samples; the decompressor is never trusted blindly: the frame's declared size
+must match the index, and its checksum must match the content.
 """
 
 from __future__ import annotations
@@ -18,14 +26,23 @@ from typing import Any
 
 from .errors import CorruptShardError
 
-__all__ = ["CODECS", "DEFAULT_LEVEL", "Compression", "parse_compression", "BlockCompressor",
+__all__ = ["CODECS", "DEFAULT_LEVEL", "DEFAULT_FRAME_BYTES", "DEFAULT_DICT_BYTES", "Compression",
+           "parse_compression", "FrameCompressor", "train_dictionary", "FrameDecoder", "split_frames",
            "BlockDecoder", "decompress_block"]
 
 #: codec name -> member name suffix (``000000.ssb.zst``)
 CODECS: dict[str, str] = {"zstd": ".zst"}
 DEFAULT_LEVEL = 3
+#: encoded sample bytes per zstd frame (format v3): what one ``ds[i]`` decompresses at most
+#: (unless the sample itself is larger)
+DEFAULT_FRAME_BYTES = 512
+#: size of the trained zstd dictionary (0: none)
+DEFAULT_DICT_BYTES = 32 * 1024
+#: name of the dictionary member at the start of a format-v3 shard
+DICT_MEMBER = "zstd.dict"
 _LEVELS = range(-7, 23)  # zstd's useful range: negative = faster, 22 = smallest
 _local = threading.local()
+_get_ident = threading.get_ident
 
 
 def _zstd() -> Any:
@@ -39,10 +56,18 @@ def _zstd() -> Any:
 
 @dataclass(frozen=True)
 class Compression:
-    """How a dataset's blocks are compressed (recorded in the manifest)."""
+    """How a dataset's blocks are compressed (recorded in the manifest).
+
+    ``frame_bytes``: encoded sample bytes per zstd frame (format v3); ``0``
+    marks a format-v2 dataset (one frame per block), which this version reads
+    but no longer writes. ``dict_bytes``: size of the trained dictionary
+    (``0``: no dictionary).
+    """
 
     codec: str = "zstd"
     level: int = DEFAULT_LEVEL
+    frame_bytes: int = DEFAULT_FRAME_BYTES
+    dict_bytes: int = DEFAULT_DICT_BYTES
 
     def __post_init__(self) -> None:
         if self.codec not in CODECS:
@@ -52,6 +77,15 @@ class Compression:
                 self.level not in _LEVELS:
             raise ValueError(f"{self.codec} level must be an int in [{_LEVELS.start}, "
                              f"{_LEVELS.stop - 1}], got {self.level!r}")
+        for name in ("frame_bytes", "dict_bytes"):
+            v = getattr(self, name)
+            if isinstance(v, bool) or not isinstance(v, int) or not 0 <= v <= 1 << 30:
+                raise ValueError(f"{name} must be an int in [0, 2**30], got {v!r}")
+
+    @property
+    def framed(self) -> bool:
+        """Format v3 (frames of samples); False: format v2 (one frame per block)."""
+        return self.frame_bytes > 0
 
     @property
     def suffix(self) -> str:
@@ -59,7 +93,11 @@ class Compression:
         return CODECS[self.codec]
 
     def to_json(self) -> dict[str, Any]:
-        return {"codec": self.codec, "level": self.level, "checksum": True}
+        doc: dict[str, Any] = {"codec": self.codec, "level": self.level, "checksum": True}
+        if self.framed:
+            doc.update(frame_bytes=self.frame_bytes, dict_bytes=self.dict_bytes,
+                       packed_ints=True)
+        return doc
 
     @classmethod
     def from_json(cls, doc: Any, *, where: str = "manifest") -> "Compression":
@@ -67,7 +105,13 @@ class Compression:
             codec = doc.get("codec") if isinstance(doc, dict) else doc
             raise ValueError(f"{where}: compression {codec!r} is not supported by this "
                              f"shardstream (reads {', '.join(CODECS)}); upgrade shardstream")
-        return cls(doc["codec"], int(doc.get("level", DEFAULT_LEVEL)))
+        # format v2 manifests have no frame_bytes: one frame per block
+        return cls(doc["codec"], int(doc.get("level", DEFAULT_LEVEL)),
+                   int(doc.get("frame_bytes", 0)), int(doc.get("dict_bytes", 0)))
+
+    def spec(self) -> str:
+        """The ``--compress`` spelling (``"zstd:3"``)."""
+        return f"{self.codec}:{self.level}"
 
 
 def parse_compression(spec: "str | Compression | None", level: int | None = None
@@ -79,7 +123,8 @@ def parse_compression(spec: "str | Compression | None", level: int | None = None
     if spec is None or isinstance(spec, Compression):
         if level is not None and spec is None:
             raise ValueError("level= needs compression= (e.g. compression='zstd')")
-        return spec if level is None or spec is None else Compression(spec.codec, level)
+        return spec if level is None or spec is None else \
+            Compression(spec.codec, level, spec.frame_bytes, spec.dict_bytes)
     if not isinstance(spec, str):
         raise TypeError(f"compression must be a str like 'zstd' or 'zstd:19', got "
                         f"{type(spec).__name__}")
@@ -94,16 +139,69 @@ def parse_compression(spec: "str | Compression | None", level: int | None = None
     return Compression(m.group(1), lvl)
 
 
-class BlockCompressor:
-    """Compresses whole blocks: one zstd frame each, with content size and checksum."""
+def _frames(samples: list[bytes], frame_bytes: int) -> list[list[bytes]]:
+    """Consecutive samples grouped until a group holds ``frame_bytes``."""
+    out: list[list[bytes]] = []
+    cur: list[bytes] = []
+    size = 0
+    for data in samples:
+        cur.append(data)
+        size += len(data)
+        if size >= frame_bytes:
+            out.append(cur)
+            cur, size = [], 0
+    if cur:
+        out.append(cur)
+    return out
 
-    def __init__(self, compression: Compression) -> None:
-        self.compression = compression
-        self._c = _zstd().ZstdCompressor(level=compression.level, write_checksum=True,
-                                          write_content_size=True)
 
-    def compress(self, data: bytes) -> bytes:
-        return self._c.compress(data)
+def train_dictionary(samples: list[bytes], compression: Compression) -> bytes:
+    """A zstd dictionary for frames of ``samples`` (b"" when there is too little to learn).
+
+    Deterministic (one thread), so the same input writes the same shards.
+    """
+    size = compression.dict_bytes
+    frames = [b"".join(g) for g in _frames(samples, compression.frame_bytes)]
+    total = sum(map(len, frames))
+    if size == 0 or len(frames) < 32 or total < 4 * size:
+        return b""
+    zstd = _zstd()
+    try:
+        d = zstd.train_dictionary(size, frames, level=compression.level)
+    except zstd.ZstdError:  # e.g. samples too uniform to learn from: go without
+        return b""
+    return d.as_bytes()
+
+
+class FrameCompressor:
+    """Compresses a block's samples as frames of about ``frame_bytes`` (format v3).
+
+    Frames carry their content size and a checksum, not the dictionary id (the
+    shard's index names the dictionary).
+    """
+
+    def __init__(self, compression: Compression, dictionary: bytes = b"") -> None:
+        zstd = _zstd()
+        self.compression, self.dictionary = compression, dictionary
+        kw: dict[str, Any] = dict(level=compression.level, write_checksum=True,
+                                  write_content_size=True, write_dict_id=False)
+        if dictionary:
+            d = zstd.ZstdCompressionDict(dictionary, dict_type=zstd.DICT_TYPE_FULLDICT)
+            d.precompute_compress(level=compression.level)
+            kw["dict_data"] = d
+        self._c = zstd.ZstdCompressor(**kw)
+
+    def compress_block(self, samples: list[bytes]) -> tuple[bytes, list[int], list[int]]:
+        """(stored block, samples per frame, offset of each frame in the stored block)."""
+        parts, counts, offsets = [], [], []
+        pos = 0
+        for group in _frames(samples, self.compression.frame_bytes):
+            frame = self._c.compress(b"".join(group))
+            parts.append(frame)
+            counts.append(len(group))
+            offsets.append(pos)
+            pos += len(frame)
+        return b"".join(parts), counts, offsets
 
 
 def _decompressor() -> Any:
@@ -152,3 +250,120 @@ class BlockDecoder:
         """Block ``block``'s uncompressed bytes; ``label`` names its first sample in errors."""
         where = f"shard {self.path}: block {block}" + (f" (starting at {label})" if label else "")
         return decompress_block(self.codec, data, self.raw_size[block], where=where)
+
+
+def split_frames(data: bytes | memoryview, dictionary: bytes, *, where: str
+                 ) -> list[tuple[int, bytes]]:
+    """(offset, decompressed bytes) of every zstd frame in a stored block, in order.
+
+    For rebuilding an index from a shard alone; ``where`` names the block in errors.
+    """
+    zstd = _zstd()
+    d = zstd.ZstdDecompressor(dict_data=zstd.ZstdCompressionDict(
+        dictionary, dict_type=zstd.DICT_TYPE_FULLDICT)) if dictionary else zstd.ZstdDecompressor()
+    view = memoryview(data)
+    out: list[tuple[int, bytes]] = []
+    pos = 0
+    while pos < len(view):
+        obj = d.decompressobj()
+        try:
+            raw = obj.decompress(view[pos:])
+        except zstd.ZstdError as exc:
+            raise CorruptShardError(f"{where}, frame {len(out)} at byte {pos} cannot be "
+                                    f"decompressed (zstd: {exc}); the shard is damaged") from exc
+        if not obj.eof:
+            raise CorruptShardError(f"{where}: frame {len(out)} at byte {pos} is truncated; "
+                                    "the shard is damaged")
+        out.append((pos, raw))
+        pos = len(view) - len(obj.unused_data)
+    return out
+
+
+def _ints(a: Any) -> memoryview:
+    """A read-only sequence of Python ints over an integer array (fast to index)."""
+    import numpy as np
+    return memoryview(np.ascontiguousarray(a, dtype="=u8")).cast("B").cast("Q")
+
+
+class FrameDecoder:
+    """Decompresses the frames of one format-v3 shard (see :class:`ShardIndex` frame table).
+
+    ``decode(block, data)`` gives a whole block's samples back to back (the
+    stream reader), ``frame(f, data)`` one frame (``ds[i]``). One zstd
+    decompressor per thread, holding the shard's dictionary.
+    """
+
+    def __init__(self, index: Any, path: str) -> None:
+        zstd = _zstd()
+        self.path, self.index = path, index
+        t = index.frame_table()
+        self.frame_first, self.frame_block = _ints(t.first), _ints(t.block)
+        self.rel_start, self.rel_end = _ints(t.rel_start), _ints(t.rel_end)
+        self.raw_start, self.raw_end = _ints(t.raw_start), _ints(t.raw_end)
+        self.block_frame = _ints(t.block_frame)  # first frame of every block, then the count
+        self.frame_of = t.frame_of
+        self._dict = zstd.ZstdCompressionDict(index.dictionary, dict_type=zstd.DICT_TYPE_FULLDICT) \
+            if index.dictionary else None
+        self._local = threading.local()
+        self._zstd = zstd
+        self._owner: int | None = None
+        self._decompress: Any = None
+
+    def _d(self) -> Any:
+        """This thread's decompressor (``decompress`` bound method), made on first use."""
+        d = getattr(self._local, "d", None)
+        if d is None:
+            zstd = self._zstd
+            d = self._local.d = (zstd.ZstdDecompressor(dict_data=self._dict)
+                                 if self._dict is not None else zstd.ZstdDecompressor()).decompress
+        self._owner, self._decompress = threading.get_ident(), d
+        return d
+
+    def where(self, f: int, label: Any = "") -> str:
+        """How errors name frame ``f``."""
+        if callable(label):
+            label = label()
+        first = self.frame_first[f]
+        last = self.frame_first[f + 1] - 1 if f + 1 < len(self.frame_first) else \
+            self.index.num_samples - 1
+        return (f"shard {self.path}: block {self.frame_block[f]}, frame {f} (shard-local "
+                f"samples {first}..{last}{'; ' + label if label else ''})")
+
+    def frame(self, f: int, data: bytes | memoryview, label: Any = "") -> bytes:
+        """Frame ``f``'s samples, from its stored bytes; checked against the index.
+
+        ``label`` adds context to errors (e.g. the sample a reader asked for);
+        a callable is only called to build an error message.
+        """
+        expected = self.raw_end[f] - self.raw_start[f]
+        zstd = self._zstd
+        try:
+            declared = zstd.frame_content_size(data)
+            if declared != expected:  # checked before decompressing: never allocate a lie
+                raise CorruptShardError(f"{self.where(f, label)}: the zstd frame declares "
+                                        f"{declared} bytes, the index {expected}; the shard is "
+                                        "damaged: restore it or rewrite the dataset")
+            # the content size and the frame's checksum are checked; a frame that ends
+            # before its slot would be an index mismatch, caught by the sha256 in `verify`
+            out = (self._decompress if self._owner == _get_ident() else self._d())(data)
+        except zstd.ZstdError as exc:
+            raise CorruptShardError(f"{self.where(f, label)} cannot be decompressed (zstd: "
+                                    f"{exc}); the shard is damaged: restore it or rewrite the "
+                                    "dataset") from exc
+        if len(out) != expected:
+            raise CorruptShardError(f"{self.where(f, label)}: decompressed to {len(out)} "
+                                    f"bytes, the index says {expected}; restore the shard or "
+                                    "rewrite the dataset")
+        return out
+
+    def decode(self, block: int, data: bytes | memoryview, label: str = "") -> bytes:
+        """Block ``block``'s samples back to back, from its stored bytes.
+
+        ``label`` (the block's first sample, as the reader names it) goes into errors.
+        """
+        view = memoryview(data)
+        f0, f1 = self.block_frame[block], self.block_frame[block + 1]
+        if f1 - f0 == 1:
+            return self.frame(f0, view, label)
+        rs, re_ = self.rel_start, self.rel_end
+        return b"".join([self.frame(f, view[rs[f]:re_[f]], label) for f in range(f0, f1)])

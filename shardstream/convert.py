@@ -1,7 +1,11 @@
-"""``shardstream convert``: rewrite a dataset with (or without) block compression.
+"""``shardstream convert``: rewrite a dataset with (or without) compression.
 
-Samples are copied as encoded bytes (never decoded and re-encoded), in order,
-so keys, values and the schema carry over exactly. Blocks are re-packed with
+Also upgrades format-v2 compressed datasets (one frame per block) to v3.
+
+Samples are copied as encoded bytes, in order, so keys, values and the schema
+carry over exactly; only samples with integer arrays are re-encoded when they
+move into or out of compressed frames (narrowed there, see
+:func:`~shardstream.codec.repack`). Blocks are re-packed with
 the source's ``block_bytes`` on their uncompressed sizes, so converting back
 with ``compression=None`` and the same ``max_bytes`` reproduces the original
 uncompressed shards byte for byte.
@@ -57,7 +61,8 @@ def convert(source: str | os.PathLike, output: str | os.PathLike, *,
                     data = read_block(f, index, b, where=path)
                     first, stop = index.block_samples(b)
                     cuts = [int(x) for x in index.sample_offset[first:stop]] + [len(data)]
-                    w.write_encoded([data[a:z] for a, z in zip(cuts, cuts[1:])], {})
+                    w.write_encoded([data[a:z] for a, z in zip(cuts, cuts[1:])], {},
+                                    packed=index.framed)
                     if progress:
                         progress(stop - first)
         w.write_encoded([], m.schema)

@@ -2,16 +2,19 @@
 
 A shard is a POSIX (ustar) tar whose members are *blocks*: ``NNNNNN.ssb``,
 each holding one or more encoded samples back to back (``NNNNNN.ssb.zst``
-when the dataset is compressed: each block one zstd frame). The index, itself a
-shardstream-encoded map, records where every block's data starts and where
-every sample starts inside its block, so readers seek without scanning.
+when the dataset is compressed: a run of zstd frames of whole samples, after a
+``zstd.dict`` member with the shard's dictionary; format v2: one frame per
+block). The index, itself a shardstream-encoded map, records where every
+block's data starts and where every sample starts inside its (uncompressed)
+block, and for compressed shards where every frame starts, so readers seek
+without scanning.
 """
 
 from __future__ import annotations
 
 import tarfile
 from dataclasses import dataclass
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, NamedTuple
 
 import numpy as np
 
@@ -19,7 +22,7 @@ from .codec import decode_sample, encode_sample
 from .errors import CorruptShardError, DecodeError
 
 if TYPE_CHECKING:
-    from .compression import BlockDecoder
+    from .compression import BlockDecoder, FrameDecoder
 
 __all__ = ["BLOCK_EXT", "INDEX_SUFFIX", "ShardIndex", "tar_header", "padded", "member_name",
            "TAR_END"]
@@ -28,8 +31,11 @@ BLOCK_EXT = "ssb"
 INDEX_SUFFIX = ".idx"
 INDEX_FORMAT = "shardstream-index"
 INDEX_VERSION = 1
-#: version of an index of compressed blocks (uncompressed shards stay version 1)
+#: version of an index of compressed blocks, one zstd frame each (read only)
 INDEX_VERSION_COMPRESSED = 2
+#: version of an index of compressed blocks made of frames of samples (written now)
+INDEX_VERSION_FRAMED = 3
+INDEX_VERSIONS = (INDEX_VERSION, INDEX_VERSION_COMPRESSED, INDEX_VERSION_FRAMED)
 TAR_BLOCK = 512
 TAR_END = b"\0" * (2 * TAR_BLOCK)
 
@@ -53,6 +59,26 @@ def tar_header(name: str, size: int) -> bytes:
     return info.tobuf(format=tarfile.USTAR_FORMAT, encoding="utf-8", errors="strict")
 
 
+class FrameTable(NamedTuple):
+    """Per-frame positions of a framed (format v3) shard, all int64.
+
+    ``first``/``block``: first sample and block of every frame; ``rel_start``/
+    ``rel_end``: its stored bytes inside the stored block; ``raw_start``/
+    ``raw_end``: its samples' bytes inside the uncompressed block;
+    ``block_frame``: first frame of every block, then the frame count;
+    ``frame_of``: the frame of every sample.
+    """
+
+    first: np.ndarray
+    block: np.ndarray
+    rel_start: np.ndarray
+    rel_end: np.ndarray
+    raw_start: np.ndarray
+    raw_end: np.ndarray
+    block_frame: np.ndarray
+    frame_of: np.ndarray
+
+
 @dataclass(frozen=True, eq=False)
 class ShardIndex:
     """Where blocks and samples live in one shard.
@@ -61,9 +87,13 @@ class ShardIndex:
     ``block_size[b]``: its size; ``block_first[b]``: shard-local ordinal of its
     first sample; ``sample_offset[i]``: where sample i starts inside its block.
 
-    Compressed shards (``compression="zstd"``, index version 2): ``block_size``
-    is the stored (compressed) size, ``block_raw_size`` the uncompressed one,
-    and ``sample_offset`` is relative to the *uncompressed* block.
+    Compressed shards (``compression="zstd"``): ``block_size`` is the stored
+    (compressed) size, ``block_raw_size`` the uncompressed one, and
+    ``sample_offset`` is relative to the *uncompressed* block. Framed shards
+    (index version 3) add ``frame_starts`` (bit per sample, packed with
+    ``np.packbits``: does it start a frame), ``frame_offset`` (where each frame
+    starts inside its stored block) and ``dictionary`` (zstd dictionary, may be
+    empty); version 2 shards store each block as one frame.
     """
 
     num_samples: int
@@ -75,20 +105,55 @@ class ShardIndex:
     sample_offset: np.ndarray
     compression: str | None = None
     block_raw_size: np.ndarray | None = None
+    frame_starts: np.ndarray | None = None
+    frame_offset: np.ndarray | None = None
+    dictionary: bytes | None = None
 
     @property
     def num_blocks(self) -> int:
         return len(self.block_offset)
 
     @property
+    def framed(self) -> bool:
+        """Compressed as frames of samples (format v3)."""
+        return self.frame_offset is not None
+
+    def frame_table(self) -> FrameTable:
+        """Positions of every frame (framed shards only)."""
+        assert self.frame_offset is not None and self.frame_starts is not None
+        n, nb = self.num_samples, self.num_blocks
+        starts = np.unpackbits(np.asarray(self.frame_starts, np.uint8), count=n).astype(bool)
+        first = np.flatnonzero(starts)
+        frame_of = np.cumsum(starts, dtype=np.int64) - 1
+        bfirst = self.block_first.astype(np.int64)
+        block = np.searchsorted(bfirst, first, side="right") - 1
+        block_frame = np.searchsorted(first, np.append(bfirst, n))
+        block_frame[-1] = len(first)
+        rel_start = np.asarray(self.frame_offset, np.int64)
+        last = np.append(block_frame[1:-1], len(first)) - 1  # last frame of each block
+        rel_end = np.empty_like(rel_start)
+        rel_end[:-1] = rel_start[1:]
+        rel_end[last] = self.block_size.astype(np.int64)
+        offs = self.sample_offset.astype(np.int64)
+        raw_start = offs[first]
+        raw_end = np.empty_like(raw_start)
+        raw_end[:-1] = raw_start[1:]
+        raw_end[last] = self.raw_block_size.astype(np.int64)
+        return FrameTable(first, block, rel_start, rel_end, raw_start, raw_end, block_frame,
+                          frame_of)
+
+    @property
     def raw_block_size(self) -> np.ndarray:
         """Uncompressed size of every block (``block_size`` when not compressed)."""
         return self.block_size if self.block_raw_size is None else self.block_raw_size
 
-    def block_decoder(self, path: str) -> "BlockDecoder | None":
+    def block_decoder(self, path: str) -> "BlockDecoder | FrameDecoder | None":
         """Decompresses this shard's blocks; ``None`` when they are stored raw."""
         if self.compression is None:
             return None
+        if self.framed:
+            from .compression import FrameDecoder
+            return FrameDecoder(self, path)
         from .compression import BlockDecoder
         return BlockDecoder(self.compression, self.raw_block_size, path)
 
@@ -108,6 +173,13 @@ class ShardIndex:
             doc["version"] = INDEX_VERSION_COMPRESSED
             doc["compression"] = self.compression
             doc["block_raw_size"] = self.raw_block_size.astype("<u8")
+        if self.framed:
+            fo = np.asarray(self.frame_offset)
+            doc["version"] = INDEX_VERSION_FRAMED
+            doc["frame_starts"] = np.asarray(self.frame_starts, np.uint8)
+            doc["frame_offset"] = fo.astype(
+                np.uint16 if fo.size == 0 or int(fo.max()) < 1 << 16 else np.uint32)
+            doc["dictionary"] = bytes(self.dictionary or b"")
         return encode_sample(doc, check=False)
 
     @classmethod
@@ -120,16 +192,22 @@ class ShardIndex:
         if d.get("format") != INDEX_FORMAT:
             raise CorruptShardError(f"{where}: not a shardstream index")
         version = d.get("version")
-        if version not in (INDEX_VERSION, INDEX_VERSION_COMPRESSED):
+        if version not in INDEX_VERSIONS:
             raise CorruptShardError(f"{where}: index version {version} is not supported (this "
-                                    f"shardstream reads {INDEX_VERSION} and "
-                                    f"{INDEX_VERSION_COMPRESSED}); upgrade shardstream")
+                                    f"shardstream reads versions "
+                                    f"{', '.join(map(str, INDEX_VERSIONS))}); upgrade shardstream")
         try:
-            compressed = version == INDEX_VERSION_COMPRESSED
+            compressed = version != INDEX_VERSION
+            framed = version == INDEX_VERSION_FRAMED
+            dictionary = d["dictionary"] if framed else None
+            if framed and not isinstance(dictionary, bytes):
+                raise TypeError("dictionary is not bytes")
             idx = cls(int(d["num_samples"]), int(d["shard_bytes"]), str(d["shard_sha256"]),
                       d["block_offset"], d["block_size"], d["block_first"], d["sample_offset"],
                       str(d["compression"]) if compressed else None,
-                      d["block_raw_size"] if compressed else None)
+                      d["block_raw_size"] if compressed else None,
+                      d["frame_starts"] if framed else None,
+                      d["frame_offset"] if framed else None, dictionary)
         except (KeyError, TypeError, ValueError) as exc:
             raise CorruptShardError(f"{where}: index is missing field {exc}") from exc
         idx.validate(where)
@@ -151,9 +229,28 @@ class ShardIndex:
             raw = self.block_raw_size
             ok = raw is not None and len(raw) == nb and (nb == 0 or bool(np.all(
                 self.sample_offset.astype(np.int64) < raw.astype(np.int64)[self._block_of()])))
+        if ok and self.framed:
+            ok = self._frames_ok()
         if not ok:
             raise CorruptShardError(f"{where}: index is inconsistent; rebuild it with "
                                     "`shardstream index`")
+
+    def _frames_ok(self) -> bool:
+        """Every block starts a frame; frames start inside their block, in order."""
+        fs, fo = np.asarray(self.frame_starts), np.asarray(self.frame_offset)
+        n = self.num_samples
+        if fs.dtype != np.uint8 or fs.ndim != 1 or len(fs) != (n + 7) // 8 or fo.ndim != 1:
+            return False
+        starts = np.unpackbits(fs, count=n).astype(bool)
+        if int(starts.sum()) != len(fo):
+            return False
+        if n == 0:
+            return True
+        if not bool(np.all(starts[self.block_first.astype(np.int64)])):
+            return False
+        t = self.frame_table()
+        return bool(np.all(t.rel_start[t.block_frame[:-1]] == 0)
+                    and np.all(t.rel_end > t.rel_start) and np.all(t.raw_end > t.raw_start))
 
     def _block_of(self) -> np.ndarray:
         """The block of every sample."""

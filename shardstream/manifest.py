@@ -24,8 +24,12 @@ __all__ = ["MANIFEST_NAME", "FORMAT_VERSION", "ShardInfo", "Manifest", "SchemaBu
 MANIFEST_NAME = "manifest.json"
 FORMAT_NAME = "shardstream"
 FORMAT_VERSION = 1
-#: manifests of compressed datasets (version 1 readers refuse them with "upgrade")
+#: manifests of compressed datasets, one zstd frame per block (read only)
 FORMAT_VERSION_COMPRESSED = 2
+#: manifests of compressed datasets made of frames of samples (written now); older
+#: readers refuse them with "upgrade shardstream"
+FORMAT_VERSION_FRAMED = 3
+FORMAT_VERSIONS = (FORMAT_VERSION, FORMAT_VERSION_COMPRESSED, FORMAT_VERSION_FRAMED)
 
 
 @dataclass(frozen=True)
@@ -77,8 +81,11 @@ class Manifest:
         doc: dict[str, Any] = {
                "format": FORMAT_NAME, "version": self.version, "created_by": self.created_by,
                "codec": {"name": "msgpack", "ndarray_ext": 1}}
+        if self.compression is not None and self.compression.framed:
+            doc["codec"]["packed_ext"] = 2
         if self.compression is not None:
-            doc["version"] = max(self.version, FORMAT_VERSION_COMPRESSED)
+            doc["version"] = max(self.version, FORMAT_VERSION_FRAMED if self.compression.framed
+                                 else FORMAT_VERSION_COMPRESSED)
             doc["compression"] = self.compression.to_json()
         doc.update({
                "layout": self.layout, "key_field": self.key_field,
@@ -97,10 +104,10 @@ class Manifest:
         if not isinstance(doc, dict) or doc.get("format") != FORMAT_NAME:
             raise ManifestError(f"{where}: not a shardstream manifest")
         version = doc.get("version")
-        if version not in (FORMAT_VERSION, FORMAT_VERSION_COMPRESSED):
+        if version not in FORMAT_VERSIONS:
             raise ManifestError(f"{where}: format version {version!r} is not supported by this "
-                                f"shardstream (reads {FORMAT_VERSION} and "
-                                f"{FORMAT_VERSION_COMPRESSED}); upgrade shardstream")
+                                f"shardstream (reads versions "
+                                f"{', '.join(map(str, FORMAT_VERSIONS))}); upgrade shardstream")
         try:
             compression = None if doc.get("compression") is None else \
                 Compression.from_json(doc["compression"], where=where)

@@ -178,16 +178,17 @@ def write_shards(samples: Iterable[dict], output_dir: str | os.PathLike, *, work
     return w.close()
 
 
-def _encode_chunk(key_field: str, job: tuple[int, list[dict]]) -> tuple[list[bytes], dict]:
+def _encode_chunk(key_field: str, pack: bool, job: tuple[int, list[dict]]
+                  ) -> tuple[list[bytes], dict]:
     first, chunk = job
     schema = SchemaBuilder()
     out = []
     for i, s in enumerate(chunk, first):
         key = sample_key(s, key_field, i)
         if schema.known(s):
-            out.append(encode_sample(s, key=key, check=False))
+            out.append(encode_sample(s, key=key, check=False, pack=pack))
         else:
-            out.append(encode_sample(s, key=key))
+            out.append(encode_sample(s, key=key, pack=pack))
             schema.observe(s)
     return out, schema.to_dict()
 
@@ -208,8 +209,8 @@ def _write_encoded(samples: Iterable[dict], out: str, workers: int, chunk_size: 
     try:
         with _context().Pool(workers) as pool:
             jobs = _chunks(samples, chunk_size, w.first_ordinal)
-            for encoded, schema in pool.imap(partial(_encode_chunk, key_field), jobs):
-                w.write_encoded(encoded, schema)
+            for encoded, schema in pool.imap(partial(_encode_chunk, key_field, w.packs), jobs):
+                w.write_encoded(encoded, schema, packed=w.packs)
                 if progress:
                     progress(len(encoded), 0)
         return w.close()

@@ -202,9 +202,21 @@ def prepare_output(output_dir: str, *, prefix: str, overwrite: bool, append: boo
         if old is not None and old.key_field != key_field:
             raise ManifestError(f"{output_dir} uses key field {old.key_field!r}, not "
                                 f"{key_field!r}; append with the same key field")
+        if old is not None and old.compression is not None and not old.compression.framed:
+            raise ManifestError(f"{output_dir} uses the format-v2 compressed layout (one zstd "
+                                "frame per block), which this shardstream reads but does not "
+                                "write; upgrade it first with `shardstream convert "
+                                f"{output_dir} NEW --compress {old.compression.spec()}`, then "
+                                "append to NEW")
         if old is not None and old.compression != compression:
             def spec(c: Compression | None) -> str:
-                return "none" if c is None else f"{c.codec}:{c.level}"
+                if c is None:
+                    return "none"
+                other = old.compression if c is compression else compression
+                if other is not None and other.spec() == c.spec():  # differ in frames only
+                    return f"Compression({c.codec!r}, {c.level}, frame_bytes={c.frame_bytes}, " \
+                           f"dict_bytes={c.dict_bytes})"
+                return c.spec()
             raise ManifestError(f"{output_dir} is compressed with {spec(old.compression)}, "
                                 f"this write with {spec(compression)}; append with "
                                 f"--compress {spec(old.compression)} (compression="

@@ -113,6 +113,50 @@ class _CompressedShard:
         return data
 
 
+class _FramedShard:
+    """One mapped shard of framed blocks (format v3): ``ds[i]`` decompresses one frame.
+
+    A frame holds about ``frame_bytes`` of samples; the last decompressed
+    frame stays cached, so reading neighbours in order costs one decompression.
+    """
+
+    __slots__ = ("mm", "path", "decoder", "frame_of", "start", "end", "in_start", "in_end",
+                 "base", "last", "last_data")
+    foreign = False
+
+    def __init__(self, mm: mmap.mmap, index: ShardIndex, path: str, base: int) -> None:
+        self.mm, self.path, self.base = mm, path, base
+        dec = self.decoder = index.block_decoder(path)
+        t = index.frame_table()
+        boff = index.block_offset.astype(np.int64)[t.block]
+        offs = index.sample_offset.astype(np.int64)
+        n = index.num_samples
+        ends = np.empty(n, dtype=np.int64)
+        ends[:-1] = offs[1:]
+        ends[t.first[1:] - 1] = t.raw_end[:-1]  # a frame's last sample ends with the frame
+        if n:
+            ends[-1] = t.raw_end[-1]
+        raw0 = t.raw_start[t.frame_of]
+        self.frame_of = _ints(t.frame_of)
+        self.start, self.end = _ints(boff + t.rel_start), _ints(boff + t.rel_end)
+        self.in_start, self.in_end = _ints(offs - raw0), _ints(ends - raw0)
+        self.last, self.last_data = -1, b""
+
+    def sample_bytes(self, j: int) -> bytes | memoryview:
+        """Sample ``j``'s encoded bytes, decompressing its frame unless it is the last one."""
+        f = self.frame_of[j]
+        if f != self.last:
+            # a copy of the frame, not a view: nothing pins the map, close() always works
+            self.last_data = self.decoder.frame(
+                f, self.mm[self.start[f]:self.end[f]],
+                lambda: f"requested sample {self.base + j:09d}")
+            self.last = f
+        a, z = self.in_start[j], self.in_end[j]
+        if a == 0 and z == len(self.last_data):
+            return self.last_data
+        return memoryview(self.last_data)[a:z]
+
+
 class _ForeignShard:
     """One mapped webdataset-layout tar with its :class:`ForeignIndex`."""
 
@@ -154,7 +198,7 @@ class ShardDataset(_TorchDataset):
         self._lookup = [s for s, info in zip(self._starts, self._infos) if info.num_samples]
         self._lookup_shard = [k for k, info in enumerate(self._infos) if info.num_samples]
         self._pid = os.getpid()
-        self._open: list[_BlockShard | _CompressedShard | _ForeignShard | None] = \
+        self._open: list[_BlockShard | _CompressedShard | _FramedShard | _ForeignShard | None] = \
             [None] * len(self._infos)
         if check_files:
             self.check_files()
@@ -191,6 +235,9 @@ class ShardDataset(_TorchDataset):
                 total += len(ix.key_blob)
             elif isinstance(sh, _CompressedShard):
                 total += sh.block_of.nbytes + sh.rel_start.nbytes + sh.rel_end.nbytes
+            elif isinstance(sh, _FramedShard):
+                total += sum(a.nbytes for a in (sh.frame_of, sh.start, sh.end, sh.in_start,
+                                                sh.in_end))
             else:
                 total += sh.start.nbytes + sh.end.nbytes
         return total
@@ -226,9 +273,13 @@ class ShardDataset(_TorchDataset):
         if sh.foreign:
             sample = self._foreign(sh, j, i)
         else:
-            # compressed shards have no ``start``: their bytes come from a decompressed block
-            raw = sh.mm[sh.start[j]:sh.end[j]] if sh.__class__ is _BlockShard \
-                else sh.sample_bytes(j)
+            # compressed shards have no ``start``: their bytes come from a decompressed frame
+            if sh.__class__ is _BlockShard:
+                raw = sh.mm[sh.start[j]:sh.end[j]]
+            elif sh.__class__ is _FramedShard and sh.frame_of[j] == sh.last:
+                raw = sh.last_data[sh.in_start[j]:sh.in_end[j]]  # neighbour in the same frame
+            else:
+                raw = sh.sample_bytes(j)
             try:
                 sample = _unpackb(raw, **_OPTS)
             except Exception as exc:
@@ -260,7 +311,7 @@ class ShardDataset(_TorchDataset):
         self._open = [None] * len(self._infos)
         self._pid = os.getpid()
 
-    def _open_shard(self, s: int) -> _BlockShard | _CompressedShard | _ForeignShard:
+    def _open_shard(self, s: int) -> _BlockShard | _CompressedShard | _FramedShard | _ForeignShard:
         info = self._infos[s]
         path, idx_path = self._ds.shard_path(info), self._ds.index_path(info)
         index = load_any_index(idx_path)
@@ -271,7 +322,10 @@ class ShardDataset(_TorchDataset):
                 f"{info.num_samples}; rebuild it with `shardstream index {path}`")
         mm = self._map(path, index, info, s)
         if foreign:
-            sh: _BlockShard | _CompressedShard | _ForeignShard = _ForeignShard(mm, index, path)
+            sh: _BlockShard | _CompressedShard | _FramedShard | _ForeignShard = \
+                _ForeignShard(mm, index, path)
+        elif index.framed:
+            sh = _FramedShard(mm, index, path, self._starts[s])
         elif index.compression is not None:
             sh = _CompressedShard(mm, index, path, self._starts[s])
         else:

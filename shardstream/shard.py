@@ -10,10 +10,10 @@ from __future__ import annotations
 import hashlib
 import os
 from dataclasses import dataclass
-from typing import Iterator
+from functools import lru_cache
+from typing import Any, Iterator
 
 from .codec import iter_samples
-from .compression import decompress_block
 from .errors import CorruptShardError, DecodeError, IndexMismatchError, ShardNotFoundError, \
     StorageError
 from .index import ShardIndex
@@ -102,14 +102,17 @@ def read_block(f, index: ShardIndex, block: int, *, where: str = "") -> bytes:
     return decompress(data, index, block, where=where)
 
 
+@lru_cache(maxsize=8)
+def _decoder(index: ShardIndex, where: str) -> Any:
+    return index.block_decoder(where)
+
+
 def decompress(data: bytes, index: ShardIndex, block: int, *, where: str = "") -> bytes:
     """``data`` as stored for ``block``, uncompressed (itself when stored raw)."""
     if index.compression is None:
         return data
     first, stop = index.block_samples(block)
-    return decompress_block(index.compression, data, int(index.raw_block_size[block]),
-                            where=f"shard {where}: block {block} (shard-local samples "
-                                  f"{first}..{stop - 1})")
+    return _decoder(index, where).decode(block, data, f"shard-local sample {first}")
 
 
 def iter_block_samples(data: bytes, index: ShardIndex, block: int, *,

@@ -26,7 +26,7 @@ import numpy as np
 
 from . import __version__
 from .codec import decode_sample, encode_sample
-from .compression import CODECS, Compression, decompress_block
+from .compression import CODECS, DICT_MEMBER, Compression, decompress_block, split_frames
 from .errors import CorruptShardError, DatasetExistsError, DecodeError, ManifestError, \
     ShardNotFoundError, StorageError
 from .members import _DECODERS, _msgpack, _npy, _npz, decode_member
@@ -260,7 +260,9 @@ def scan_block_tar(path: str) -> ShardIndex:
 
     Block offsets come from the tar headers, sample offsets from skipping
     through each block with ``msgpack.Unpacker`` (nothing is decoded).
-    Compressed blocks (``NNNNNN.ssb.zst``) are decompressed to find them.
+    Compressed blocks (``NNNNNN.ssb.zst``) are decompressed to find them:
+    frame by frame with the shard's ``zstd.dict`` member (format v3: always
+    present, empty when no dictionary was trained), or as one frame (format v2).
     """
     size = os.path.getsize(path)
     offsets: list[int] = []
@@ -268,10 +270,21 @@ def scan_block_tar(path: str) -> ShardIndex:
     raw_sizes: list[int] = []
     firsts: list[int] = []
     sample_offsets: list[int] = []
+    frame_starts: list[bool] = []
+    frame_offsets: list[int] = []
     members = list_members(path)
-    codec = _block_codec(members[0].name) if members else None
-    suffix = CODECS[codec] if codec else ""
+    dictionary: bytes | None = None
     with open(path, "rb") as f:
+        if members and members[0].name == DICT_MEMBER:
+            check_member_size(path, members[0], size)
+            f.seek(members[0].offset_data)
+            dictionary = f.read(members[0].size)
+            members = members[1:]
+        codec = _block_codec(members[0].name) if members else None
+        if dictionary is not None and codec is None:
+            codec = "zstd"  # a dictionary but no blocks: an empty framed shard
+        framed = dictionary is not None  # format v3 shards always carry it (maybe empty)
+        suffix = CODECS[codec] if codec else ""
         for b, info in enumerate(members):
             if info.name != f"{b:06d}.{BLOCK_EXT}{suffix}":
                 raise CorruptShardError(f"shard {path}: member {b} is {info.name!r}, expected "
@@ -279,18 +292,30 @@ def scan_block_tar(path: str) -> ShardIndex:
             check_member_size(path, info, size)
             f.seek(info.offset_data)
             data = f.read(info.size)
-            if codec:
+            firsts.append(len(sample_offsets))
+            if framed:
+                raw = b""
+                for off, part in split_frames(data, dictionary or b"",
+                                              where=f"shard {path}: block {b}"):
+                    n = len(_sample_offsets(part, path, b))
+                    frame_offsets.append(off)
+                    frame_starts.extend([True] + [False] * (n - 1))
+                    raw += part
+                data = raw
+            elif codec:
                 data = decompress_block(codec, data, _frame_size(data, path, b),
                                         where=f"shard {path}: block {b}")
             offsets.append(info.offset_data)
             sizes.append(info.size)
             raw_sizes.append(len(data))
-            firsts.append(len(sample_offsets))
             sample_offsets.extend(_sample_offsets(data, path, b))
     return ShardIndex(len(sample_offsets), size, sha256_file(path),
                       np.array(offsets, np.uint64), np.array(sizes, np.uint64),
                       np.array(firsts, np.uint64), np.array(sample_offsets, np.int64),
-                      codec, np.array(raw_sizes, np.uint64) if codec else None)
+                      codec, np.array(raw_sizes, np.uint64) if codec else None,
+                      np.packbits(np.array(frame_starts, bool)) if framed else None,
+                      np.array(frame_offsets, np.uint32) if framed else None,
+                      (dictionary or b"") if framed else None)
 
 
 def _block_codec(name: str) -> str | None:
@@ -335,9 +360,11 @@ def _sample_offsets(data: bytes, path: str, block: int) -> list[int]:
 
 
 def detect_layout(path: str) -> str:
-    """``"shardstream"`` if the tar's first member is a block, else ``"webdataset"``."""
+    """``"shardstream"`` if the tar's first member is a block (or the dictionary of a
+    compressed shard), else ``"webdataset"``."""
     for info in list_members(path, limit=1):
-        return LAYOUT_SHARDSTREAM if _BLOCK_NAME.fullmatch(info.name) else LAYOUT_WEBDATASET
+        own = info.name == DICT_MEMBER or _BLOCK_NAME.fullmatch(info.name)
+        return LAYOUT_SHARDSTREAM if own else LAYOUT_WEBDATASET
     return LAYOUT_WEBDATASET
 
 

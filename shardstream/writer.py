@@ -25,8 +25,9 @@ from typing import Any, BinaryIO
 
 import numpy as np
 
-from .codec import encode_sample
-from .compression import BlockCompressor, Compression, parse_compression
+from .codec import encode_sample, repack
+from .compression import DICT_MEMBER, Compression, FrameCompressor, parse_compression, \
+    train_dictionary
 from .errors import EncodeError
 from .index import INDEX_SUFFIX, TAR_END, ShardIndex, member_name, padded, tar_header
 from .manifest import Manifest, SchemaBuilder, ShardInfo
@@ -36,6 +37,8 @@ __all__ = ["ShardWriter", "DEFAULT_MAX_BYTES", "DEFAULT_BLOCK_BYTES"]
 
 DEFAULT_MAX_BYTES = 256 * 1024 * 1024
 DEFAULT_BLOCK_BYTES = 64 * 1024
+#: encoded bytes a compressing writer holds back to train its zstd dictionary
+TRAIN_BYTES = 4 << 20
 _PAD = b"\0" * 512
 
 
@@ -61,9 +64,11 @@ class ShardSink:
 
     ``first_ordinal`` numbers samples for error messages and default keys.
     ``compression`` (``"zstd"``, ``"zstd:19"`` or a :class:`Compression`;
-    ``level`` overrides the level) compresses every block member on its own.
-    Shards roll on the uncompressed block sizes, so compressed shards stay
-    under ``max_bytes`` by about the compression ratio.
+    ``level`` overrides the level) stores every block as zstd frames of about
+    ``frame_bytes`` of samples (format v3). The first ``TRAIN_BYTES`` of
+    samples are held back to train the zstd dictionary every shard then
+    carries. Shards roll on the uncompressed block sizes, so compressed shards
+    stay under ``max_bytes`` by about the compression ratio.
     """
 
     def __init__(self, directory: str, *, max_samples: int | None = None,
@@ -85,7 +90,13 @@ class ShardSink:
         self.fsync = fsync
         self.name_format = name_format
         self.compression = parse_compression(compression, level)
-        self._compressor = BlockCompressor(self.compression) if self.compression else None
+        if self.compression is not None and not self.compression.framed:
+            raise ValueError("format v2 compression (one zstd frame per block) is read only; "
+                             "write with frame_bytes > 0")
+        self._pack = self.compression is not None  # narrowed int arrays inside frames
+        self._compressor: FrameCompressor | None = None
+        self._warm: list[bytes] | None = [] if self.compression else None
+        self._warm_bytes = 0
         self.schema = SchemaBuilder()
         self.shards: list[ShardInfo] = []
         self.num_samples = 0
@@ -100,14 +111,47 @@ class ShardSink:
     def write(self, sample: dict[str, Any]) -> None:
         key = sample_key(sample, self.key_field, self._ordinal)
         if self.schema.known(sample):  # same keys and value types as a checked sample
-            data = encode_sample(sample, key=key, check=False)
+            data = encode_sample(sample, key=key, check=False, pack=self._pack)
         else:
-            data = encode_sample(sample, key=key)
+            data = encode_sample(sample, key=key, pack=self._pack)
             self.schema.observe(sample)
-        self.write_encoded(data)
+        self.write_encoded(data, packed=self._pack)
 
-    def write_encoded(self, data: bytes) -> None:
-        """Append one already encoded (and key-checked) sample."""
+    @property
+    def packs(self) -> bool:
+        """Whether samples handed to :meth:`write_encoded` should be encoded with ``pack=True``."""
+        return self._pack
+
+    def write_encoded(self, data: bytes, packed: bool = False) -> None:
+        """Append one already encoded (and key-checked) sample.
+
+        ``packed``: encoded with ``pack=True``; re-encoded when that differs
+        from what this sink stores (narrowed integers only inside compressed frames).
+        """
+        if packed != self._pack:
+            data = repack(data, self._pack)
+        self._ordinal += 1
+        self.num_samples += 1
+        if self._warm is not None:  # still collecting samples to train the dictionary on
+            self._warm.append(data)
+            self._warm_bytes += len(data)
+            if self._warm_bytes >= TRAIN_BYTES:
+                self._start_frames()
+            return
+        self._place(data)
+
+    def _start_frames(self) -> None:
+        """Train the dictionary on the held-back samples, then write them."""
+        assert self.compression is not None and self._warm is not None
+        warm, self._warm = self._warm, None
+        # the dictionary goes into every shard: only where it is a small part of one
+        small = self.max_bytes < 32 * self.compression.dict_bytes
+        dictionary = b"" if small else train_dictionary(warm, self.compression)
+        self._compressor = FrameCompressor(self.compression, dictionary)
+        for data in warm:
+            self._place(data)
+
+    def _place(self, data: bytes) -> None:
         size = len(data)
         if self._block and self._block_len + size > self.block_bytes:
             self._flush_block()
@@ -116,8 +160,6 @@ class ShardSink:
             self._finish_shard()
         self._block.append(data)
         self._block_len += size
-        self._ordinal += 1
-        self.num_samples += 1
         if self._block_len >= self.block_bytes:
             self._flush_block()
 
@@ -139,6 +181,8 @@ class ShardSink:
         self._raw_sizes = array("Q")
         self._firsts = array("Q")
         self._sample_offsets = array("I")  # < block_bytes <= 2**31
+        self._frame_starts = bytearray()  # 1 where a sample starts a frame (compressed)
+        self._frame_offsets = array("I")
 
     def _path(self, n: int) -> str:
         return os.path.join(self.directory, self.name_format.format(n))
@@ -161,15 +205,22 @@ class ShardSink:
                 self._file = open(path, "wb")
             except OSError as exc:
                 raise _storage_error("create", path, exc) from exc
+            if self._compressor is not None:  # always (maybe empty): it marks format v3
+                self._emit_member(DICT_MEMBER, self._compressor.dictionary)
         pos = 0
         for data in self._block:
             self._sample_offsets.append(pos)
             pos += len(data)
-        payload = b"".join(self._block)
-        self._raw_sizes.append(len(payload))
+        self._raw_sizes.append(pos)
         suffix = ""
         if self._compressor is not None:
-            payload, suffix = self._compressor.compress(payload), self._compressor.compression.suffix
+            payload, counts, frame_offsets = self._compressor.compress_block(self._block)
+            suffix = self._compressor.compression.suffix
+            for c in counts:
+                self._frame_starts += b"\1" + b"\0" * (c - 1)
+            self._frame_offsets.extend(frame_offsets)
+        else:
+            payload = b"".join(self._block)
         self._emit(tar_header(member_name(len(self._offsets), suffix), len(payload)))
         self._offsets.append(self._shard_bytes)
         self._sizes.append(len(payload))
@@ -180,6 +231,12 @@ class ShardSink:
         self._shard_samples += len(self._block)
         self._block = []
         self._block_len = 0
+
+    def _emit_member(self, name: str, data: bytes) -> None:
+        self._emit(tar_header(name, len(data)))
+        self._emit(data)
+        if len(data) % 512:
+            self._emit(_PAD[: 512 - len(data) % 512])
 
     def _finish_shard(self) -> None:
         if self._file is None:
@@ -200,7 +257,8 @@ class ShardSink:
                            np.frombuffer(self._firsts, np.uint64),
                            np.frombuffer(self._sample_offsets, np.uint32),
                            self.compression.codec if self.compression else None,
-                           np.frombuffer(self._raw_sizes, np.uint64) if self.compression else None)
+                           np.frombuffer(self._raw_sizes, np.uint64) if self.compression else None,
+                           *self._frame_fields())
         idx_bytes = index.to_bytes()
         idx_path = f.name + INDEX_SUFFIX
         try:
@@ -219,8 +277,17 @@ class ShardSink:
         self.bytes_written += self._shard_bytes + len(idx_bytes)
         self._reset_shard()
 
+    def _frame_fields(self) -> tuple[Any, Any, Any]:
+        """Index fields of a framed shard: (frame_starts, frame_offset, dictionary)."""
+        if self._compressor is None:
+            return None, None, None
+        starts = np.packbits(np.frombuffer(bytes(self._frame_starts), np.uint8))
+        return starts, np.frombuffer(self._frame_offsets, np.uint32), self._compressor.dictionary
+
     def finish(self) -> list[ShardInfo]:
         """Flush the open block and shard; returns every shard written."""
+        if self._warm is not None:
+            self._start_frames()
         self._flush_block()
         self._finish_shard()
         return self.shards
@@ -249,8 +316,9 @@ class ShardWriter:
     ``key``, ``secret``...). Shards are staged locally and uploaded on close.
 
     ``compression="zstd"`` (``level=3`` by default, or ``"zstd:19"``) stores
-    every block as its own zstd frame (``NNNNNN.ssb.zst``); readers
-    decompress transparently and random access stays one block per sample.
+    every block (``NNNNNN.ssb.zst``) as zstd frames of about 1 KiB of samples
+    with a dictionary trained on the first samples; readers decompress
+    transparently and ``ds[i]`` decompresses one frame (docs/compression.md).
     """
 
     def __init__(self, output_dir: str | os.PathLike, *, prefix: str = "shard",
@@ -302,12 +370,22 @@ class ShardWriter:
             raise ValueError("write() on a closed ShardWriter")
         self._sink.write(sample)
 
-    def write_encoded(self, samples: list[bytes], schema: dict[str, Any]) -> None:
-        """Add samples encoded elsewhere (by :func:`encode_sample`) with their schema."""
+    @property
+    def packs(self) -> bool:
+        """Whether :meth:`write_encoded` wants samples encoded with ``pack=True``."""
+        return self._sink.packs
+
+    def write_encoded(self, samples: list[bytes], schema: dict[str, Any],
+                      packed: bool = False) -> None:
+        """Add samples encoded elsewhere (by :func:`encode_sample`) with their schema.
+
+        ``packed``: they were encoded with ``pack=True`` (pass :attr:`packs`
+        to the encoder to avoid re-encoding).
+        """
         if self._closed:
             raise ValueError("write_encoded() on a closed ShardWriter")
         for data in samples:
-            self._sink.write_encoded(data)
+            self._sink.write_encoded(data, packed)
         self._sink.schema.merge(schema)
 
     def close(self) -> Manifest:

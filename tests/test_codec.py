@@ -13,7 +13,7 @@ from hypothesis import strategies as st
 from hypothesis.extra import numpy as hnp
 
 from shardstream import DecodeError, EncodeError, decode_sample, encode_sample, iter_samples
-from shardstream.codec import NDARRAY_EXT
+from shardstream.codec import NDARRAY_EXT, PACKED_EXT, repack
 
 INT64 = st.integers(min_value=-(2**63), max_value=2**64 - 1)
 scalars = st.one_of(st.none(), st.booleans(), INT64, st.floats(allow_nan=True),
@@ -168,3 +168,73 @@ def test_iter_samples_decodes_a_block_in_order():
         list(iter_samples(b"".join(blobs)[:-3]))
     with pytest.raises(DecodeError):
         list(iter_samples(b"".join(blobs) + b"\xc1"))
+
+
+# ---------------------------------------------------------------- packed integers (frames)
+INT_ARRAYS = hnp.arrays(
+    st.one_of(hnp.integer_dtypes(endianness="="), hnp.unsigned_integer_dtypes(endianness="="),
+              hnp.integer_dtypes(endianness=">")),
+    hnp.array_shapes(min_dims=0, max_dims=3, min_side=0, max_side=20))
+
+
+@settings(max_examples=300, deadline=None)
+@given(INT_ARRAYS)
+def test_packed_int_arrays_round_trip_exactly(arr):
+    """pack=True (inside compressed frames) narrows int arrays; decoding restores the dtype."""
+    out = decode_sample(encode_sample({"a": arr, "n": [arr]}, pack=True))
+    for got in (out["a"], out["n"][0]):
+        assert got.shape == arr.shape
+        assert got.dtype == arr.dtype.newbyteorder("<") or got.dtype == arr.dtype
+        np.testing.assert_array_equal(got, arr)
+
+
+@settings(max_examples=200, deadline=None)
+@given(samples)
+def test_pack_changes_nothing_without_int_arrays(sample):
+    assert encode_sample(sample, pack=True) == encode_sample(sample)
+
+
+@pytest.mark.parametrize("values, stored", [
+    ([0, 255] * 8, "u1"), ([-128, 127] * 8, "i1"), ([0, 65535] * 8, "<u2"),
+    ([-1, 40000] * 8, "<i4"), ([0, 2**32 - 1] * 8, "<u4"), ([-(2**31), 2**31 - 1] * 8, "<i4"),
+    ([0, 2**63 - 1] * 8, None), ([0, 2**64 - 1] * 8, None)])
+def test_packing_picks_the_narrowest_type_that_fits(values, stored):
+    arr = np.array(values, dtype=np.uint64 if max(values) >= 2**63 else np.int64)
+    data = encode_sample({"x": arr}, pack=True)
+    obj = msgpack.unpackb(data, ext_hook=lambda code, payload: (code, payload))
+    code, payload = obj["x"]
+    if stored is None:
+        assert code == NDARRAY_EXT
+    else:
+        assert code == PACKED_EXT and stored.encode() in payload
+    out = decode_sample(data)["x"]
+    assert out.dtype == arr.dtype and out.tolist() == values
+
+
+def test_packed_tensors_and_short_arrays():
+    t = torch.arange(100, dtype=torch.int64)
+    out = decode_sample(encode_sample({"t": t, "short": np.arange(3)}, pack=True))
+    assert out["t"].dtype == np.int64 and out["t"].tolist() == list(range(100))
+    assert out["short"].tolist() == [0, 1, 2]  # too short to narrow: stored as is
+    assert len(encode_sample({"t": t}, pack=True)) < len(encode_sample({"t": t})) // 4
+
+
+def test_repack_both_ways_is_exact():
+    s = {"id": 7, "ids": np.arange(1000, dtype=np.int32), "f": np.ones(3, np.float32)}
+    plain = encode_sample(s)
+    packed = repack(plain, True)
+    assert len(packed) < len(plain) and repack(packed, False) == plain
+
+
+@pytest.mark.parametrize("cut", [1, 4, 9, 20])
+def test_damaged_packed_array_is_a_decode_error(cut):
+    data = encode_sample({"x": np.arange(50, dtype=np.int64)}, pack=True)
+    decode_sample(data)  # warm the fast path
+    obj = msgpack.unpackb(data, ext_hook=lambda code, payload: (code, payload))
+    payload = obj["x"][1]
+    bad = msgpack.packb({"x": msgpack.ExtType(PACKED_EXT, payload[:-cut])})
+    with pytest.raises(DecodeError):
+        decode_sample(bad)
+    bad = msgpack.packb({"x": msgpack.ExtType(PACKED_EXT, payload[:cut])})
+    with pytest.raises(DecodeError):
+        decode_sample(bad)

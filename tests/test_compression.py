@@ -1,4 +1,5 @@
-"""Compressed shards: per-block zstd with random access, convert, corruption handling."""
+"""Compressed shards (format v3: zstd frames of samples with a trained dictionary):
+random access, convert, corruption handling, and reading format-v2 datasets."""
 
 from __future__ import annotations
 
@@ -15,7 +16,9 @@ import pytest
 
 import shardstream.compression as compression
 from shardstream.cli import main
-from shardstream.compression import Compression, parse_compression
+from shardstream.codec import PACKED_EXT, decode_sample, encode_sample, repack
+from shardstream.compression import DEFAULT_DICT_BYTES, DEFAULT_FRAME_BYTES, Compression, \
+    FrameDecoder, parse_compression
 from shardstream.convert import convert
 from shardstream.errors import CorruptShardError, ManifestError
 from shardstream.index import ShardIndex
@@ -29,6 +32,7 @@ from shardstream.verify import verify
 from shardstream.wdsindex import build_index
 
 N = 400
+V2 = os.path.join(os.path.dirname(__file__), "data", "v2-zstd")  # written by shardstream 0.1.0
 
 
 def _same(a: dict, b: dict) -> None:
@@ -49,78 +53,94 @@ def pair(make_dataset) -> tuple[str, str]:
 def test_format_records_compression(pair) -> None:
     raw, zst = pair
     doc = json.load(open(os.path.join(zst, "manifest.json")))
-    assert doc["version"] == 2 and doc["compression"] == {"codec": "zstd", "level": 5,
-                                                          "checksum": True}
+    assert doc["version"] == 3 and doc["compression"] == {
+        "codec": "zstd", "level": 5, "checksum": True, "frame_bytes": DEFAULT_FRAME_BYTES,
+        "dict_bytes": DEFAULT_DICT_BYTES, "packed_ints": True}
+    assert doc["codec"] == {"name": "msgpack", "ndarray_ext": 1, "packed_ext": PACKED_EXT}
     doc_raw = json.load(open(os.path.join(raw, "manifest.json")))
     assert doc_raw["version"] == 1 and "compression" not in doc_raw  # v1 stays as it was
+    assert doc_raw["codec"] == {"name": "msgpack", "ndarray_ext": 1}
     m = load_manifest(zst)
     assert m.compression == Compression("zstd", 5) and len(m.shards) > 2
     names = tarfile.open(os.path.join(zst, m.shards[0].name)).getnames()
-    assert names[0] == "000000.ssb.zst" and len(names) > 1
+    assert names[:2] == ["zstd.dict", "000000.ssb.zst"] and len(names) > 2
     if shutil.which("tar"):
         out = subprocess.run(["tar", "tf", os.path.join(zst, m.shards[0].name)],
                              capture_output=True, text=True, check=True).stdout.split()
         assert out == names
     with open(os.path.join(zst, m.shards[0].index), "rb") as f:
         idx = ShardIndex.from_bytes(f.read())
-    assert idx.compression == "zstd" and int(idx.block_raw_size.sum()) > int(idx.block_size.sum())
+    assert idx.compression == "zstd" and idx.framed
+    assert int(idx.block_raw_size.sum()) > int(idx.block_size.sum())
+    t = idx.frame_table()
+    assert len(t.first) > idx.num_blocks  # several frames per block
+    # the dictionary member in the shard is the one in the index (too small to train: empty)
+    member = tarfile.open(os.path.join(zst, m.shards[0].name)).extractfile("zstd.dict").read()
+    assert member == idx.dictionary
 
 
-def test_round_trip_every_reader(pair) -> None:
-    raw, zst = pair
-    expected = list(iter_dataset(raw))
-    got = list(iter_dataset(zst))
-    assert len(got) == N
-    for a, b in zip(expected, got):
-        _same(a, b)
-    assert [s["id"] for s in ShardStream(zst)] == list(range(N))
-    shuffled = [s["id"] for s in ShardStream(zst, shuffle=True, seed=3)]
-    assert shuffled == [s["id"] for s in ShardStream(raw, shuffle=True, seed=3)]
-    ds = ShardDataset(zst)
-    for i in (0, 1, 96, 97, N - 1, 250, 3):
-        _same(ds[i], expected[i])
-    assert list(cat_lines(zst, limit=5)) == list(cat_lines(raw, limit=5))
-    assert list(cat_lines(zst, index=-1)) == list(cat_lines(raw, index=-1))
-    report = verify(zst)
-    assert report.ok and report.samples == N
-
-
-def test_large_standalone_samples(make_dataset) -> None:
+def test_frames_and_dictionary(make_dataset, tmp_path) -> None:
+    """Enough data trains a dictionary; frames hold about frame_bytes; each block member
+    is plain zstd (`zstd -D zstd.dict -d` reads it)."""
     rng = np.random.default_rng(0)
-    big = [rng.integers(0, 100, 100_000).astype(np.int64) for _ in range(4)]
+    words = [f"w{i}" for i in range(300)]
 
     def make(i: int) -> dict:
-        return {"id": i, "x": big[i % 4] if i % 3 == 0 else np.arange(i % 7)}
+        return {"id": i, "ids": rng.integers(0, 30_000, 60 + i % 50).astype(np.int64),
+                "text": " ".join(words[j] for j in rng.integers(0, 300, 30))}
 
-    path = make_dataset(30, "big", block_bytes=4096, max_samples=None, make=make,
-                        compression="zstd", max_bytes=1 << 20)
+    path = make_dataset(6000, "dict", make=make, max_samples=None, compression="zstd",
+                        block_bytes=65536)
+    m = load_manifest(path)
+    idx = ShardIndex.from_bytes(open(os.path.join(path, m.shards[0].index), "rb").read())
+    assert 1000 < len(idx.dictionary) <= DEFAULT_DICT_BYTES
+    t = idx.frame_table()
+    sizes = t.raw_end - t.raw_start
+    counts = np.diff(np.append(t.first, idx.num_samples))
+    small = sizes[counts > 1]  # grouped frames: the group stops once it reaches frame_bytes
+    assert len(small) and small.max() < 2 * DEFAULT_FRAME_BYTES + 2000
+    rng = np.random.default_rng(0)
+    expected = [make(i) for i in range(6000)]
+    got = list(iter_dataset(path))
+    for a, b in zip(expected, got):
+        _same(a, b)
+        assert b["ids"].dtype == np.int64  # narrowed inside frames, widened back
+    with tarfile.open(os.path.join(path, m.shards[0].name)) as tf:
+        tf.extractall(tmp_path / "x", filter="data")
+    block, dict_path = tmp_path / "x" / "000000.ssb.zst", tmp_path / "x" / "zstd.dict"
+    import io
+
+    import zstandard
+    d = zstandard.ZstdDecompressor(dict_data=zstandard.ZstdCompressionDict(dict_path.read_bytes()))
+    raw = d.stream_reader(io.BytesIO(block.read_bytes()), read_across_frames=True).read()
+    assert len(raw) == int(idx.block_raw_size[0])
+    assert decode_sample(raw[:int(idx.sample_offset[1])])["id"] == 0
+    if shutil.which("zstd"):  # the command-line tool agrees
+        out = subprocess.run(["zstd", "-d", "-c", "-D", str(dict_path), str(block)],
+                             capture_output=True, check=True).stdout
+        assert out == raw
+
+
+def test_random_access_decompresses_one_frame(make_dataset, monkeypatch) -> None:
+    path = make_dataset(N, "one", compression="zstd", max_samples=None, block_bytes=4096)
+    sizes = []
+    real = FrameDecoder.frame
+
+    def counting(self, f, data, label=""):
+        out = real(self, f, data, label)
+        sizes.append(len(out))
+        return out
+
+    monkeypatch.setattr(FrameDecoder, "frame", counting)
     ds = ShardDataset(path)
-    for i in (0, 3, 29, 1, 27):
-        _same(ds[i], make(i))
-    assert [s["id"] for s in ShardStream(path, shuffle=True)] != list(range(30))
-    assert sorted(s["id"] for s in ShardStream(path, shuffle=True)) == list(range(30))
-    assert verify(path).ok
-
-
-def test_random_access_decompresses_one_block(make_dataset, monkeypatch) -> None:
-    path = make_dataset(N, "one", compression="zstd", max_samples=None, block_bytes=2048)
-    calls = []
-    real = compression.decompress_block
-
-    def counting(*args, **kw):
-        calls.append(kw["where"])
-        return real(*args, **kw)
-
-    monkeypatch.setattr(compression, "decompress_block", counting)
-    ds = ShardDataset(path)
-    ds[200]
-    assert len(calls) == 1
-    ds[201], ds[199]  # same block (cached) or a neighbour: never more than one each
-    assert len(calls) <= 2
-    for i in (5, 300, 100, 399, 0):
-        before = len(calls)
-        ds[i]
-        assert len(calls) - before <= 1
+    expected = list(iter_dataset(path))
+    sizes.clear()
+    for i in (200, 5, 300, 100, 399, 0, 201):
+        before = len(sizes)
+        _same(ds[i], expected[i])
+        assert len(sizes) - before <= 1  # one frame, or none when it is the cached one
+    largest = max(len(encode_sample(s, pack=True)) for s in expected)
+    assert max(sizes) < DEFAULT_FRAME_BYTES + largest  # a frame, not a 4 KiB block
 
 
 def test_convert_both_ways(pair, tmp_path) -> None:
@@ -200,12 +220,18 @@ def _refresh_checksums(path: str, shard: int) -> None:
     json.dump(doc, open(os.path.join(path, "manifest.json"), "w"))
 
 
-def _damage(path: str, block: int, how: str) -> tuple[str, int]:
+def _damage(path: str, block: int, how: str) -> tuple[str, int, int]:
+    """Damage the last frame of ``block`` in shard 1: (shard name, global ordinal of the
+    block's first sample, of the damaged frame's first sample)."""
     ds = open_dataset(path)
     info = ds.manifest.shards[1]
     with open(ds.index_path(info), "rb") as f:
         idx = ShardIndex.from_bytes(f.read())
-    off, size = int(idx.block_offset[block]), int(idx.block_size[block])
+    t = idx.frame_table()
+    frame = int(t.block_frame[block + 1]) - 1
+    assert frame > int(t.block_frame[block])  # not the block's only frame
+    off = int(idx.block_offset[block] + t.rel_start[frame])
+    size = int(t.rel_end[frame] - t.rel_start[frame])
     with open(ds.shard_path(info), "r+b") as f:
         if how == "flip":  # inside the compressed payload: the checksum must catch it
             f.seek(off + size // 2)
@@ -216,25 +242,30 @@ def _damage(path: str, block: int, how: str) -> tuple[str, int]:
             f.seek(off + size - 8)
             f.write(b"\0" * 8)
     _refresh_checksums(path, 1)
-    first = ds.manifest.shard_starts()[1] + int(idx.block_first[block])
-    return info.name, first
+    start = ds.manifest.shard_starts()[1]
+    return info.name, start + int(idx.block_first[block]), start + int(t.first[frame])
 
 
 @pytest.mark.parametrize("how", ["flip", "tail"])
-def test_corrupt_block_is_named(make_dataset, how) -> None:
+def test_corrupt_frame_is_named(make_dataset, how) -> None:
     path = make_dataset(N, "bad", compression="zstd")
-    name, first = _damage(path, 2, how)
-    pattern = rf"{name}.*block 2"
+    name, first, frame_first = _damage(path, 2, how)
+    pattern = rf"{name}.*block 2, frame \d+ \(shard-local samples"
     with pytest.raises(CorruptShardError, match=pattern):
         list(iter_dataset(path))
     with pytest.raises(CorruptShardError, match=pattern):
         list(ShardStream(path))
-    with pytest.raises(CorruptShardError, match=rf"{pattern}.*sample {first:09d}"):
-        ShardDataset(path)[first]
+    with pytest.raises(CorruptShardError, match=rf"{pattern}.*requested sample "
+                                                rf"{frame_first:09d}"):
+        ShardDataset(path)[frame_first]
     report = verify(path)
     assert not report.ok and "block 2" in report.problems[0].reason
     assert report.problems[0].key == f"{first:09d}"
-    ShardDataset(path)[first - 1]  # the blocks around it still read
+    ds = ShardDataset(path)
+    ds[frame_first - 1], ds[first]  # other frames of the same block still read
+    # warn mode skips the damaged part and names it, never yields a wrong sample
+    got = {s["id"] for s in ShardStream(path, on_error="warn")}
+    assert frame_first not in got and set(range(first)) <= got
 
 
 def test_wrong_declared_size_and_truncation(make_dataset) -> None:
@@ -302,3 +333,85 @@ def test_uncompressed_datasets_unchanged(make_dataset) -> None:
     names = tarfile.open(ds.shard_path(ds.manifest.shards[0])).getnames()
     assert names[0] == "000000.ssb"
     assert [s["id"] for s in ShardStream(path)] == list(range(120))
+
+
+# ---------------------------------------------------------------- format v2 (0.1.0) datasets
+@pytest.fixture
+def v2(tmp_path) -> str:
+    """A copy of the format-v2 dataset shardstream 0.1.0 wrote (one zstd frame per block)."""
+    out = str(tmp_path / "v2")
+    shutil.copytree(V2, out)
+    return out
+
+
+def _v2_sample(i: int) -> dict:  # what tests/data/v2-zstd holds
+    return {"id": i, "f": i / 4, "s": f"s{i}", "x": np.arange(i % 5 + 1, dtype=np.int32),
+            "ids": np.arange(i, i + 40, dtype=np.int64), "meta": {"even": i % 2 == 0}}
+
+
+def test_v2_datasets_still_read(v2) -> None:
+    m = load_manifest(v2)
+    assert m.version == 2 and m.compression == Compression("zstd", 3, 0, 0)
+    assert not m.compression.framed
+    for i, got in enumerate(iter_dataset(v2)):
+        _same(got, _v2_sample(i))
+    assert sorted(s["id"] for s in ShardStream(v2, shuffle=True)) == list(range(250))
+    ds = ShardDataset(v2)
+    for i in (0, 249, 97, 123):
+        _same(ds[i], _v2_sample(i))
+    assert list(cat_lines(v2, index=5))
+    assert verify(v2).ok
+    before = [open(os.path.join(v2, s.index), "rb").read() for s in m.shards]
+    for s in m.shards:
+        os.unlink(os.path.join(v2, s.index))
+    build_index([v2])  # a v2 index is rebuilt as v2, byte for byte
+    assert [open(os.path.join(v2, s.index), "rb").read() for s in m.shards] == before
+
+
+def test_v2_upgrade_by_convert(v2, tmp_path) -> None:
+    from shardstream.writer import ShardWriter
+    with pytest.raises(ManifestError, match="shardstream convert"):
+        ShardWriter(v2, append=True, compression="zstd")
+    out = str(tmp_path / "v3")
+    assert main(["convert", v2, out, "--compress", "zstd", "-q"]) == 0
+    m = load_manifest(out)
+    assert m.version == 3 and m.compression.framed and verify(out).ok
+    for i, got in enumerate(iter_dataset(out)):
+        _same(got, _v2_sample(i))
+    assert m.schema == load_manifest(v2).schema
+    with ShardWriter(out, append=True, compression="zstd", fsync=False) as w:
+        w.write(_v2_sample(250))
+    assert ShardDataset(out)[250]["id"] == 250
+
+
+def test_append_with_other_frame_settings_is_refused(pair) -> None:
+    from shardstream.writer import ShardWriter
+    _, zst = pair
+    with pytest.raises(ManifestError, match="frame_bytes=4096"):
+        ShardWriter(zst, append=True, compression=Compression("zstd", 5, frame_bytes=4096))
+
+
+def test_small_shards_skip_the_dictionary(make_dataset) -> None:
+    """A dictionary is stored in every shard: not when it would be a big part of one."""
+    path = make_dataset(3000, "small", compression="zstd", max_samples=None,
+                        max_bytes=64 << 10)
+    m = load_manifest(path)
+    assert len(m.shards) > 1
+    for s in m.shards:
+        idx = ShardIndex.from_bytes(open(os.path.join(path, s.index), "rb").read())
+        assert idx.dictionary == b""
+    assert [s["id"] for s in iter_dataset(path)] == list(range(3000))
+
+
+def test_damaged_frame_table_is_refused(pair) -> None:
+    _, zst = pair
+    m = load_manifest(zst)
+    idx = ShardIndex.from_bytes(open(os.path.join(zst, m.shards[0].index), "rb").read())
+    bits = idx.frame_starts.copy()
+    bits[0] &= 0x7F  # the first sample no longer starts a frame
+    with pytest.raises(CorruptShardError, match="inconsistent"):
+        ShardIndex.from_bytes(dataclasses.replace(idx, frame_starts=bits).to_bytes())
+    offs = idx.frame_offset.astype(np.int64)
+    offs[1] = offs[2]  # two frames at one offset
+    with pytest.raises(CorruptShardError, match="inconsistent"):
+        ShardIndex.from_bytes(dataclasses.replace(idx, frame_offset=offs).to_bytes())
