@@ -13,7 +13,9 @@ Everything in one run, JSON lines on stdout:
   ``shardstream.dataloader.loader(num_workers=2)``, each in a fresh process,
   raw and zstd alternated ``--repeat`` times, best kept;
 - ``getitem``: 20,000 random ``ds[i]`` (``default_rng(1)``), warm, best of 3;
-- ``dictionary``: what a trained zstd dictionary would gain per block size.
+- ``frames``: size ratio and ``ds[i]`` for other ``frame_bytes`` (``tokens`` and
+  the tiny-record ``tabular`` workload), and without the dictionary;
+- ``write``: ShardWriter from the generator, raw vs zstd (dictionary training included).
 """
 
 from __future__ import annotations
@@ -91,31 +93,6 @@ def getitem_rate(path: str) -> float:
     return best_getitem_rate(ds, idx)
 
 
-def dictionary_gain(n: int = 4000) -> None:
-    """Ratio of zstd per block with and without a dictionary trained on other blocks."""
-    import zstandard as zstd
-    from workloads import tokens
-
-    from shardstream.codec import encode_sample
-    enc = [encode_sample(s) for s in tokens(n, seed=1)]
-    for block_bytes in (4096, 16384, 65536):
-        blocks, cur = [], b""
-        for e in enc:
-            if cur and len(cur) + len(e) > block_bytes:
-                blocks.append(cur)
-                cur = b""
-            cur += e
-        blocks.append(cur)
-        train, test = blocks[: len(blocks) // 2], blocks[len(blocks) // 2:]
-        d = zstd.train_dictionary(110 * 1024, train)
-        plain = zstd.ZstdCompressor(level=3)
-        with_dict = zstd.ZstdCompressor(level=3, dict_data=d)
-        raw = sum(map(len, test))
-        emit({"mode": "dictionary", "block_bytes": block_bytes,
-              "ratio_plain": round(raw / sum(len(plain.compress(b)) for b in test), 3),
-              "ratio_dict": round(raw / sum(len(with_dict.compress(b)) for b in test), 3)})
-
-
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--dir", default="/tmp/ss-bench/compression")
@@ -159,16 +136,40 @@ def main() -> None:
         gr, gz = getitem_rate(raw), getitem_rate(zst)
         emit({"mode": "getitem", "workload": name, "raw_per_s": round(gr),
               "zstd_per_s": round(gz), "relative": round(gz / gr, 3)})
-    raw = paths["tokens"][0]
-    for block_bytes in (16384, 4096):  # smaller blocks: cheaper ds[i], lower ratio
-        small = os.path.join(a.dir, f"tokens-zstd-{block_bytes}")
-        convert(raw, small, compression=spec, block_bytes=block_bytes, overwrite=True,
-                fsync=False)
-        gr, gz = getitem_rate(raw), getitem_rate(small)
-        emit({"mode": "getitem", "workload": "tokens", "block_bytes": block_bytes,
-              "ratio": round(disk_bytes(raw) / disk_bytes(small), 3), "raw_per_s": round(gr),
-              "zstd_per_s": round(gz), "relative": round(gz / gr, 3)})
-    dictionary_gain()
+    frame_variants(a, paths["tokens"][0], spec)
+
+
+def frame_variants(a: argparse.Namespace, raw_tokens: str, spec: str) -> None:
+    """The frame size trades ``ds[i]`` speed for size; the dictionary buys size."""
+    from workloads import tabular, tokens
+
+    from shardstream.compression import Compression, parse_compression
+    from shardstream.convert import convert
+    base = parse_compression(spec)
+    raw_tab = os.path.join(a.dir, "tabular")
+    write(raw_tab, tabular(a.n * 4))
+    for name, raw in (("tokens", raw_tokens), ("tabular", raw_tab)):
+        gr = getitem_rate(raw)
+        variants = [(fb, base.dict_bytes) for fb in (256, 512, 1024, 4096)] + \
+            [(base.frame_bytes, 0)]
+        for fb, db in variants:
+            out = os.path.join(a.dir, f"{name}-f{fb}-d{db}")
+            convert(raw, out, compression=Compression(base.codec, base.level, fb, db),
+                    overwrite=True, fsync=False)
+            gz = getitem_rate(out)
+            emit({"mode": "frames", "workload": name, "frame_bytes": fb, "dict_bytes": db,
+                  "ratio": round(disk_bytes(raw) / disk_bytes(out), 3),
+                  "raw_per_s": round(gr), "zstd_per_s": round(gz),
+                  "getitem_relative": round(gz / gr, 3)})
+    times = {}
+    for kind in ("raw", "zstd", "raw", "zstd"):  # alternated, best kept
+        t = write(os.path.join(a.dir, "write-" + kind), tokens(a.n),
+                  **({"compression": spec} if kind == "zstd" else {}))
+        times[kind] = min(times.get(kind, t), t)
+    emit({"mode": "write", "workload": "tokens", "n": a.n,
+          "raw_samples_per_s": round(a.n / times["raw"]),
+          "zstd_samples_per_s": round(a.n / times["zstd"]),
+          "relative": round(times["raw"] / times["zstd"], 3)})
 
 
 if __name__ == "__main__":

@@ -90,9 +90,11 @@ def _default(obj: Any) -> Any:
 
 _packer_options = {"default": _default, "use_bin_type": True, "datetime": False}
 
-#: narrower integer types tried in order, smallest first
-_NARROW = tuple(np.dtype(t) for t in ("u1", "i1", "<u2", "<i2", "<u4", "<i4"))
+#: narrower integer types tried in order, smallest first, with their bounds
+_NARROW = tuple((np.dtype(t), int(np.iinfo(t).min), int(np.iinfo(t).max))
+                for t in ("u1", "i1", "<u2", "<i2", "<u4", "<i4"))
 _MIN_PACK = 8  # arrays shorter than this are not worth the longer header
+_packed_heads: dict[tuple[np.dtype, np.dtype, int], tuple[bytes, struct.Struct]] = {}
 
 
 def _packed_payload(arr: np.ndarray) -> msgpack.ExtType | None:
@@ -100,18 +102,22 @@ def _packed_payload(arr: np.ndarray) -> msgpack.ExtType | None:
     u8 ndim | ndim x u64 | raw LE bytes of the stored dtype; None: no narrower type fits."""
     dt = arr.dtype
     lo, hi = int(arr.min()), int(arr.max())
-    for nt in _NARROW:
+    for nt, nlo, nhi in _NARROW:
         if nt.itemsize >= dt.itemsize:
             return None
-        info = np.iinfo(nt)
-        if info.min <= lo and hi <= info.max:
+        if nlo <= lo and hi <= nhi:
             break
     else:
         return None
-    own, stored = dt.newbyteorder("<").str.encode(), nt.str.encode()
-    head = struct.pack(f"<BB{len(own)}sB{len(stored)}sB{arr.ndim}Q", _EXT_LAYOUT, len(own), own,
-                       len(stored), stored, arr.ndim, *arr.shape)
-    return msgpack.ExtType(PACKED_EXT, head + arr.astype(nt).reshape(-1).data)
+    head = _packed_heads.get((dt, nt, arr.ndim))
+    if head is None:
+        own, stored = dt.newbyteorder("<").str.encode(), nt.str.encode()
+        head = _packed_heads[(dt, nt, arr.ndim)] = (
+            struct.pack(f"<BB{len(own)}sB{len(stored)}sB", _EXT_LAYOUT, len(own), own,
+                        len(stored), stored, arr.ndim), struct.Struct(f"<{arr.ndim}Q"))
+    prefix, shape = head
+    return msgpack.ExtType(PACKED_EXT, b"".join(
+        (prefix, shape.pack(*arr.shape), arr.astype(nt).reshape(-1).data)))
 
 
 def _default_packed(obj: Any) -> Any:

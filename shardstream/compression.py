@@ -35,7 +35,7 @@ CODECS: dict[str, str] = {"zstd": ".zst"}
 DEFAULT_LEVEL = 3
 #: encoded sample bytes per zstd frame (format v3): what one ``ds[i]`` decompresses at most
 #: (unless the sample itself is larger)
-DEFAULT_FRAME_BYTES = 512
+DEFAULT_FRAME_BYTES = 256
 #: size of the trained zstd dictionary (0: none)
 DEFAULT_DICT_BYTES = 32 * 1024
 #: name of the dictionary member at the start of a format-v3 shard
@@ -300,6 +300,7 @@ class FrameDecoder:
         self.frame_first, self.frame_block = _ints(t.first), _ints(t.block)
         self.rel_start, self.rel_end = _ints(t.rel_start), _ints(t.rel_end)
         self.raw_start, self.raw_end = _ints(t.raw_start), _ints(t.raw_end)
+        self.raw_len = _ints(t.raw_end - t.raw_start)
         self.block_frame = _ints(t.block_frame)  # first frame of every block, then the count
         self.frame_of = t.frame_of
         self._dict = zstd.ZstdCompressionDict(index.dictionary, dict_type=zstd.DICT_TYPE_FULLDICT) \
@@ -308,6 +309,7 @@ class FrameDecoder:
         self._zstd = zstd
         self._owner: int | None = None
         self._decompress: Any = None
+        self.content_size = zstd.frame_content_size
 
     def _d(self) -> Any:
         """This thread's decompressor (``decompress`` bound method), made on first use."""
@@ -335,7 +337,7 @@ class FrameDecoder:
         ``label`` adds context to errors (e.g. the sample a reader asked for);
         a callable is only called to build an error message.
         """
-        expected = self.raw_end[f] - self.raw_start[f]
+        expected = self.raw_len[f]
         zstd = self._zstd
         try:
             declared = zstd.frame_content_size(data)

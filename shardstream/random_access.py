@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import mmap
 import os
+import threading
 from collections import OrderedDict
 from bisect import bisect_right
 from operator import index as as_index
@@ -42,6 +43,7 @@ except ImportError:  # pragma: no cover
 __all__ = ["ShardDataset"]
 
 _REMOTE = ("s3://", "gs://", "http://", "https://")
+_get_ident = threading.get_ident
 _unpackb = msgpack.unpackb
 _OPTS = _unpack_options
 #: decompressed blocks kept per shard of a compressed dataset
@@ -120,13 +122,14 @@ class _FramedShard:
     frame stays cached, so reading neighbours in order costs one decompression.
     """
 
-    __slots__ = ("mm", "path", "decoder", "frame_of", "start", "end", "in_start", "in_end",
-                 "base", "last", "last_data")
+    __slots__ = ("mm", "view", "path", "decoder", "frame_of", "start", "end", "in_start",
+                 "in_end", "base", "last", "last_data")
     foreign = False
 
     def __init__(self, mm: mmap.mmap, index: ShardIndex, path: str, base: int) -> None:
         self.mm, self.path, self.base = mm, path, base
-        dec = self.decoder = index.block_decoder(path)
+        self.view = memoryview(mm)  # released by close() before the map is closed
+        self.decoder = index.block_decoder(path)
         t = index.frame_table()
         boff = index.block_offset.astype(np.int64)[t.block]
         offs = index.sample_offset.astype(np.int64)
@@ -145,16 +148,25 @@ class _FramedShard:
     def sample_bytes(self, j: int) -> bytes | memoryview:
         """Sample ``j``'s encoded bytes, decompressing its frame unless it is the last one."""
         f = self.frame_of[j]
-        if f != self.last:
-            # a copy of the frame, not a view: nothing pins the map, close() always works
-            self.last_data = self.decoder.frame(
-                f, self.mm[self.start[f]:self.end[f]],
-                lambda: f"requested sample {self.base + j:09d}")
-            self.last = f
+        if f == self.last:
+            out = self.last_data
+        else:
+            data = self.view[self.start[f]:self.end[f]]
+            dec = self.decoder
+            n = dec.raw_len[f]
+            out = None
+            # fast path for ds[i]; anything unexpected goes through frame(), which checks
+            # the same things again and raises the error naming shard, frame and sample
+            if dec._owner == _get_ident() and dec.content_size(data) == n:
+                try:
+                    out = dec._decompress(data)
+                except Exception:
+                    out = None
+            if out is None or len(out) != n:
+                out = dec.frame(f, data, lambda: f"requested sample {self.base + j:09d}")
+            self.last, self.last_data = f, out
         a, z = self.in_start[j], self.in_end[j]
-        if a == 0 and z == len(self.last_data):
-            return self.last_data
-        return memoryview(self.last_data)[a:z]
+        return out if a == 0 and z == len(out) else memoryview(out)[a:z]
 
 
 class _ForeignShard:
@@ -246,7 +258,7 @@ class ShardDataset(_TorchDataset):
         """Unmap every shard (they re-open on the next access)."""
         for sh in self._open:
             if sh is not None and self._pid == os.getpid():
-                sh.mm.close()
+                _unmap(sh)
         self._open = [None] * len(self._infos)
 
     # -- access ----------------------------------------------------------------
@@ -381,6 +393,17 @@ class ShardDataset(_TorchDataset):
 
 
 _EMPTY = b""
+
+
+def _unmap(sh: Any) -> None:
+    """Close a shard's map; one a traceback still points into is left to the GC."""
+    view = getattr(sh, "view", None)
+    try:
+        if view is not None:
+            view.release()
+        sh.mm.close()
+    except BufferError:
+        pass
 
 
 def _ints(a: np.ndarray) -> memoryview:

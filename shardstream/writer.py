@@ -38,7 +38,7 @@ __all__ = ["ShardWriter", "DEFAULT_MAX_BYTES", "DEFAULT_BLOCK_BYTES"]
 DEFAULT_MAX_BYTES = 256 * 1024 * 1024
 DEFAULT_BLOCK_BYTES = 64 * 1024
 #: encoded bytes a compressing writer holds back to train its zstd dictionary
-TRAIN_BYTES = 4 << 20
+TRAIN_BYTES = 1 << 20
 _PAD = b"\0" * 512
 
 
@@ -316,7 +316,7 @@ class ShardWriter:
     ``key``, ``secret``...). Shards are staged locally and uploaded on close.
 
     ``compression="zstd"`` (``level=3`` by default, or ``"zstd:19"``) stores
-    every block (``NNNNNN.ssb.zst``) as zstd frames of about 1 KiB of samples
+    every block (``NNNNNN.ssb.zst``) as zstd frames of about 256 bytes of samples
     with a dictionary trained on the first samples; readers decompress
     transparently and ``ds[i]`` decompresses one frame (docs/compression.md).
     """
