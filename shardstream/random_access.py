@@ -130,7 +130,7 @@ class _FramedShard:
         self.mm, self.path, self.base = mm, path, base
         self.view = memoryview(mm)  # released by close() before the map is closed
         self.decoder = index.block_decoder(path)
-        t = index.frame_table()
+        t = self.decoder.table
         boff = index.block_offset.astype(np.int64)[t.block]
         offs = index.sample_offset.astype(np.int64)
         n = index.num_samples
