@@ -25,6 +25,7 @@ from __future__ import annotations
 
 import logging
 import os
+import threading
 from collections import OrderedDict
 from dataclasses import dataclass
 from typing import Any, Callable, Iterable, Iterator, Sequence
@@ -269,6 +270,7 @@ class BlockReader:
         self.on_skip = on_skip
         self.remote = remote
         self._prefetcher: Prefetcher | None = None
+        self._first_open = threading.Event()
         self._cache: OrderedDict[tuple[int, int], bytes] = OrderedDict()
         self._cached = 0
 
@@ -282,7 +284,12 @@ class BlockReader:
                 return None
             return store.shard_path(ref.path, size=ref.expected_bytes, sha256=ref.sha256,
                                     wait=False)
-        self._prefetcher = Prefetcher(fetch, order, depth=depth)
+        # read-ahead starts once the reader has its first shard: a download beside that
+        # one (often another process's) would only slow down the first batch
+        self._first_open = threading.Event()
+        if any(ref.opened for ref in self.shards):
+            self._first_open.set()
+        self._prefetcher = Prefetcher(fetch, order, depth=depth, after=self._first_open)
 
     def _store(self) -> RemoteCache:
         if self.remote is None:
@@ -325,6 +332,8 @@ class BlockReader:
             if getattr(exc, "kind", None) == "auth":
                 raise  # every shard would fail the same way: no skipping
             self._fail(ref, 0, exc)
+        finally:
+            self._first_open.set()
         return ref
 
     def _load_remote(self, s: int, ref: ShardRef) -> None:

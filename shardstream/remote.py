@@ -17,16 +17,24 @@ cache directory, and then read with ``pread`` exactly like a local shard.
 - :class:`Prefetcher`: a background thread that downloads the shards a
   reader will need next, in the order it will first touch them, at most
   ``depth`` shards ahead of it.
+- :meth:`RemoteCache.start_fetch`: start-up read-ahead. A ShardStream knows
+  the first shards its first batches touch as soon as it has the manifest, so
+  it fetches their indexes and then the shards in a background thread of the
+  process that built it, while DataLoader workers start (fork, their own
+  storage clients). Workers find the indexes on disk and wait for a shard
+  still downloading under its lock, as for any other process's download; a
+  reader in the same process waits for the fetch itself and gets its error.
 """
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import os
 import tempfile
 import threading
 from concurrent.futures import Future
-from typing import Any, Callable, Hashable, Iterable
+from typing import Any, Callable, Hashable, Iterable, Sequence
 
 from . import storage
 from .errors import ShardNotFoundError, StorageError
@@ -64,11 +72,73 @@ class RemoteCache:
         self.max_bytes = max_bytes
         self.retry = retry
         self._indexes: dict[str, bytes | None] = {}
+        self._pending: dict[tuple[str, str], Future] = {}  # start_fetch's, by (kind, url)
+        self._pending_pid = os.getpid()
 
     def __getstate__(self) -> dict[str, Any]:
         state = self.__dict__.copy()
         state["_indexes"] = {}
+        state["_pending"] = {}
         return state
+
+    # -- start-up read-ahead ------------------------------------------------------
+    def start_fetch(self, shards: Sequence[tuple[str, int | None, str | None, str, str | None]]
+                    ) -> threading.Thread | None:
+        """Fetch ``(url, size, sha256, index_url, index_sha256)`` in the background: the
+        shards one after another in one thread (a shard another process is downloading
+        is left to it), the indexes in another. Errors wait for the reader (module docs).
+        Returns a thread (tests join it)."""
+        pending = self._own_pending()
+        indexes: list[tuple[Future, Callable[[], Any]]] = []
+        downloads: list[tuple[Future, Callable[[], Any]]] = []
+        for url, size, sha256, index_url, index_sha256 in shards:
+            for kind, jobs, job in (
+                    ("index", indexes, lambda u=index_url, h=index_sha256: self._index(u, h, False)),
+                    ("shard", downloads, lambda u=url, n=size, h=sha256: self._shard(u, n, h, False))):
+                key = (kind, index_url if kind == "index" else url)
+                if key not in pending:
+                    pending[key] = Future()
+                    jobs.append((pending[key], job))
+        if not indexes and not downloads:
+            return None
+
+        def run(jobs: list[tuple[Future, Callable[[], Any]]]) -> None:
+            for fut, job in jobs:
+                if fut.set_running_or_notify_cancel():
+                    try:
+                        fut.set_result(job())
+                    except BaseException as exc:  # noqa: BLE001 - handed to the reader
+                        fut.set_exception(exc)
+        thread = None
+        for jobs in (downloads, indexes):  # the shards at once: they take longest
+            if jobs:
+                thread = threading.Thread(target=run, args=(jobs,), daemon=True,
+                                          name="shardstream-start-fetch")
+                thread.start()
+        return thread
+
+    def _own_pending(self) -> dict[tuple[str, str], Future]:
+        """start_fetch's futures, if made in this process (a forked child has no thread)."""
+        if self._pending_pid != os.getpid():
+            self._pending, self._pending_pid = {}, os.getpid()
+        return self._pending
+
+    def _started(self, kind: str, url: str, wait: bool) -> tuple[bool, Any]:
+        """(True, result) of start_fetch's fetch of ``url`` once done (taken: later calls
+        fetch afresh); (False, None) when there is none, or it runs and not ``wait``."""
+        pending = self._own_pending()
+        fut = pending.get((kind, url))
+        if fut is None or (not wait and not fut.done()):
+            return False, None
+        pending.pop((kind, url), None)
+        try:
+            return True, fut.result()
+        except (StorageError, ShardNotFoundError):
+            if kind == "shard":
+                raise  # as if this reader had tried: no second round of requests
+            return False, None
+        except Exception:  # noqa: BLE001 - anything else: the caller tries itself
+            return False, None
 
     # -- indexes ----------------------------------------------------------------
     def index_bytes(self, url: str, *, sha256: str | None = None,
@@ -77,35 +147,59 @@ class RemoteCache:
 
         ``missing_ok``: return None instead of raising :class:`ShardNotFoundError`.
         """
+        self._started("index", url, wait=True)  # lands in self._indexes (or fails: retry)
+        return self._index(url, sha256, missing_ok)
+
+    def _index(self, url: str, sha256: str | None, missing_ok: bool) -> bytes | None:
         if url in self._indexes:
             data = self._indexes[url]
             if data is None and not missing_ok:
                 raise ShardNotFoundError(f"index {url} does not exist")
             return data
         path = os.path.join(self.cache_dir, _entry_name(url, sha256[:16])) if sha256 else None
-        data = None
-        if path is not None:
-            try:
-                with open(path, "rb") as f:
-                    data = f.read()
-            except OSError:
-                data = None
-        if data is None:
-            try:
-                data = storage.read_bytes(url, storage_options=self.storage_options,
-                                          retry=self.retry)
-            except ShardNotFoundError:
-                self._indexes[url] = None
-                if missing_ok:
-                    return None
-                raise
-            if path is not None and (sha256 is None or
-                                     hashlib.sha256(data).hexdigest() == sha256):
-                self._store(path, data)
+        try:
+            data = self._cached_index(path)
+            if data is None:
+                with contextlib.ExitStack() as stack:
+                    if path is not None:  # one process fetches it, the others read its copy
+                        lock = self._index_lock(path)
+                        if lock is not None:
+                            stack.enter_context(storage._locked(lock))
+                            data = self._cached_index(path)
+                    if data is None:
+                        data = storage.read_bytes(url, storage_options=self.storage_options,
+                                                  retry=self.retry)
+                        if path is not None and hashlib.sha256(data).hexdigest() == sha256:
+                            self._store(path, data)
+        except ShardNotFoundError:
+            self._indexes[url] = None
+            if missing_ok:
+                return None
+            raise
         if len(self._indexes) > 4096:
             self._indexes.clear()
         self._indexes[url] = data
         return data
+
+    @staticmethod
+    def _cached_index(path: str | None) -> bytes | None:
+        if path is None:
+            return None
+        try:
+            with open(path, "rb") as f:
+                return f.read()
+        except OSError:
+            return None
+
+    def _index_lock(self, path: str) -> str | None:
+        """The lock file of a cached index; None where the cache dir is unusable."""
+        try:
+            os.makedirs(self.cache_dir, exist_ok=True)
+        except OSError:
+            return None
+        if not os.access(self.cache_dir, os.W_OK):
+            return None
+        return os.path.join(self.cache_dir, "." + os.path.basename(path) + ".lock")
 
     def _store(self, path: str, data: bytes) -> None:
         os.makedirs(self.cache_dir, exist_ok=True)
@@ -130,6 +224,12 @@ class RemoteCache:
         ``wait=False``: return None at once when another process is downloading it
         (read-ahead moves on to the next shard instead of queueing behind it).
         """
+        done, path = self._started("shard", url, wait)
+        if done and path is not None and self._complete(path, size):
+            return path
+        return self._shard(url, size, sha256, wait)
+
+    def _shard(self, url: str, size: int | None, sha256: str | None, wait: bool) -> str | None:
         if size is None:
             size = storage.size(url, storage_options=self.storage_options, retry=self.retry)
         tag = sha256[:16] if sha256 else f"{size}b"
@@ -177,14 +277,16 @@ class RemoteCache:
 class Prefetcher:
     """Runs ``fetch(key)`` in a background thread for keys in ``order``, ``depth`` ahead.
 
-    The reader calls :meth:`take` for a key when it needs it: it waits for that
+    With ``after``, the thread starts once that event is set. The reader calls
+    :meth:`take` for a key when it needs it: it waits for that
     key's fetch if one was started (re-raising its error) and lets the thread
     move on; a key not fetched yet returns None (the reader fetches it itself).
     """
 
     def __init__(self, fetch: Callable[[Any], Any], order: Iterable[Hashable], *,
-                 depth: int = 2) -> None:
+                 depth: int = 2, after: threading.Event | None = None) -> None:
         self._fetch, self._order, self.depth = fetch, iter(order), max(1, depth)
+        self._after = after
         self._futures: dict[Hashable, Future] = {}
         self._taken: set[Hashable] = set()
         self._cond = threading.Condition()
@@ -194,6 +296,9 @@ class Prefetcher:
         self._thread.start()
 
     def _run(self) -> None:
+        while self._after is not None and not self._after.wait(0.05):
+            if self._stop:
+                return
         try:
             for key in self._order:
                 with self._cond:

@@ -28,6 +28,9 @@ import shlex
 import shutil
 import subprocess
 import tempfile
+import threading
+import time
+from collections import deque
 from concurrent.futures import Future, ThreadPoolExecutor
 from typing import Any, BinaryIO, Callable, Iterator
 
@@ -67,6 +70,8 @@ def _before_fork() -> None:
 
 
 def _after_fork_in_child() -> None:
+    global _sessions_lock
+    _sessions_lock = threading.Lock()  # a parent's thread may have held it
     loop, _inherited_loop[0] = _inherited_loop[0], None
     if loop is not None and getattr(loop, "_selector", None) is not None:
         import selectors
@@ -153,6 +158,8 @@ def get_fs(url: str, storage_options: StorageOptions = None, *,
     _default_options(protocol, options, timeout)
     inner_retries = options.pop("retries", 1) if protocol in ("s3", "s3a") else None
     try:
+        if protocol in ("s3", "s3a"):
+            _shared_session(options)
         fs, path = fsspec.core.url_to_fs(url, **options)
     except ImportError as exc:
         extra = _EXTRAS.get(protocol)
@@ -165,6 +172,50 @@ def get_fs(url: str, storage_options: StorageOptions = None, *,
     if inner_retries is not None:
         fs.retries = inner_retries
     return fs, path
+
+
+# s3fs creates a botocore session per filesystem, and each parses the S3 service
+# model and endpoint data from JSON (~50 ms of CPU). Filesystems are per process
+# (fsspec), so every DataLoader worker paid that again before its first request.
+# One session per process and profile, all sharing the parsed data of the first
+# one (botocore's data loader: read-only file contents, nothing tied to an event
+# loop or credentials); a forked worker inherits it already filled.
+_S3FS_BASE_OPTIONS = ("use_listings_cache", "listings_expiry_time", "max_paths",
+                      "skip_instance_cache")
+_sessions: dict[tuple[int, str | None], Any] = {}
+_data_loaders: dict[Any, Any] = {}
+_sessions_lock = threading.Lock()
+
+
+def _shared_session(options: dict[str, Any]) -> None:
+    """Pass s3fs this process's session for ``options`` (unless they name their own)."""
+    if options.get("session") is not None:
+        return
+    import inspect
+
+    import aiobotocore.session
+    import s3fs
+
+    known = inspect.signature(s3fs.S3FileSystem.__init__).parameters
+    extra = {k for k in options if k not in known and k not in _S3FS_BASE_OPTIONS}
+    if extra - {"profile"}:  # other session arguments: s3fs makes its session itself
+        return
+    profile = options.get("profile")
+    key = (os.getpid(), profile)
+    with _sessions_lock:
+        session = _sessions.get(key)
+        if session is None:
+            session = aiobotocore.session.AioSession(profile=profile)
+            where = session.get_config_variable("data_path")
+            loader = _data_loaders.get(where)
+            if loader is None:
+                _data_loaders[where] = session.get_component("data_loader")
+            else:
+                session.register_component("data_loader", loader)
+            for k in [k for k in _sessions if k[0] != key[0]]:  # a parent's sessions
+                del _sessions[k]
+            _sessions[key] = session
+    options["session"] = session
 
 
 # ---------------------------------------------------------------- errors + retries
@@ -268,22 +319,11 @@ class ResumableStream(io.RawIOBase):
 
     def _fetch(self, offset: int) -> bytes:
         """One chunk from ``offset``; partial bodies count as progress."""
-        n = min(self.chunk_size, self._end - offset)
-        out = bytearray()
-
-        def attempt() -> None:
-            lo = offset + len(out)
-            data = self.fs.cat_file(self.path, start=lo, end=offset + n)
-            if len(data) > offset + n - lo:
-                raise StorageError(f"{self.url}: the server ignored the Range header")
-            if not data:
-                raise ConnectionResetError(f"empty body at byte {lo} of {self.url}")
-            out.extend(data)
-            if len(out) < n:  # short body without an error: resume where it stopped
-                raise ConnectionResetError(f"short body at byte {offset + len(out)}")
-        _call(self.url, "read", attempt, self.retry, self._count_retry)
-        self.bytes_fetched += n
-        return bytes(out)
+        end = min(self._end, offset + self.chunk_size)
+        data = _fetch_range(self.fs, self.path, self.url, offset, end, self.retry,
+                            self._count_retry)
+        self.bytes_fetched += end - offset
+        return data
 
     def _schedule(self) -> None:
         if self._next is None and self._fetch_pos < self._end:
@@ -333,6 +373,29 @@ class ResumableStream(io.RawIOBase):
         self._next = None
         self._buf = memoryview(b"")
         super().close()
+
+
+def _fetch_range(fs: Any, path: str, url: str, start: int, end: int, retry: RetryPolicy,
+                 on_retry: Callable[[BaseException, int, float], None] | None = None) -> bytes:
+    """Bytes ``[start, end)``; a broken or short body is retried from its first byte
+    not yet received (what arrived counts as progress, nothing is fetched twice)."""
+    parts: list[bytes] = []
+    got = 0
+
+    def attempt() -> None:
+        nonlocal got
+        lo = start + got
+        data = fs.cat_file(path, start=lo, end=end)
+        if len(data) > end - lo:
+            raise StorageError(f"{url}: the server ignored the Range header")
+        if not data:
+            raise ConnectionResetError(f"empty body at byte {lo} of {url}")
+        parts.append(data)
+        got += len(data)
+        if got < end - start:  # short body without an error: resume where it stopped
+            raise ConnectionResetError(f"short body at byte {start + got}")
+    _call(url, "read", attempt, retry, on_retry)
+    return parts[0] if len(parts) == 1 else b"".join(parts)
 
 
 def _size(fs: Any, path: str, url: str, retry: RetryPolicy) -> int:
@@ -478,24 +541,75 @@ def _locked(path: str, blocking: bool = True) -> Iterator[bool]:
         except BlockingIOError:
             yield False
             return
-        yield True
+        try:
+            yield True
+        finally:
+            # explicitly: a child forked meanwhile shares this lock through its copy
+            # of the fd, and closing ours alone would leave it held
+            fcntl.flock(fd, fcntl.LOCK_UN)
     finally:
         os.close(fd)
 
 
+#: range requests in flight per download (each ``DEFAULT_CHUNK_SIZE`` bytes)
+DOWNLOAD_STREAMS = 3
+
+
 def _download(url: str, dest: str, storage_options: StorageOptions, retry: RetryPolicy,
-              size_hint: int | None) -> None:
-    """Stream ``url`` into ``dest`` via a temp file + rename (never a partial ``dest``)."""
+              size_hint: int | None, *, chunk_size: int = DEFAULT_CHUNK_SIZE,
+              streams: int = DOWNLOAD_STREAMS) -> None:
+    """Fetch ``url`` into ``dest`` via a temp file + rename (never a partial ``dest``).
+
+    A remote object comes in ``chunk_size`` range requests, ``streams`` of them in
+    flight, each retried from its first byte not yet received (see
+    :func:`_fetch_range`); chunks are written in order, straight from the
+    response, so the temp file only grows.
+    """
     fd, tmp = tempfile.mkstemp(prefix=".part-", dir=os.path.dirname(dest))
     try:
-        with os.fdopen(fd, "wb") as out, open_stream(url, size=size_hint, retry=retry,
-                                                      storage_options=storage_options) as src:
-            shutil.copyfileobj(src, out, 1 << 20)
+        if is_remote(url) and not is_pipe(url):
+            try:
+                fs, path = get_fs(url, storage_options, timeout=retry.timeout)
+                end = size_hint if size_hint is not None else _size(fs, path, url, retry)
+                _fetch_into(fd, fs, path, url, end, retry, chunk_size, streams)
+            finally:
+                os.close(fd)
+        else:
+            with os.fdopen(fd, "wb") as out, open_stream(url, size=size_hint, retry=retry,
+                                                          storage_options=storage_options) as src:
+                shutil.copyfileobj(src, out, 1 << 20)
         os.replace(tmp, dest)
     except BaseException:
         with contextlib.suppress(OSError):
             os.unlink(tmp)
         raise
+
+
+def _fetch_into(fd: int, fs: Any, path: str, url: str, end: int, retry: RetryPolicy,
+                chunk_size: int, streams: int) -> None:
+    """Bytes ``[0, end)`` of ``url`` into ``fd``, in order, ``streams`` requests at a time."""
+    offsets = iter(range(0, end, max(1, chunk_size)))
+    pool = ThreadPoolExecutor(max(1, streams), thread_name_prefix="shardstream-download")
+    pending: deque[tuple[int, Future]] = deque()
+
+    def submit() -> None:
+        at = next(offsets, None)
+        if at is not None:
+            pending.append((at, pool.submit(_fetch_range, fs, path, url, at,
+                                            min(end, at + chunk_size), retry)))
+    try:
+        for _ in range(max(1, streams)):
+            submit()
+        while pending:
+            at, fut = pending.popleft()
+            data = fut.result()
+            submit()
+            view = memoryview(data)
+            while view:
+                n = os.pwrite(fd, view, at)
+                view, at = view[n:], at + n
+    finally:
+        pool.shutdown(wait=False, cancel_futures=True)
 
 
 def _entry_bytes(path: str) -> int:
@@ -504,12 +618,22 @@ def _entry_bytes(path: str) -> int:
     return os.path.getsize(path)
 
 
+#: a ``.part-`` file (download in progress) not written to for this long is abandoned
+_STALE_PART_S = 6 * 3600
+
+
 def _evict(cache_dir: str, max_bytes: int | None, keep: str) -> None:
     """Drop least recently used entries until the cache fits ``max_bytes``."""
     if max_bytes is None:
         return
     entries = []
+    now = time.time()
     for name in os.listdir(cache_dir):
+        if name.startswith(".part-"):  # a download whose process died: untouched for hours
+            p = os.path.join(cache_dir, name)
+            with contextlib.suppress(OSError):
+                if now - os.stat(p).st_mtime > _STALE_PART_S:
+                    os.unlink(p)
         if name.startswith("."):
             continue
         p = os.path.join(cache_dir, name)

@@ -203,6 +203,37 @@ class ShardStream(IterableDataset):
         self._local: tuple[int, int, int] | None = None  # (epoch, start, units) in a worker
         self._units = 0  # units yielded by this process's current iteration
         self._wire = False  # set by loader(): workers send numpy, the loader makes tensors
+        if self.dataset is not None and storage.is_remote(self.dataset.root) \
+                and prefetch_shards > 0:
+            self._start_fetch()
+
+    def _start_fetch(self) -> None:
+        """Fetch the first ``prefetch_shards`` shards this rank reads (and their indexes)
+        in the background now, while workers start: see :meth:`RemoteCache.start_fetch`."""
+        try:
+            world = self.world()
+            layout = self.layout(world.world_size)
+            counts = [s.num_samples for s in self.dataset.manifest.shards]
+            order = EpochOrder(counts, seed=self.seed, epoch=self.epoch, shuffle=self.shuffle,
+                               block_shuffle=False,
+                               window=self.shuffle_buffer if self.shuffle else 1)
+
+            def positions() -> Iterator[np.ndarray]:
+                for j in range(0, layout.num_units, 64):
+                    spans = [layout.span(world.rank, k)
+                             for k in range(j, min(j + 64, layout.num_units))]
+                    yield np.concatenate([np.arange(a, a + n, dtype=np.int64)
+                                          for a, n in spans])
+            first = []
+            for s in order.first_use(positions()):
+                first.append(s)
+                if len(first) == self.prefetch_shards:
+                    break
+        except Exception:  # noqa: BLE001 - only a head start; iteration reports errors
+            return
+        refs = shard_refs(self.dataset)
+        self.remote.start_fetch([(refs[s].path, refs[s].expected_bytes, refs[s].sha256,
+                                  refs[s].index_path, refs[s].index_sha256) for s in first])
 
     @staticmethod
     def _mixture(source: Any, weights: Any, stop: str | None, epoch_size: int | None,

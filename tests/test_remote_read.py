@@ -201,3 +201,63 @@ def test_torchrun_two_ranks_over_s3(s3_server, s3_bucket, tmp_path, monkeypatch)
     assert len(ranks[0]["batches"]) == len(ranks[1]["batches"]) == ranks[0]["len"]
     flat = [i for r in ranks for b in r["batches"] for i in b]
     assert sorted(set(flat)) == list(range(1003)) and len(flat) == 1004  # pad repeats 1
+
+
+def _wait_start_fetch(ds) -> None:
+    for fut in list(ds.remote._own_pending().values()):
+        fut.exception(timeout=30)
+
+
+def test_start_fetch_downloads_the_first_shard_once_for_the_reader(tmp_path):
+    local = _write(str(tmp_path / "ds"))
+    m = load_manifest(local)
+    with HTTPTestServer(str(tmp_path)) as srv:
+        cache = tmp_path / "c"
+        ds = ShardStream(srv.url("ds"), batch_size=32, cache_dir=str(cache), retry=FAST)
+        _wait_start_fetch(ds)  # built: the first shard and its index are being fetched
+        assert len(srv.requests("GET", f"ds/{m.shards[0].name}")) == 1
+        assert [n for n in os.listdir(cache) if n.endswith(m.shards[0].name)]
+        assert _ids(ds) == _ids(ShardStream(local, batch_size=32))
+        for s in m.shards:  # the reader took the fetched copy: each object once
+            assert len(srv.requests("GET", f"ds/{s.name}")) == 1
+            assert len(srv.requests("GET", f"ds/{s.index}")) == 1
+
+
+def test_workers_start_while_the_first_shard_still_downloads(tmp_path):
+    """The process that built the stream holds the first shard's download when the
+    DataLoader workers fork: they wait for it (no second download), read every sample
+    exactly once, and fetch each other index and shard once between them."""
+    import threading
+    import time
+
+    local = _write(str(tmp_path / "ds"))
+    m = load_manifest(local)
+    first = f"ds/{m.shards[0].name}"
+    slow = threading.Event()
+
+    def delay_first_shard(path: str, body: bool) -> None:
+        if path == first and body and not slow.is_set():
+            slow.set()
+            time.sleep(1.0)
+        return None
+    with HTTPTestServer(str(tmp_path)) as srv:
+        srv.next_fault = delay_first_shard
+        cache = tmp_path / "c"
+        ds = ShardStream(srv.url("ds"), batch_size=32, cache_dir=str(cache), retry=FAST)
+        assert slow.wait(10)  # workers start while that response is held back
+        ids = [i for b in loader(ds, num_workers=2) for i in b["id"].tolist()]
+        assert sorted(ids) == list(range(N))
+        for s in m.shards:
+            assert len(srv.requests("GET", f"ds/{s.name}")) == 1
+            assert len(srv.requests("GET", f"ds/{s.index}")) == 1
+    assert not [n for n in os.listdir(cache) if n.startswith(".part-")]
+
+
+def test_start_fetch_failure_reaches_the_reader_with_the_url(tmp_path):
+    _write(str(tmp_path / "ds"))
+    with HTTPTestServer(str(tmp_path), forbidden={"ds/shard-000000.tar"}) as srv:
+        ds = ShardStream(srv.url("ds"), cache_dir=str(tmp_path / "c"), retry=FAST)
+        _wait_start_fetch(ds)
+        with pytest.raises(StorageError, match="shard-000000.tar.*access denied"):
+            list(ds)
+        assert len(srv.requests("GET", "ds/shard-000000.tar")) == 1  # not asked again

@@ -291,3 +291,103 @@ def test_forked_child_gets_a_private_selector_for_the_inherited_fsspec_loop():
     assert here.recv() is True
     proc.join(10)
     assert loop._selector.fileno() == parent_fd  # the parent's loop is untouched
+
+
+# ---------------------------------------------------------------- downloads into the cache
+def test_download_parallel_ranges_resume_and_land_whole(tmp_path):
+    """Several range requests in flight, each resumed at its own first missing byte;
+    the file appears complete (rename) and nothing is left behind."""
+    chunk = 25_000
+    with HTTPTestServer({"blob.bin": DATA}, seed=3, drop_rate=0.4, fail_rate=0.1) as srv:
+        dest = str(tmp_path / "blob")
+        retry = RetryPolicy(attempts=30, base_delay=0.001, max_delay=0.01, timeout=5)
+        storage._download(srv.url("blob.bin"), dest, None, retry, len(DATA),
+                          chunk_size=chunk, streams=4)
+        gets = srv.requests("GET")
+    with open(dest, "rb") as f:
+        assert f.read() == DATA
+    assert os.listdir(tmp_path) == ["blob"]
+    assert any(r.fault == "drop" for r in gets)
+    for k, bad in enumerate(gets):  # a dropped request resumes where it broke, not earlier
+        if bad.fault == "drop":
+            chunk_start = bad.start - (bad.start % chunk) if bad.start % chunk else bad.start
+            later = [r for r in gets[k + 1:] if r.start is not None and
+                     chunk_start <= r.start < chunk_start + chunk]
+            assert later and all(r.start >= bad.start for r in later)
+    assert sorted(r.start for r in gets if r.fault is None and r.start % chunk == 0) == \
+        list(range(0, len(DATA), chunk))  # every chunk asked for once from its start
+
+
+def test_download_failing_midway_leaves_nothing_that_looks_complete(tmp_path):
+    chunk = 100_000
+    plan = [None, None] + ["503"] * 20  # two chunks land, then the server keeps failing
+    with HTTPTestServer({"blob.bin": DATA}, plan=plan) as srv:
+        dest = str(tmp_path / "blob")
+        retry = RetryPolicy(attempts=2, base_delay=0.001, max_delay=0.01, timeout=5)
+        with pytest.raises(StorageError, match="blob.bin") as err:
+            storage._download(srv.url("blob.bin"), dest, None, retry, len(DATA),
+                              chunk_size=chunk, streams=1)
+    assert "2 tries" in str(err.value)
+    assert os.listdir(tmp_path) == []  # no dest, no .part- file
+
+
+def test_lock_released_although_a_forked_child_holds_the_fd(tmp_path):
+    """The start-up fetch downloads under a lock in the process that forks the workers:
+    unlocking must not depend on the children closing their copies of the fd."""
+    lock = str(tmp_path / ".x.lock")
+    r, w = os.pipe()
+    with storage._locked(lock) as got:
+        assert got
+        pid = os.fork()
+        if pid == 0:  # keeps the inherited fd open until the parent says so
+            os.close(w)
+            os.read(r, 1)
+            os._exit(0)
+    try:
+        with storage._locked(lock, blocking=False) as got:
+            assert got  # released while the child still holds its copy
+    finally:
+        os.close(w)
+        os.close(r)
+        os.waitpid(pid, 0)
+
+
+def test_stale_partial_downloads_are_evicted(tmp_path):
+    cache = tmp_path / "c"
+    cache.mkdir()
+    old, fresh = cache / ".part-old", cache / ".part-fresh"
+    old.write_bytes(b"x" * 10)
+    fresh.write_bytes(b"x" * 10)
+    then = time.time() - storage._STALE_PART_S - 60
+    os.utime(old, (then, then))
+    storage._evict(str(cache), 1 << 30, keep="")
+    assert sorted(os.listdir(cache)) == [".part-fresh"]  # a live download stays
+
+
+def test_s3_sessions_share_parsed_botocore_data_across_fork():
+    """Each process gets its own botocore session (credentials, event loop state), but
+    a forked worker reuses the parent's parsed service models instead of re-parsing."""
+    pytest.importorskip("s3fs")
+    opts = {"key": "k", "secret": "s", "endpoint_url": "http://127.0.0.1:9"}
+    fs, _ = storage.get_fs("s3://b/x", opts)
+    fs2, _ = storage.get_fs("s3://b/y", opts)
+    assert fs.session is fs2.session is not None
+    loader = fs.session.get_component("data_loader")
+    assert storage.get_fs("s3://b/x", {**opts, "profile_name_unknown": 1}, timeout=None
+                          )[0].session is None  # unknown session arguments: s3fs's own
+    r, w = os.pipe()
+    pid = os.fork()
+    if pid == 0:
+        try:
+            child, _ = storage.get_fs("s3://b/x", opts)
+            ok = child.session is not fs.session and \
+                child.session.get_component("data_loader") is loader
+            os.write(w, b"1" if ok else b"0")
+        finally:
+            os._exit(0)
+    os.close(w)
+    try:
+        assert os.read(r, 1) == b"1"
+    finally:
+        os.close(r)
+        os.waitpid(pid, 0)
