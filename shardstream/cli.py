@@ -103,7 +103,8 @@ def _add_write_args(p: argparse.ArgumentParser) -> None:
                    help="target size of a block of small samples (default: 64KiB)")
     p.add_argument("--workers", type=_positive, default=1, help="packing processes")
     p.add_argument("--compress", type=_compress, default=None, metavar="CODEC[:LEVEL]",
-                   help="compress every block: zstd (level 3) or zstd:LEVEL (1-22); "
+                   help="compress samples in small zstd frames with a trained dictionary "
+                        "(random access stays fast): zstd (level 3) or zstd:LEVEL (-7..22); "
                         "default: none")
     p.add_argument("--key-field", default="__key__",
                    help="field holding each sample's key (default: __key__; absent -> ordinal)")
@@ -266,6 +267,18 @@ def _cmd_write(args: argparse.Namespace) -> int:
 
 
 # ---------------------------------------------------------------- info / verify
+def _describe(comp: Any) -> str:
+    """How ``info`` names a dataset's compression."""
+    if comp is None:
+        return "none"
+    if not comp.framed:
+        return (f"{comp.spec()}, one frame per block (format v2: `shardstream convert "
+                "--compress zstd` upgrades it)")
+    dictionary = f"a {comp.dict_bytes // 1024} KiB dictionary" if comp.dict_bytes else \
+        "no dictionary"
+    return f"{comp.spec()} in {comp.frame_bytes}-byte frames with {dictionary}"
+
+
 def _cmd_info(args: argparse.Namespace) -> int:
     from .manifest import load_manifest
     from .shard import open_dataset
@@ -290,8 +303,7 @@ def _cmd_info(args: argparse.Namespace) -> int:
     print(f"shards       {len(m.shards)} (bytes min/max {min(sizes):,}/{max(sizes):,})")
     print(f"size         {m.total_bytes / 1e6:,.1f} MB with indexes")
     print(f"key field    {m.key_field}")
-    comp = m.compression
-    print(f"compression  {'none' if comp is None else f'{comp.codec}:{comp.level} per block'}")
+    print(f"compression  {_describe(m.compression)}")
     print("schema")
     for path, f in m.schema.items():
         extra = ""

@@ -369,6 +369,14 @@ def test_v2_datasets_still_read(v2) -> None:
     assert [open(os.path.join(v2, s.index), "rb").read() for s in m.shards] == before
 
 
+def test_info_describes_the_compression(v2, pair, capsys) -> None:
+    _, zst = pair
+    assert main(["info", zst]) == 0
+    assert "zstd:5 in 256-byte frames with a 32 KiB dictionary" in capsys.readouterr().out
+    assert main(["info", v2]) == 0
+    assert "one frame per block (format v2: `shardstream convert" in capsys.readouterr().out
+
+
 def test_v2_upgrade_by_convert(v2, tmp_path) -> None:
     from shardstream.writer import ShardWriter
     with pytest.raises(ManifestError, match="shardstream convert"):
