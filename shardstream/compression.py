@@ -22,7 +22,7 @@ from __future__ import annotations
 import re
 import threading
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, Callable
 
 import numpy as np
 
@@ -213,30 +213,42 @@ def _decompressor() -> Any:
     return d
 
 
+def checked_decompress(decompress: Callable[[Any], bytes], data: bytes | memoryview,
+                       expected: int, where: Callable[[], str]) -> bytes:
+    """``decompress(data)`` of one zstd frame that must hold ``expected`` bytes.
+
+    The declared content size is checked before decompressing (never allocate a
+    lie), the frame's checksum while decompressing, the length after; every
+    failure is a :class:`CorruptShardError` starting with ``where()``.
+    """
+    zstd = _zstd()
+    try:
+        declared = zstd.frame_content_size(data)
+        if declared != expected:
+            raise CorruptShardError(f"{where()}: the zstd frame declares {declared} bytes, the "
+                                    f"index {expected}; the shard is damaged: restore it or "
+                                    "rewrite the dataset")
+        out = decompress(data)
+    except zstd.ZstdError as exc:
+        raise CorruptShardError(f"{where()} cannot be decompressed (zstd: {exc}); the shard "
+                                "is damaged: restore it or rewrite the dataset") from exc
+    if len(out) != expected:
+        raise CorruptShardError(f"{where()}: decompressed to {len(out)} bytes, the index says "
+                                f"{expected}; restore the shard or rewrite the dataset")
+    return out
+
+
 def decompress_block(codec: str, data: bytes | memoryview, raw_size: int, *,
                      where: str) -> bytes:
-    """The uncompressed bytes of one block, checked against ``raw_size`` and the checksum.
+    """The uncompressed bytes of one format-v2 block (one frame), checked.
 
     ``where`` names the block in errors (``"shard x.tar: block 3 (samples ...)"``).
     """
     if codec not in CODECS:
         raise CorruptShardError(f"{where}: compression {codec!r} is not supported by this "
                                 "shardstream; upgrade shardstream")
-    zstd = _zstd()
-    try:
-        declared = zstd.frame_content_size(data)
-        if declared != raw_size:  # checked before decompressing: never allocate a lie
-            raise CorruptShardError(f"{where}: the zstd frame declares {declared} bytes, the "
-                                    f"index {raw_size}; the shard is damaged: restore it or "
-                                    "rewrite the dataset")
-        out = _decompressor().decompress(data, allow_extra_data=False)
-    except zstd.ZstdError as exc:
-        raise CorruptShardError(f"{where} cannot be decompressed ({codec}: {exc}); the shard "
-                                "is damaged: restore it or rewrite the dataset") from exc
-    if len(out) != raw_size:
-        raise CorruptShardError(f"{where}: decompressed to {len(out)} bytes, the index says "
-                                f"{raw_size}; restore the shard or rewrite the dataset")
-    return out
+    return checked_decompress(lambda d: _decompressor().decompress(d, allow_extra_data=False),
+                              data, raw_size, lambda: where)
 
 
 class BlockDecoder:
@@ -343,26 +355,10 @@ class FrameDecoder:
         ``label`` adds context to errors (e.g. the sample a reader asked for);
         a callable is only called to build an error message.
         """
-        expected = self.raw_len[f]
-        zstd = self._zstd
-        try:
-            declared = zstd.frame_content_size(data)
-            if declared != expected:  # checked before decompressing: never allocate a lie
-                raise CorruptShardError(f"{self.where(f, label)}: the zstd frame declares "
-                                        f"{declared} bytes, the index {expected}; the shard is "
-                                        "damaged: restore it or rewrite the dataset")
-            # the content size and the frame's checksum are checked; a frame that ends
-            # before its slot would be an index mismatch, caught by the sha256 in `verify`
-            out = (self._decompress if self._owner == _get_ident() else self._d())(data)
-        except zstd.ZstdError as exc:
-            raise CorruptShardError(f"{self.where(f, label)} cannot be decompressed (zstd: "
-                                    f"{exc}); the shard is damaged: restore it or rewrite the "
-                                    "dataset") from exc
-        if len(out) != expected:
-            raise CorruptShardError(f"{self.where(f, label)}: decompressed to {len(out)} "
-                                    f"bytes, the index says {expected}; restore the shard or "
-                                    "rewrite the dataset")
-        return out
+        # the content size and the frame's checksum are checked; a frame that ends
+        # before its slot would be an index mismatch, caught by the sha256 in `verify`
+        return checked_decompress(self._decompress if self._owner == _get_ident() else
+                                  self._d(), data, self.raw_len[f], lambda: self.where(f, label))
 
     def decode(self, block: int, data: bytes | memoryview, label: str = "") -> bytes:
         """Block ``block``'s samples back to back, from its stored bytes.
