@@ -10,7 +10,8 @@ reads, each in a fresh process: local disk, S3 with a cold (empty) cache dir,
 S3 again with that cache warm. Prints one JSON line per read: ``samples_per_s``
 and ``mb_per_s`` (whole epoch, loader creation included), ``first_batch_s``,
 ``steady_samples_per_s`` (after the first batch), ``construct_s`` (imports and
-``ShardStream(...)``: for S3 the s3fs import and the manifest request), and a
+``ShardStream(...)``: for S3 the manifest request, and the s3fs import where reads
+go through s3fs, e.g. with ``SHARDSTREAM_S3_LITE=0``), and a
 summary with the S3/local ratios (medians), the timed figures all counted from
 the start of the process.
 """

@@ -174,6 +174,20 @@ def get_fs(url: str, storage_options: StorageOptions = None, *,
     return fs, path
 
 
+def _read_fs(url: str, storage_options: StorageOptions, timeout: float | None
+             ) -> tuple[Any, str]:
+    """The filesystem for reads: :mod:`shardstream.s3read` for ``s3://`` where it can
+    sign the requests itself (no s3fs/botocore import, no client to build), else
+    :func:`get_fs`."""
+    if _protocol(os.fspath(url)) in ("s3", "s3a"):
+        from . import s3read
+
+        lite = s3read.reader(os.fspath(url), storage_options, timeout=timeout)
+        if lite is not None:
+            return lite
+    return get_fs(url, storage_options, timeout=timeout)
+
+
 # s3fs creates a botocore session per filesystem, and each parses the S3 service
 # model and endpoint data from JSON (~50 ms of CPU). Filesystems are per process
 # (fsspec), so every DataLoader worker paid that again before its first request.
@@ -264,7 +278,7 @@ def read_bytes(url: str, start: int | None = None, end: int | None = None, *,
                storage_options: StorageOptions = None,
                retry: RetryPolicy = DEFAULT_RETRY) -> bytes:
     """Bytes ``[start, end)`` of the object (all of it by default): one range request."""
-    fs, path = get_fs(url, storage_options, timeout=retry.timeout)
+    fs, path = _read_fs(url, storage_options, timeout=retry.timeout)
     want = None if start is None or end is None else end - start
 
     def fetch() -> bytes:
@@ -272,7 +286,7 @@ def read_bytes(url: str, start: int | None = None, end: int | None = None, *,
         if want is not None and len(data) > want:
             raise StorageError(f"{url}: the server ignored the Range header "
                                f"(asked {want} bytes, got {len(data)})")
-        return data
+        return bytes(data) if isinstance(data, bytearray) else data
     if want == 0:
         return b""
     return _call(url, "read", fetch, retry)
@@ -281,7 +295,7 @@ def read_bytes(url: str, start: int | None = None, end: int | None = None, *,
 def size(url: str, *, storage_options: StorageOptions = None,
          retry: RetryPolicy = DEFAULT_RETRY) -> int:
     """Size of the object in bytes."""
-    fs, path = get_fs(url, storage_options, timeout=retry.timeout)
+    fs, path = _read_fs(url, storage_options, timeout=retry.timeout)
     return int(_call(url, "stat", lambda: fs.size(path), retry))
 
 
@@ -385,7 +399,14 @@ def _fetch_range(fs: Any, path: str, url: str, start: int, end: int, retry: Retr
     def attempt() -> None:
         nonlocal got
         lo = start + got
-        data = fs.cat_file(path, start=lo, end=end)
+        try:
+            data = fs.cat_file(path, start=lo, end=end)
+        except Exception as exc:
+            partial = getattr(exc, "partial", None)  # http.client.IncompleteRead (s3read)
+            if isinstance(partial, bytes) and 0 < len(partial) <= end - lo:
+                parts.append(partial)  # what arrived before the break counts as progress
+                got += len(partial)
+            raise
         if len(data) > end - lo:
             raise StorageError(f"{url}: the server ignored the Range header")
         if not data:
@@ -395,7 +416,7 @@ def _fetch_range(fs: Any, path: str, url: str, start: int, end: int, retry: Retr
         if got < end - start:  # short body without an error: resume where it stopped
             raise ConnectionResetError(f"short body at byte {start + got}")
     _call(url, "read", attempt, retry, on_retry)
-    return parts[0] if len(parts) == 1 else b"".join(parts)
+    return parts[0] if len(parts) == 1 else b"".join(parts)  # bytes or bytearray
 
 
 def _size(fs: Any, path: str, url: str, retry: RetryPolicy) -> int:
@@ -459,7 +480,7 @@ def open_stream(url: str, *, start: int = 0, end: int | None = None, size: int |
         except OSError as exc:
             raise StorageError(f"cannot read {path}: {exc.strerror or exc}") from exc
         return f
-    fs, path = get_fs(url, storage_options, timeout=retry.timeout)
+    fs, path = _read_fs(url, storage_options, timeout=retry.timeout)
     if end is None and size is not None:
         end = size
     return ResumableStream(fs, path, url, start=start, end=end,  # type: ignore[return-value]
@@ -569,7 +590,7 @@ def _download(url: str, dest: str, storage_options: StorageOptions, retry: Retry
     try:
         if is_remote(url) and not is_pipe(url):
             try:
-                fs, path = get_fs(url, storage_options, timeout=retry.timeout)
+                fs, path = _read_fs(url, storage_options, timeout=retry.timeout)
                 end = size_hint if size_hint is not None else _size(fs, path, url, retry)
                 _fetch_into(fd, fs, path, url, end, retry, chunk_size, streams)
             finally:

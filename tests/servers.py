@@ -11,6 +11,7 @@
 
 from __future__ import annotations
 
+import json
 import os
 import random
 import re
@@ -74,12 +75,18 @@ def _optional_listeners_off(weed: str) -> list[str]:
 
 
 class SeaweedFS:
-    """``weed server -s3`` on free ports; :meth:`start` returns when buckets can be made."""
+    """``weed server -s3`` on free ports; :meth:`start` returns when buckets can be made.
+
+    With ``auth`` (the default) the server knows one identity, ``KEY``/``SECRET``, and
+    checks every request's signature: a wrong secret gets 403 SignatureDoesNotMatch
+    (without an identity SeaweedFS accepts any key, signed or not).
+    """
 
     KEY, SECRET = "shardstream-test", "shardstream-test-secret"
 
-    def __init__(self, workdir: str) -> None:
+    def __init__(self, workdir: str, *, auth: bool = True) -> None:
         self.workdir = workdir
+        self.auth = auth
         self.proc: subprocess.Popen | None = None
         self.port = 0
 
@@ -120,6 +127,13 @@ class SeaweedFS:
                f"-ip.bind={HOST}", f"-master.port={ports[1]}", f"-volume.port={ports[2]}",
                f"-filer.port={ports[3]}", "-volume.max=300", "-master.volumeSizeLimitMB=64"]
         cmd += _optional_listeners_off(weed)  # fixed ports: two servers on a host would collide
+        if self.auth:
+            config = os.path.join(self.workdir, "s3.json")
+            with open(config, "w") as f:
+                json.dump({"identities": [{
+                    "name": "shardstream", "actions": ["Admin", "Read", "Write", "List", "Tagging"],
+                    "credentials": [{"accessKey": self.KEY, "secretKey": self.SECRET}]}]}, f)
+            cmd.append(f"-s3.config={config}")
         self.log_path = os.path.join(self.workdir, "weed.log")
         with open(self.log_path, "wb") as log:
             self.proc = subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT,

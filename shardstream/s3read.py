@@ -1,0 +1,429 @@
+"""Signed S3 GET and HEAD on the standard library: reads without s3fs or botocore.
+
+Importing s3fs (aiobotocore, aiohttp, botocore) and building a botocore client
+costs ~0.3-0.4 s per process before the first request; a reader only needs
+GET with a Range and HEAD. :func:`reader` returns an object with the two
+calls :mod:`shardstream.storage` makes for reads (``cat_file``, ``size``),
+or None when the request cannot be made simply and s3fs must do it:
+
+- ``storage_options`` holding anything besides ``key``, ``secret``,
+  ``token``, ``anon``, ``endpoint_url``, ``profile``, ``use_ssl`` and
+  ``client_kwargs`` with ``endpoint_url``/``region_name``/``aws_*`` keys;
+- credentials from anywhere but ``storage_options``, the environment
+  (``AWS_ACCESS_KEY_ID``...) or a plain profile in ``~/.aws/credentials`` /
+  ``~/.aws/config`` (instance roles, SSO, assume-role, ``credential_process``:
+  s3fs);
+- FIPS/dual-stack endpoints, access-point ARNs, endpoints with a path;
+- ``SHARDSTREAM_S3_LITE=0`` in the environment.
+
+Requests are signed with AWS Signature Version 4 (``UNSIGNED-PAYLOAD``),
+path-style against an ``endpoint_url`` (MinIO, SeaweedFS, Ceph...),
+virtual-hosted style on AWS. Connections are kept alive and reused by any
+thread of a process; a forked child never touches its parent's sockets.
+Errors come out as exceptions :func:`shardstream.retry.classify` sorts
+(an HTTP error carries a botocore-style ``response``); a body that breaks
+mid-way raises :class:`http.client.IncompleteRead` whose ``partial`` holds
+the bytes that did arrive, so the caller resumes at the next byte.
+"""
+
+from __future__ import annotations
+
+import configparser
+import hashlib
+import hmac
+import http.client
+import os
+import re
+import threading
+import time
+from dataclasses import dataclass
+from typing import Any
+from urllib.parse import quote, urlsplit
+
+from .errors import StorageError
+
+__all__ = ["Credentials", "S3Reader", "reader", "sign_v4", "UNSIGNED_PAYLOAD"]
+
+UNSIGNED_PAYLOAD = "UNSIGNED-PAYLOAD"
+_READ_STEP = 1 << 18  # a body is read in steps: a broken connection loses at most this
+_OPTIONS = frozenset({"key", "secret", "token", "anon", "endpoint_url", "client_kwargs",
+                      "profile", "use_ssl", "skip_instance_cache", "use_listings_cache",
+                      "listings_expiry_time", "max_paths"})
+_CLIENT_KWARGS = frozenset({"endpoint_url", "region_name", "aws_access_key_id",
+                            "aws_secret_access_key", "aws_session_token"})
+_PROFILE_KEYS = frozenset({"region", "output", "aws_access_key_id", "aws_secret_access_key",
+                           "aws_session_token", "retry_mode", "max_attempts"})
+_ENV = ("SHARDSTREAM_S3_LITE", "AWS_ACCESS_KEY_ID", "AWS_SECRET_ACCESS_KEY",
+        "AWS_SESSION_TOKEN", "AWS_SECURITY_TOKEN", "AWS_ENDPOINT_URL", "AWS_ENDPOINT_URL_S3",
+        "AWS_IGNORE_CONFIGURED_ENDPOINT_URLS", "AWS_REGION", "AWS_DEFAULT_REGION",
+        "AWS_PROFILE", "AWS_DEFAULT_PROFILE", "AWS_CONFIG_FILE", "AWS_SHARED_CREDENTIALS_FILE",
+        "AWS_CA_BUNDLE", "AWS_USE_FIPS_ENDPOINT", "AWS_USE_DUALSTACK_ENDPOINT",
+        "AWS_ROLE_ARN", "AWS_WEB_IDENTITY_TOKEN_FILE", "HOME")
+
+
+@dataclass(frozen=True)
+class Credentials:
+    key: str
+    secret: str
+    token: str | None = None
+
+
+# ---------------------------------------------------------------- signing
+def _hmac(key: bytes, msg: str) -> bytes:
+    return hmac.new(key, msg.encode(), hashlib.sha256).digest()
+
+
+def canonical_uri(path: str) -> str:
+    """``/bucket/a b/ü`` -> ``/bucket/a%20b/%C3%BC``: every byte but the unreserved
+    characters and ``/`` percent-encoded, once (S3 does not double-encode)."""
+    return quote(path, safe="/~")
+
+
+def sign_v4(method: str, host: str, uri: str, headers: dict[str, str], creds: Credentials,
+            region: str, amz_date: str, payload_hash: str = UNSIGNED_PAYLOAD,
+            query: str = "", service: str = "s3") -> dict[str, str]:
+    """``headers`` plus ``x-amz-date``, ``x-amz-content-sha256``, the session token
+    and ``Authorization`` (AWS Signature Version 4). ``uri`` is already encoded."""
+    out = {**headers, "host": host, "x-amz-date": amz_date, "x-amz-content-sha256": payload_hash}
+    if creds.token:
+        out["x-amz-security-token"] = creds.token
+    canon = {k.lower(): " ".join(str(v).split()) for k, v in out.items()}
+    names = sorted(canon)
+    signed = ";".join(names)
+    request = "\n".join([method, uri, query, *(f"{k}:{canon[k]}" for k in names), "", signed,
+                         payload_hash])
+    scope = f"{amz_date[:8]}/{region}/{service}/aws4_request"
+    to_sign = "\n".join(["AWS4-HMAC-SHA256", amz_date, scope,
+                         hashlib.sha256(request.encode()).hexdigest()])
+    k = _hmac(("AWS4" + creds.secret).encode(), amz_date[:8])
+    for part in (region, service, "aws4_request"):
+        k = _hmac(k, part)
+    signature = hmac.new(k, to_sign.encode(), hashlib.sha256).hexdigest()
+    out["Authorization"] = (f"AWS4-HMAC-SHA256 Credential={creds.key}/{scope}, "
+                            f"SignedHeaders={signed}, Signature={signature}")
+    return out
+
+
+# ---------------------------------------------------------------- connections
+# Idle keep-alive connections, shared by the threads of one process. A forked
+# child starts with none: the parent's sockets stay the parent's.
+_idle: dict[tuple[str, str, int], list[http.client.HTTPConnection]] = {}
+_idle_lock = threading.Lock()
+_ssl_context: list[Any] = [None]
+
+
+def _after_fork_in_child() -> None:
+    global _idle_lock
+    _idle_lock = threading.Lock()
+    _idle.clear()  # drops the child's copies of the fds; the parent's sockets stay open
+
+
+if hasattr(os, "register_at_fork"):
+    os.register_at_fork(after_in_child=_after_fork_in_child)
+
+
+def _connect(scheme: str, host: str, port: int, timeout: float | None,
+             cafile: str | None) -> http.client.HTTPConnection:
+    if scheme == "http":
+        return http.client.HTTPConnection(host, port, timeout=timeout)
+    if _ssl_context[0] is None or _ssl_context[0][0] != cafile:
+        import ssl
+
+        _ssl_context[0] = (cafile, ssl.create_default_context(cafile=cafile))
+    return http.client.HTTPSConnection(host, port, timeout=timeout, context=_ssl_context[0][1])
+
+
+# ---------------------------------------------------------------- the reader
+@dataclass(frozen=True)
+class _Config:
+    scheme: str
+    endpoint: tuple[str, int] | None  # (host, port) of an S3-compatible server, else AWS
+    region: str
+    creds: Credentials | None  # None: unsigned (anon)
+    cafile: str | None
+
+
+class S3Reader:
+    """``cat_file`` and ``size`` for ``bucket/key`` paths (fsspec's calling convention)."""
+
+    def __init__(self, config: _Config, timeout: float | None) -> None:
+        self.config, self.timeout = config, timeout
+        self._regions: dict[str, str] = {}  # bucket -> region learnt from a redirect
+
+    def _where(self, bucket: str, key: str) -> tuple[str, int, str, str]:
+        """(host, port, signed Host header value, encoded path)."""
+        c = self.config
+        if c.endpoint is not None:
+            host, port = c.endpoint
+            default = 443 if c.scheme == "https" else 80
+            return host, port, host if port == default else f"{host}:{port}", \
+                canonical_uri(f"/{bucket}/{key}")
+        region = self._regions.get(bucket, c.region)
+        port = 443 if c.scheme == "https" else 80
+        if "." in bucket or bucket.lower() != bucket:  # not a valid host name label: path style
+            host = f"s3.{region}.amazonaws.com"
+            return host, port, host, canonical_uri(f"/{bucket}/{key}")
+        host = f"{bucket}.s3.{region}.amazonaws.com"
+        return host, port, host, canonical_uri(f"/{key}")
+
+    def _send(self, method: str, bucket: str, key: str, headers: dict[str, str]
+              ) -> tuple[http.client.HTTPConnection, http.client.HTTPResponse]:
+        """One request: a response whose status is 2xx, or an exception."""
+        for redirect in range(2):
+            host, port, host_header, uri = self._where(bucket, key)
+            region = self._regions.get(bucket, self.config.region)
+            if self.config.creds is None:
+                hdrs = {**headers, "host": host_header}
+            else:
+                hdrs = sign_v4(method, host_header, uri, headers, self.config.creds, region,
+                               time.strftime("%Y%m%dT%H%M%SZ", time.gmtime()))
+            conn, resp = self._exchange(method, (self.config.scheme, host, port), uri, hdrs)
+            if 200 <= resp.status < 300:
+                return conn, resp
+            body = resp.read()
+            self._release(conn, resp)
+            moved = resp.getheader("x-amz-bucket-region")
+            if (redirect == 0 and self.config.endpoint is None and moved and moved != region
+                    and resp.status in (301, 307, 400)):
+                self._regions[bucket] = moved  # the bucket lives elsewhere: ask there
+                continue
+            raise _http_error(method, f"s3://{bucket}/{key}", resp.status, body)
+        raise AssertionError("unreachable")
+
+    def _exchange(self, method: str, where: tuple[str, str, int], uri: str,
+                  headers: dict[str, str]
+                  ) -> tuple[http.client.HTTPConnection, http.client.HTTPResponse]:
+        with _idle_lock:
+            pool = _idle.get(where)
+            conn = pool.pop() if pool else None
+        for _ in range(2):
+            reused = conn is not None
+            if conn is None:
+                conn = _connect(*where, self.timeout, self.config.cafile)
+            try:
+                conn.request(method, uri, headers=headers)
+                return conn, conn.getresponse()
+            except (http.client.RemoteDisconnected, ConnectionResetError, BrokenPipeError,
+                    ConnectionAbortedError):
+                conn.close()
+                if not reused:
+                    raise
+                conn = None  # an idle keep-alive connection the server had closed: once more
+            except BaseException:
+                conn.close()
+                raise
+        raise AssertionError("unreachable")
+
+    @staticmethod
+    def _release(conn: http.client.HTTPConnection, resp: http.client.HTTPResponse) -> None:
+        """Back to the pool if the response was read to its end and the connection stays."""
+        if resp.isclosed() and not resp.will_close and conn.sock is not None:
+            where = ("https" if isinstance(conn, http.client.HTTPSConnection) else "http",
+                     conn.host, conn.port)
+            with _idle_lock:
+                pool = _idle.setdefault(where, [])
+                if len(pool) < 16:
+                    pool.append(conn)
+                    return
+        conn.close()
+
+    def cat_file(self, path: str, start: int | None = None, end: int | None = None
+                 ) -> bytes | bytearray:
+        """Bytes ``[start, end)`` of ``bucket/key`` (all of it by default; a bytearray
+        when the length was known, to spare copying 8 MiB chunks)."""
+        bucket, key = _split(path)
+        headers = {}
+        if start is not None or end is not None:
+            lo = start or 0
+            if end is not None and end <= lo:
+                return b""
+            headers["range"] = f"bytes={lo}-{'' if end is None else end - 1}"
+        conn, resp = self._send("GET", bucket, key, headers)
+        ok = False
+        try:
+            length = resp.length
+            if length is None:  # no Content-Length (chunked): read to the end
+                data = resp.read()
+                ok = True
+                return data
+            if headers and resp.status == 200 and (start or 0) > 0:
+                raise StorageError(f"s3://{bucket}/{key}: the server ignored the Range header")
+            buf = bytearray(length)
+            view = memoryview(buf)
+            n = 0
+            try:
+                while n < length:
+                    got = resp.readinto(view[n:n + _READ_STEP])
+                    if not got:
+                        break
+                    n += got
+            except (OSError, http.client.HTTPException) as exc:
+                raise http.client.IncompleteRead(bytes(view[:n]), length - n) from exc
+            if n < length:
+                raise http.client.IncompleteRead(bytes(view[:n]), length - n)
+            ok = True
+            return buf  # type: ignore[return-value]  # a bytearray: no second copy
+        finally:
+            if ok:
+                self._release(conn, resp)
+            else:
+                conn.close()
+
+    def size(self, path: str) -> int:
+        """Content-Length of ``bucket/key`` (one HEAD request)."""
+        bucket, key = _split(path)
+        conn, resp = self._send("HEAD", bucket, key, {})
+        resp.read()
+        self._release(conn, resp)
+        length = resp.getheader("content-length")
+        if length is None:
+            raise StorageError(f"s3://{bucket}/{key}: HEAD returned no Content-Length")
+        return int(length)
+
+
+def _split(path: str) -> tuple[str, str]:
+    bucket, _, key = path.partition("/")
+    return bucket, key
+
+
+def _http_error(method: str, url: str, status: int, body: bytes) -> StorageError:
+    """A StorageError shaped like botocore's ClientError, for retry.classify."""
+    text = body[:4096].decode("utf-8", "replace")
+    m = re.search(r"<Code>([^<]*)</Code>", text)
+    code = m.group(1) if m else ""
+    m = re.search(r"<Message>([^<]*)</Message>", text)
+    message = m.group(1) if m else http.client.responses.get(status, "")
+    err = StorageError(f"{method} {url}: HTTP {status} {code}: {message}".replace(" : ", ": "))
+    err.response = {"Error": {"Code": code, "Message": message},  # type: ignore[attr-defined]
+                    "ResponseMetadata": {"HTTPStatusCode": status}}
+    return err
+
+
+# ---------------------------------------------------------------- configuration
+_resolved: dict[Any, S3Reader | None] = {}
+
+
+def reader(url: str, storage_options: dict[str, Any] | None = None, *,
+           timeout: float | None = 60.0) -> tuple[S3Reader, str] | None:
+    """``(reader, "bucket/key")`` for an ``s3://`` URL, or None: let s3fs do it."""
+    _, _, path = url.partition("://")
+    bucket = path.partition("/")[0]
+    if not bucket or ":" in bucket:  # access-point ARNs and the like
+        return None
+    options = storage_options or {}
+    try:
+        cache_key: Any = (repr(sorted(options.items())), timeout,
+                          tuple(os.environ.get(k) for k in _ENV), _stamp(_files()))
+        hash(cache_key)
+    except TypeError:
+        return None
+    if cache_key not in _resolved:
+        try:
+            config = _configure(options)
+        except (OSError, ValueError, configparser.Error):
+            config = None
+        if len(_resolved) > 64:
+            _resolved.clear()
+        _resolved[cache_key] = S3Reader(config, timeout) if config is not None else None
+    got = _resolved[cache_key]
+    return None if got is None else (got, path)
+
+
+def _files() -> tuple[str, str]:
+    """(config, credentials): the AWS ini files this environment names."""
+    env = os.environ
+    return (os.path.expanduser(env.get("AWS_CONFIG_FILE") or "~/.aws/config"),
+            os.path.expanduser(env.get("AWS_SHARED_CREDENTIALS_FILE") or "~/.aws/credentials"))
+
+
+def _stamp(paths: tuple[str, ...]) -> tuple[Any, ...]:
+    out = []
+    for p in paths:
+        try:
+            st = os.stat(p)
+            out.append((st.st_mtime_ns, st.st_size))
+        except OSError:
+            out.append(None)
+    return tuple(out)
+
+
+def _true(value: Any) -> bool:
+    return str(value).strip().lower() in ("1", "true", "yes", "on")
+
+
+def _profile(path: str, section: str) -> dict[str, str] | None:
+    """A section of an AWS ini file; None when the file or the section is absent."""
+    if not os.path.isfile(path):
+        return None
+    parser = configparser.RawConfigParser()
+    parser.read(path)
+    return dict(parser.items(section)) if parser.has_section(section) else None
+
+
+def _configure(options: dict[str, Any]) -> _Config | None:
+    """The request settings for ``options`` + environment + ~/.aws, or None (s3fs)."""
+    env = os.environ
+    if env.get("SHARDSTREAM_S3_LITE", "1").strip().lower() in ("0", "false", "no", "off"):
+        return None
+    client = options.get("client_kwargs") or {}
+    if set(options) - _OPTIONS or not isinstance(client, dict) or set(client) - _CLIENT_KWARGS:
+        return None
+    profile = options.get("profile") or env.get("AWS_PROFILE") or \
+        env.get("AWS_DEFAULT_PROFILE") or "default"
+    conf_file, cred_file = _files()
+    conf = _profile(conf_file, profile if profile == "default" else f"profile {profile}")
+    creds_section = _profile(cred_file, profile)
+    for section in (conf, creds_section):  # roles, SSO, processes, endpoints...: s3fs
+        if section and any(k not in _PROFILE_KEYS and not k.startswith("cli_")
+                           for k in section):
+            return None
+    if profile != "default" and conf is None and creds_section is None:
+        return None  # an unknown profile: s3fs says so
+    conf = conf or {}
+
+    endpoint = options.get("endpoint_url") or client.get("endpoint_url")
+    if not endpoint and not _true(env.get("AWS_IGNORE_CONFIGURED_ENDPOINT_URLS", "")):
+        endpoint = env.get("AWS_ENDPOINT_URL_S3") or env.get("AWS_ENDPOINT_URL")
+    scheme = "http" if options.get("use_ssl") is False else "https"
+    where = None
+    if endpoint:
+        parts = urlsplit(str(endpoint))
+        if parts.scheme not in ("http", "https") or not parts.hostname or \
+                parts.path not in ("", "/") or parts.query:
+            return None
+        scheme = parts.scheme
+        where = (parts.hostname, parts.port or (443 if scheme == "https" else 80))
+    elif _true(env.get("AWS_USE_FIPS_ENDPOINT", "")) or \
+            _true(env.get("AWS_USE_DUALSTACK_ENDPOINT", "")):
+        return None
+    region = (client.get("region_name") or env.get("AWS_REGION") or
+              env.get("AWS_DEFAULT_REGION") or conf.get("region") or "us-east-1")
+
+    creds: Credentials | None
+    key = options.get("key") or client.get("aws_access_key_id")
+    secret = options.get("secret") or client.get("aws_secret_access_key")
+    token = options.get("token") or client.get("aws_session_token")
+    if options.get("anon"):
+        creds = None
+    elif key or secret:
+        if not (key and secret):
+            return None
+        creds = Credentials(str(key), str(secret), token and str(token))
+    elif env.get("AWS_ACCESS_KEY_ID") and env.get("AWS_SECRET_ACCESS_KEY") and \
+            not options.get("profile"):  # an explicit profile outranks the environment
+        creds = Credentials(env["AWS_ACCESS_KEY_ID"], env["AWS_SECRET_ACCESS_KEY"],
+                            env.get("AWS_SESSION_TOKEN") or env.get("AWS_SECURITY_TOKEN"))
+    elif env.get("AWS_ROLE_ARN") or env.get("AWS_WEB_IDENTITY_TOKEN_FILE"):
+        return None
+    else:
+        creds = None
+        for section in (creds_section, conf):
+            if section and section.get("aws_access_key_id") and \
+                    section.get("aws_secret_access_key"):
+                creds = Credentials(section["aws_access_key_id"],
+                                    section["aws_secret_access_key"],
+                                    section.get("aws_session_token"))
+                break
+        if creds is None:  # instance metadata, containers...: botocore's chain
+            return None
+    return _Config(scheme, where, str(region), creds, env.get("AWS_CA_BUNDLE") or None)
