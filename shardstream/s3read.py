@@ -233,8 +233,8 @@ class S3Reader:
         when the length was known, to spare copying 8 MiB chunks)."""
         bucket, key = _split(path)
         headers = {}
+        lo = start or 0
         if start is not None or end is not None:
-            lo = start or 0
             if end is not None and end <= lo:
                 return b""
             headers["range"] = f"bytes={lo}-{'' if end is None else end - 1}"
@@ -246,8 +246,12 @@ class S3Reader:
                 data = resp.read()
                 ok = True
                 return data
-            if headers and resp.status == 200 and (start or 0) > 0:
-                raise StorageError(f"s3://{bucket}/{key}: the server ignored the Range header")
+            if headers and resp.status == 200 and (
+                    lo > 0 or (end is not None and length != end - lo)):
+                # a whole object where a part was asked for: never hand it on as that part
+                raise StorageError(f"s3://{bucket}/{key}: the server ignored the Range header "
+                                   "(answered 200 with the whole object); use an "
+                                   "S3-compatible server that supports ranged GETs")
             buf = bytearray(length)
             view = memoryview(buf)
             n = 0

@@ -339,3 +339,12 @@ def test_connections_are_reused_and_not_shared_with_a_forked_child():
         os.waitpid(pid, 0)
         assert storage.read_bytes(url, 20, 30, storage_options=opts) == DATA[20:30]
         assert s3read._idle[where] == [conn]
+
+
+@pytest.mark.parametrize("start, end", [(0, 100), (100, 200)])
+def test_a_server_ignoring_range_is_an_error_not_wrong_bytes(start, end):
+    with HTTPTestServer({"bkt/blob.bin": DATA}, plan=["norange"] * 5) as srv:
+        url, opts = _fake_s3(srv)
+        with pytest.raises(StorageError, match="ignored the Range header"):
+            storage.read_bytes(url, start, end, storage_options=opts,
+                               retry=RetryPolicy(attempts=2, base_delay=0.01))
