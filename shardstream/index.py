@@ -119,7 +119,14 @@ class ShardIndex:
         return self.frame_offset is not None
 
     def frame_table(self) -> FrameTable:
-        """Positions of every frame (framed shards only)."""
+        """Positions of every frame (framed shards only); computed once per index
+        (``validate`` and the decoder both need it)."""
+        cached = self.__dict__.get("_frame_table")
+        if cached is None:
+            cached = self.__dict__["_frame_table"] = self._build_frame_table()
+        return cached
+
+    def _build_frame_table(self) -> FrameTable:
         assert self.frame_offset is not None and self.frame_starts is not None
         n, nb = self.num_samples, self.num_blocks
         starts = np.unpackbits(np.asarray(self.frame_starts, np.uint8), count=n).astype(bool)
