@@ -294,14 +294,12 @@ def scan_block_tar(path: str) -> ShardIndex:
             data = f.read(info.size)
             firsts.append(len(sample_offsets))
             if framed:
-                raw = b""
-                for off, part in split_frames(data, dictionary or b"",
-                                              where=f"shard {path}: block {b}"):
+                parts = split_frames(data, dictionary or b"", where=f"shard {path}: block {b}")
+                for off, part in parts:
                     n = len(_sample_offsets(part, path, b))
                     frame_offsets.append(off)
                     frame_starts.extend([True] + [False] * (n - 1))
-                    raw += part
-                data = raw
+                data = b"".join(part for _, part in parts)
             elif codec:
                 data = decompress_block(codec, data, _frame_size(data, path, b),
                                         where=f"shard {path}: block {b}")
