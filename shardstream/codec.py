@@ -12,21 +12,27 @@ Inside compressed frames only (``encode_sample(..., pack=True)``), integer
 arrays whose values fit a narrower integer type are stored in it as ext type
 :data:`PACKED_EXT` and widened back to their own dtype on decode (a writable copy):
 token ids in int32/int64 take 2 bytes each before zstd sees them.
+
+Widening is a numpy cast per array (about 1 us, more than the rest of a
+sample's decoding). A reader that collates many samples at once can skip it:
+with ``narrow=`` (a :data:`Narrowed` dict) such arrays come back in their
+stored dtype and are registered there, so the batch is widened in one cast
+(:class:`~shardstream.collation.Collate`) and :func:`widen` fixes the rest.
 """
 
 from __future__ import annotations
 
 import struct
 import sys
-from typing import Any, Iterator
+from typing import Any, Dict, Iterator, Tuple
 
 import msgpack
 import numpy as np
 
 from .errors import DecodeError, EncodeError
 
-__all__ = ["NDARRAY_EXT", "PACKED_EXT", "encode_sample", "repack", "decode_sample", "iter_samples", "check_sample",
-           "unpack_blocks"]
+__all__ = ["NDARRAY_EXT", "PACKED_EXT", "Narrowed", "encode_sample", "repack", "decode_sample",
+           "iter_samples", "widen", "check_sample", "unpack_blocks"]
 
 #: msgpack ext type code of an n-dimensional array.
 NDARRAY_EXT = 1
@@ -36,6 +42,10 @@ _EXT_LAYOUT = 1  # first byte of the ext payload: layout version
 _ARRAY_KINDS = frozenset("biufc")  # bool, int, uint, float, complex
 _INT_MIN, _UINT_MAX = -(1 << 63), (1 << 64) - 1
 _CONTAINERS = (dict, list, tuple)
+
+#: Arrays decoded in their stored (narrow) dtype: ``id(array) -> (array, own dtype)``.
+#: Holding the array keeps its id from being reused while the entry lives.
+Narrowed = Dict[int, Tuple[np.ndarray, np.dtype]]
 
 
 # ---------------------------------------------------------------- encode
@@ -278,6 +288,49 @@ def _ext_hook(code: int, data: bytes) -> Any:
     return _ext_hook_slow(code, data)
 
 
+def _narrow_hook(narrow: Narrowed) -> Any:
+    """An ext hook that leaves packed arrays narrow and records them in ``narrow``."""
+    def hook(code: int, data: bytes) -> Any:
+        if code != PACKED_EXT:
+            return _ext_hook(code, data)
+        if len(data) > 14:
+            end = 4 + data[1] + data[2 + data[1]]
+            hit = _fast_packed.get(data[:end])
+            if hit is not None:
+                (length,) = _u64_at(data, end)
+                if end + 8 + length * hit[2] == len(data):
+                    a = _frombuffer(data, hit[1], length, end + 8)
+                    narrow[id(a)] = (a, hit[0])
+                    return a
+        a, own = _unpack_packed(data)
+        narrow[id(a)] = (a, own)
+        return a
+    return hook
+
+
+def widen(obj: Any, narrow: Narrowed) -> Any:
+    """``obj`` with every array registered in ``narrow`` widened to its own dtype.
+
+    Walks dicts and lists (changed in place); other values are returned as they are.
+    """
+    t = type(obj)
+    if t is np.ndarray:
+        hit = narrow.get(id(obj))
+        return obj if hit is None or hit[0] is not obj else obj.astype(hit[1])
+    if t is dict:
+        for k, v in obj.items():
+            if type(v) in _WALK:
+                obj[k] = widen(v, narrow)
+    elif t is list:
+        for i, v in enumerate(obj):
+            if type(v) in _WALK:
+                obj[i] = widen(v, narrow)
+    return obj
+
+
+_WALK = frozenset((np.ndarray, dict, list))
+
+
 def _ext_hook_slow(code: int, data: bytes) -> Any:
     if code == PACKED_EXT:
         return _unpack_narrowed(data)
@@ -312,6 +365,12 @@ def _ext_hook_slow(code: int, data: bytes) -> Any:
 
 def _unpack_narrowed(data: bytes) -> np.ndarray:
     """A :data:`PACKED_EXT` payload widened back to its own dtype (a writable copy)."""
+    arr, own = _unpack_packed(data)
+    return arr.astype(own)
+
+
+def _unpack_packed(data: bytes) -> tuple[np.ndarray, np.dtype]:
+    """A :data:`PACKED_EXT` payload as (read-only array of the stored dtype, own dtype)."""
     try:
         if data[0] != _EXT_LAYOUT:
             raise DecodeError(f"unknown packed-array layout {data[0]}")
@@ -334,7 +393,7 @@ def _unpack_narrowed(data: bytes) -> np.ndarray:
                 len(data) - pos != count * stored.itemsize:
             raise DecodeError(f"packed array of shape {shape}, {stored} as {own}, does not "
                               "match its data bytes")
-        return np.frombuffer(data, stored, count, pos).astype(own).reshape(shape)
+        return np.frombuffer(data, stored, count, pos).reshape(shape), own
     except DecodeError:
         raise
     except (IndexError, struct.error, ValueError, TypeError) as exc:
@@ -356,10 +415,20 @@ _unpack_options = {"ext_hook": _ext_hook, "raw": False, "strict_map_key": True,
                    "timestamp": 0}
 
 
-def decode_sample(data: bytes | bytearray | memoryview) -> dict:
-    """Decode one sample. Arrays come back as read-only numpy views on the bytes."""
+def _options(narrow: Narrowed | None) -> dict[str, Any]:
+    if narrow is None:
+        return _unpack_options
+    return dict(_unpack_options, ext_hook=_narrow_hook(narrow))
+
+
+def decode_sample(data: bytes | bytearray | memoryview, narrow: Narrowed | None = None) -> dict:
+    """Decode one sample. Arrays come back as read-only numpy views on the bytes.
+
+    ``narrow``: leave packed integer arrays in their stored dtype and record them
+    there (see the module docstring); the caller must :func:`widen` them.
+    """
     try:
-        obj = msgpack.unpackb(data, **_unpack_options)
+        obj = msgpack.unpackb(data, **_options(narrow))
     except DecodeError:
         raise
     except Exception as exc:  # msgpack raises several unrelated types
@@ -369,9 +438,11 @@ def decode_sample(data: bytes | bytearray | memoryview) -> dict:
     return obj
 
 
-def iter_samples(data: bytes | bytearray | memoryview) -> Iterator[dict]:
-    """Decode a block: concatenated samples, yielded in order."""
-    unpacker = msgpack.Unpacker(None, max_buffer_size=max(len(data), 1), **_unpack_options)
+def iter_samples(data: bytes | bytearray | memoryview, narrow: Narrowed | None = None
+                 ) -> Iterator[dict]:
+    """Decode a block: concatenated samples, yielded in order (``narrow``: as in
+    :func:`decode_sample`)."""
+    unpacker = msgpack.Unpacker(None, max_buffer_size=max(len(data), 1), **_options(narrow))
     unpacker.feed(data)
     try:
         for obj in unpacker:

@@ -27,6 +27,11 @@ and a ``<field>_present`` bool tensor ``[n]`` marks the real rows (only in
 batches where the field is absent somewhere). Fields of
 other kinds (str, bytes, list, dict) stay a list with None, plus the mask.
 A field absent from every sample of a batch is absent from that batch.
+
+``narrow=`` (from :func:`shardstream.codec.iter_samples`): integer arrays of
+compressed shards decoded in their stored, narrower dtype are stacked or padded
+as they are and widened to the dtype they were written with in one cast per
+batch; the batch is the same as for widened samples.
 """
 
 from __future__ import annotations
@@ -37,6 +42,8 @@ from typing import Any, Sequence
 
 import numpy as np
 import torch
+
+from .codec import Narrowed, widen
 
 __all__ = ["Collate", "Ragged", "collate"]
 
@@ -75,9 +82,18 @@ class Collate:
                 f"pad_value={self.pad_value!r}, lengths={self.lengths}, "
                 f"cast_arrays={self.cast_arrays}, missing={self.missing!r})")
 
-    def __call__(self, samples: Sequence[dict], *, ragged: bool = False) -> dict[str, Any]:
+    def __call__(self, samples: Sequence[dict], *, ragged: bool = False,
+                 narrow: Narrowed | None = None) -> dict[str, Any]:
         """Collate ``samples``. ``ragged=True`` (used in DataLoader workers) leaves
-        ragged arrays unpadded as :class:`Ragged`; :func:`from_wire` pads them."""
+        ragged arrays unpadded as :class:`Ragged`; :func:`from_wire` pads them.
+        ``narrow``: the arrays of ``samples`` decoded narrow (module docstring)."""
+        out = self._collate(samples, ragged, narrow or None)
+        if narrow:  # narrow arrays the columns did not take (in lists, ...)
+            widen(out, narrow)
+        return out
+
+    def _collate(self, samples: Sequence[dict], ragged: bool, narrow: Narrowed | None
+                 ) -> dict[str, Any]:
         if not samples:
             raise ValueError("cannot collate an empty list of samples")
         first = samples[0]
@@ -96,13 +112,16 @@ class Collate:
         out: dict[str, Any] = {}
         for k in keys:
             vals = [s[k] for s in samples] if uniform else [s.get(k) for s in samples]
-            self._field(out, k, vals, ragged)
+            self._field(out, k, vals, ragged, narrow)
         return out
 
     # -- one column --------------------------------------------------------
-    def _field(self, out: dict[str, Any], key: str, vals: list, ragged: bool) -> None:
+    def _field(self, out: dict[str, Any], key: str, vals: list, ragged: bool,
+               narrow: Narrowed | None = None) -> None:
         v0 = vals[0]
         if v0 is None or self.missing == "mask" and any(map(is_, vals, repeat(None))):
+            if narrow:  # blanks take the present rows' dtype: widen those first
+                vals = [widen(v, narrow) for v in vals]
             v0 = next((v for v in vals if v is not None), None)
             if v0 is None:
                 out[key] = vals
@@ -116,10 +135,10 @@ class Collate:
         if t is int or t is float or t is bool:
             out[key] = self._scalars(vals, t)
         elif t is np.ndarray or t is torch.Tensor:
-            self._arrays(out, key, vals, ragged)
+            self._arrays(out, key, vals, ragged, narrow)
         elif t is dict:
             if all(type(v) is dict for v in vals):
-                out[key] = self(vals, ragged=ragged)
+                out[key] = self._collate(vals, ragged, narrow)
             else:
                 out[key] = vals
         elif isinstance(v0, np.generic):
@@ -157,7 +176,8 @@ class Collate:
             return torch.from_numpy(arr)
         return vals  # None mixed in, str mixed in, huge ints: object dtype
 
-    def _arrays(self, out: dict[str, Any], key: str, vals: list, ragged: bool) -> None:
+    def _arrays(self, out: dict[str, Any], key: str, vals: list, ragged: bool,
+                narrow: Narrowed | None = None) -> None:
         try:
             arrs = [v if type(v) is np.ndarray else _as_numpy(v) for v in vals]
         except TypeError:
@@ -165,19 +185,31 @@ class Collate:
             return
         dt0 = arrs[0].dtype
         one_dtype = len(set(map(_dtype_of, arrs))) == 1
+        own = None  # rows decoded narrow: the dtype to widen the batch to
+        if narrow:
+            hits = [narrow.get(id(a)) for a in arrs]
+            if any(hits):
+                own = _one_own(hits) if one_dtype else None
+                if own is None or not _fits(self.pad_value, dt0):
+                    arrs = [a if h is None else a.astype(h[1]) for a, h in zip(arrs, hits)]
+                    own, dt0 = None, arrs[0].dtype
+                    one_dtype = len(set(map(_dtype_of, arrs))) == 1
         shapes = set(map(_shape_of, arrs))
         if one_dtype and len(shapes) == 1:
-            out[key] = self._cast(torch.from_numpy(np.stack(arrs)))
+            stacked = np.stack(arrs)
+            out[key] = self._cast(torch.from_numpy(stacked if own is None else stacked.astype(own)))
             return
         if not (one_dtype and arrs[0].ndim >= 1 and len(set(map(len, shapes))) == 1
                 and len({s[1:] for s in shapes}) == 1):
-            out[key] = [torch.from_numpy(np.array(a)) for a in arrs]
+            out[key] = [torch.from_numpy(np.array(a, dtype=own)) for a in arrs]
             return
         lens = np.fromiter(map(len, arrs), dtype=np.int64, count=len(arrs))
         if ragged:
-            out[key] = Ragged(np.concatenate(arrs), lens, self.pad_value, self._cast_to(dt0))
+            values = np.concatenate(arrs)
+            out[key] = Ragged(values if own is None else values.astype(own), lens,
+                              self.pad_value, self._cast_to(dt0))
         else:
-            out[key] = _pad_rows(arrs, lens, self.pad_value, self._cast_to(dt0))
+            out[key] = _pad_rows(arrs, lens, self.pad_value, self._cast_to(dt0), own)
         if self.lengths:
             out[f"{key}_lengths"] = torch.from_numpy(lens)
 
@@ -219,9 +251,10 @@ class Ragged:
 
 
 def _pad_rows(arrs: list, lens: np.ndarray, pad_value: int | float,
-              cast: torch.dtype | None) -> torch.Tensor:
+              cast: torch.dtype | None, widen_to: np.dtype | None = None) -> torch.Tensor:
     """Right-pad ``arrs`` (equal trailing dims and dtype) into one buffer, row by row
-    (cheaper than concatenating and scattering through a mask)."""
+    (cheaper than concatenating and scattering through a mask); ``widen_to``: cast
+    the buffer to this numpy dtype (rows decoded narrow)."""
     a0 = arrs[0]
     width = int(lens.max()) if len(lens) else 0
     shape = (len(arrs), width, *a0.shape[1:])
@@ -231,8 +264,27 @@ def _pad_rows(arrs: list, lens: np.ndarray, pad_value: int | float,
         buf = np.full(shape, pad_value, dtype=a0.dtype)
     for row, a in zip(buf, arrs):
         row[:len(a)] = a
-    t = torch.from_numpy(buf)
+    t = torch.from_numpy(buf if widen_to is None else buf.astype(widen_to))
     return t if cast is None else t.to(cast)
+
+
+def _one_own(hits: list) -> np.dtype | None:
+    """The dtype every row was written with, if every row was decoded narrow."""
+    own = hits[0][1] if hits[0] is not None else None
+    for h in hits:
+        if h is None or h[1] != own:
+            return None
+    return own
+
+
+def _fits(pad_value: int | float, dtype: np.dtype) -> bool:
+    """Can ``dtype`` hold the pad value exactly (so padding before widening is the same)?"""
+    if pad_value == 0:
+        return True
+    if type(pad_value) is not int:
+        return False
+    info = np.iinfo(dtype)
+    return info.min <= pad_value <= info.max
 
 
 def _blank(present: list) -> Any:
@@ -274,6 +326,7 @@ def _to_torch(arr: np.ndarray, dtype: torch.dtype) -> torch.Tensor:
 _default = Collate()
 
 
-def collate(samples: Sequence[dict], *, ragged: bool = False) -> dict[str, Any]:
+def collate(samples: Sequence[dict], *, ragged: bool = False,
+            narrow: Narrowed | None = None) -> dict[str, Any]:
     """Collate with the default rules (int64, float32, pad 0, lengths)."""
-    return _default(samples, ragged=ragged)
+    return _default(samples, ragged=ragged, narrow=narrow)

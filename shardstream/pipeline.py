@@ -32,7 +32,7 @@ from typing import Any, Callable, Iterable, Iterator, Sequence
 
 import numpy as np
 
-from .codec import decode_sample, iter_samples
+from .codec import Narrowed, decode_sample, iter_samples
 from .errors import CorruptShardError, DecodeError, IndexMismatchError, ShardNotFoundError, \
     StorageError
 from .index import ShardIndex
@@ -404,8 +404,13 @@ class BlockReader:
             ref.bad_from = first
 
     # -- samples --------------------------------------------------------------
-    def read(self, shards: np.ndarray, local: np.ndarray) -> list[Any]:
-        """Decode the samples at (shards[k], local[k]); ``None`` where skipped."""
+    def read(self, shards: np.ndarray, local: np.ndarray, narrow: Narrowed | None = None
+             ) -> list[Any]:
+        """Decode the samples at (shards[k], local[k]); ``None`` where skipped.
+
+        ``narrow``: packed integer arrays stay narrow, recorded there (see
+        :mod:`shardstream.codec`); the caller widens them (e.g. while collating).
+        """
         n = len(local)
         out: list[Any] = [None] * n
         if n == 0:
@@ -426,12 +431,13 @@ class BlockReader:
         sl, ll = shards.tolist(), local.tolist()
         skipped = 0
         for k0, k1 in zip(starts, ends):
-            skipped += self._run(out, k0, sl[k0], ll[k0], ll[k0] + k1 - k0)
+            skipped += self._run(out, k0, sl[k0], ll[k0], ll[k0] + k1 - k0, narrow)
         if skipped and self.on_skip is not None:
             self.on_skip(skipped)
         return out
 
-    def _run(self, out: list, k0: int, s: int, i0: int, i1: int) -> int:
+    def _run(self, out: list, k0: int, s: int, i0: int, i1: int,
+             narrow: Narrowed | None = None) -> int:
         """Decode shard ``s`` samples [i0, i1) (one block) into out[k0:]; returns skipped."""
         ref = self.shards[s]
         stop = i1
@@ -446,12 +452,13 @@ class BlockReader:
         if ref.bad_from is not None:
             stop = min(stop, max(i0, ref.bad_from))
         if stop > i0:
-            got = self._decode(ref, s, i0, stop, out, k0)
+            got = self._decode(ref, s, i0, stop, out, k0, narrow)
             if got < stop - i0:
                 stop = i0 + got
         return i1 - stop
 
-    def _decode(self, ref: ShardRef, s: int, i0: int, i1: int, out: list, k0: int) -> int:
+    def _decode(self, ref: ShardRef, s: int, i0: int, i1: int, out: list, k0: int,
+                narrow: Narrowed | None = None) -> int:
         b = int(ref.block_of[i0])
         try:
             data = self._block(ref, s, b)
@@ -462,10 +469,10 @@ class BlockReader:
         got: list = []
         try:
             if i1 - i0 == 1:
-                out[k0] = decode_sample(view)
+                out[k0] = decode_sample(view, narrow)
                 return 1
             try:
-                got.extend(iter_samples(view))
+                got.extend(iter_samples(view, narrow))
             finally:
                 out[k0:k0 + len(got)] = got
             if len(got) != i1 - i0:
