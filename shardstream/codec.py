@@ -15,8 +15,8 @@ token ids in int32/int64 take 2 bytes each before zstd sees them.
 
 Widening is a numpy cast per array (about 1 us, more than the rest of a
 sample's decoding). A reader that collates many samples at once can skip it:
-with ``narrow=`` (a :data:`Narrowed` dict) such arrays come back in their
-stored dtype and are registered there, so the batch is widened in one cast
+with ``narrow=True`` such arrays come back in their stored dtype, tagged with
+the dtype to widen to (:func:`narrowed`), so a batch is widened in one cast
 (:class:`~shardstream.collation.Collate`) and :func:`widen` fixes the rest.
 """
 
@@ -24,15 +24,15 @@ from __future__ import annotations
 
 import struct
 import sys
-from typing import Any, Dict, Iterator, Tuple
+from typing import Any, Iterator
 
 import msgpack
 import numpy as np
 
 from .errors import DecodeError, EncodeError
 
-__all__ = ["NDARRAY_EXT", "PACKED_EXT", "Narrowed", "encode_sample", "repack", "decode_sample",
-           "iter_samples", "widen", "check_sample", "unpack_blocks"]
+__all__ = ["NDARRAY_EXT", "PACKED_EXT", "encode_sample", "repack", "decode_sample",
+           "iter_samples", "widen", "narrowed", "check_sample", "unpack_blocks"]
 
 #: msgpack ext type code of an n-dimensional array.
 NDARRAY_EXT = 1
@@ -42,10 +42,6 @@ _EXT_LAYOUT = 1  # first byte of the ext payload: layout version
 _ARRAY_KINDS = frozenset("biufc")  # bool, int, uint, float, complex
 _INT_MIN, _UINT_MAX = -(1 << 63), (1 << 64) - 1
 _CONTAINERS = (dict, list, tuple)
-
-#: Arrays decoded in their stored (narrow) dtype: ``id(array) -> (array, own dtype)``.
-#: Holding the array keeps its id from being reused while the entry lives.
-Narrowed = Dict[int, Tuple[np.ndarray, np.dtype]]
 
 
 # ---------------------------------------------------------------- encode
@@ -264,8 +260,9 @@ _u64 = struct.Struct("<Q")
 
 # header prefix (layout, len, dtype, ndim=1) -> (dtype, itemsize), for the fast path
 _fast_1d: dict[bytes, tuple[np.dtype, int]] = {}
-# packed: header prefix (layout, own dtype, stored dtype, ndim=1) -> (own, stored, itemsize)
-_fast_packed: dict[bytes, tuple[np.dtype, np.dtype, int]] = {}
+# packed: header prefix (layout, own dtype, stored dtype, ndim=1)
+#   -> (own, stored, itemsize, stored tagged with own)
+_fast_packed: dict[bytes, tuple[np.dtype, np.dtype, int, np.dtype]] = {}
 _frombuffer = np.frombuffer
 _u64_at = _u64.unpack_from
 
@@ -288,43 +285,56 @@ def _ext_hook(code: int, data: bytes) -> Any:
     return _ext_hook_slow(code, data)
 
 
-def _narrow_hook(narrow: Narrowed) -> Any:
-    """An ext hook that leaves packed arrays narrow and records them in ``narrow``."""
-    def hook(code: int, data: bytes) -> Any:
-        if code != PACKED_EXT:
-            return _ext_hook(code, data)
-        if len(data) > 14:
-            end = 4 + data[1] + data[2 + data[1]]
-            hit = _fast_packed.get(data[:end])
-            if hit is not None:
-                (length,) = _u64_at(data, end)
-                if end + 8 + length * hit[2] == len(data):
-                    a = _frombuffer(data, hit[1], length, end + 8)
-                    narrow[id(a)] = (a, hit[0])
-                    return a
-        a, own = _unpack_packed(data)
-        narrow[id(a)] = (a, own)
-        return a
-    return hook
+# (stored, own) -> the stored dtype tagged with its own dtype (numpy dtype metadata)
+_tagged: dict[tuple[np.dtype, np.dtype], np.dtype] = {}
+_WIDEN_TO = "shardstream.widen_to"
 
 
-def widen(obj: Any, narrow: Narrowed) -> Any:
-    """``obj`` with every array registered in ``narrow`` widened to its own dtype.
+def _tag(stored: np.dtype, own: np.dtype) -> np.dtype:
+    dt = _tagged.get((stored, own))
+    if dt is None:
+        dt = _tagged[(stored, own)] = np.dtype(stored, metadata={_WIDEN_TO: own})
+    return dt
+
+
+def narrowed(arr: np.ndarray) -> np.dtype | None:
+    """The dtype ``arr`` must be widened to, if it was decoded with ``narrow=True``."""
+    meta = arr.dtype.metadata
+    return meta.get(_WIDEN_TO) if meta else None
+
+
+def _ext_hook_narrow(code: int, data: bytes) -> Any:
+    """Like :func:`_ext_hook`, but packed arrays stay narrow (tagged dtype, no copy)."""
+    if code != PACKED_EXT:
+        return _ext_hook(code, data)
+    if len(data) > 14:
+        end = 4 + data[1] + data[2 + data[1]]
+        hit = _fast_packed.get(data[:end])
+        if hit is not None:
+            (length,) = _u64_at(data, end)
+            if end + 8 + length * hit[2] == len(data):
+                return _frombuffer(data, hit[3], length, end + 8)
+    arr, own = _unpack_packed(data)
+    return arr.view(_tag(arr.dtype, own))
+
+
+def widen(obj: Any) -> Any:
+    """``obj`` with every array decoded narrow widened to the dtype it was written with.
 
     Walks dicts and lists (changed in place); other values are returned as they are.
     """
     t = type(obj)
     if t is np.ndarray:
-        hit = narrow.get(id(obj))
-        return obj if hit is None or hit[0] is not obj else obj.astype(hit[1])
+        own = narrowed(obj)
+        return obj if own is None else obj.astype(own)
     if t is dict:
         for k, v in obj.items():
             if type(v) in _WALK:
-                obj[k] = widen(v, narrow)
+                obj[k] = widen(v)
     elif t is list:
         for i, v in enumerate(obj):
             if type(v) in _WALK:
-                obj[i] = widen(v, narrow)
+                obj[i] = widen(v)
     return obj
 
 
@@ -384,7 +394,7 @@ def _unpack_packed(data: bytes) -> tuple[np.ndarray, np.dtype]:
         ndim = data[pos]
         shape = struct.unpack_from(f"<{ndim}Q", data, pos + 1)
         if ndim == 1:
-            _fast_packed[data[:pos + 1]] = (own, stored, stored.itemsize)
+            _fast_packed[data[:pos + 1]] = (own, stored, stored.itemsize, _tag(stored, own))
         pos += 1 + 8 * ndim
         count = 1
         for d in shape:
@@ -415,20 +425,17 @@ _unpack_options = {"ext_hook": _ext_hook, "raw": False, "strict_map_key": True,
                    "timestamp": 0}
 
 
-def _options(narrow: Narrowed | None) -> dict[str, Any]:
-    if narrow is None:
-        return _unpack_options
-    return dict(_unpack_options, ext_hook=_narrow_hook(narrow))
+_narrow_options = dict(_unpack_options, ext_hook=_ext_hook_narrow)
 
 
-def decode_sample(data: bytes | bytearray | memoryview, narrow: Narrowed | None = None) -> dict:
+def decode_sample(data: bytes | bytearray | memoryview, narrow: bool = False) -> dict:
     """Decode one sample. Arrays come back as read-only numpy views on the bytes.
 
-    ``narrow``: leave packed integer arrays in their stored dtype and record them
-    there (see the module docstring); the caller must :func:`widen` them.
+    ``narrow``: leave packed integer arrays in their stored dtype (see the module
+    docstring); the caller must :func:`widen` them.
     """
     try:
-        obj = msgpack.unpackb(data, **_options(narrow))
+        obj = msgpack.unpackb(data, **(_narrow_options if narrow else _unpack_options))
     except DecodeError:
         raise
     except Exception as exc:  # msgpack raises several unrelated types
@@ -438,11 +445,11 @@ def decode_sample(data: bytes | bytearray | memoryview, narrow: Narrowed | None 
     return obj
 
 
-def iter_samples(data: bytes | bytearray | memoryview, narrow: Narrowed | None = None
-                 ) -> Iterator[dict]:
+def iter_samples(data: bytes | bytearray | memoryview, narrow: bool = False) -> Iterator[dict]:
     """Decode a block: concatenated samples, yielded in order (``narrow``: as in
     :func:`decode_sample`)."""
-    unpacker = msgpack.Unpacker(None, max_buffer_size=max(len(data), 1), **_options(narrow))
+    unpacker = msgpack.Unpacker(None, max_buffer_size=max(len(data), 1),
+                                **(_narrow_options if narrow else _unpack_options))
     unpacker.feed(data)
     try:
         for obj in unpacker:

@@ -28,10 +28,11 @@ batches where the field is absent somewhere). Fields of
 other kinds (str, bytes, list, dict) stay a list with None, plus the mask.
 A field absent from every sample of a batch is absent from that batch.
 
-``narrow=`` (from :func:`shardstream.codec.iter_samples`): integer arrays of
-compressed shards decoded in their stored, narrower dtype are stacked or padded
-as they are and widened to the dtype they were written with in one cast per
-batch; the batch is the same as for widened samples.
+``narrow=True`` (samples from :func:`shardstream.codec.iter_samples` with
+``narrow=True``): integer arrays of compressed shards decoded in their stored,
+narrower dtype are stacked or padded as they are and widened to the dtype they
+were written with in one cast per batch; the batch is the same as for widened
+samples.
 """
 
 from __future__ import annotations
@@ -43,7 +44,7 @@ from typing import Any, Sequence
 import numpy as np
 import torch
 
-from .codec import Narrowed, widen
+from .codec import narrowed, widen
 
 __all__ = ["Collate", "Ragged", "collate"]
 
@@ -83,17 +84,16 @@ class Collate:
                 f"cast_arrays={self.cast_arrays}, missing={self.missing!r})")
 
     def __call__(self, samples: Sequence[dict], *, ragged: bool = False,
-                 narrow: Narrowed | None = None) -> dict[str, Any]:
+                 narrow: bool = False) -> dict[str, Any]:
         """Collate ``samples``. ``ragged=True`` (used in DataLoader workers) leaves
         ragged arrays unpadded as :class:`Ragged`; :func:`from_wire` pads them.
-        ``narrow``: the arrays of ``samples`` decoded narrow (module docstring)."""
-        out = self._collate(samples, ragged, narrow or None)
+        ``narrow``: ``samples`` may hold arrays decoded narrow (module docstring)."""
+        out = self._collate(samples, ragged, narrow)
         if narrow:  # narrow arrays the columns did not take (in lists, ...)
-            widen(out, narrow)
+            widen(out)
         return out
 
-    def _collate(self, samples: Sequence[dict], ragged: bool, narrow: Narrowed | None
-                 ) -> dict[str, Any]:
+    def _collate(self, samples: Sequence[dict], ragged: bool, narrow: bool) -> dict[str, Any]:
         if not samples:
             raise ValueError("cannot collate an empty list of samples")
         first = samples[0]
@@ -117,11 +117,11 @@ class Collate:
 
     # -- one column --------------------------------------------------------
     def _field(self, out: dict[str, Any], key: str, vals: list, ragged: bool,
-               narrow: Narrowed | None = None) -> None:
+               narrow: bool = False) -> None:
         v0 = vals[0]
         if v0 is None or self.missing == "mask" and any(map(is_, vals, repeat(None))):
             if narrow:  # blanks take the present rows' dtype: widen those first
-                vals = [widen(v, narrow) for v in vals]
+                vals = [widen(v) for v in vals]
             v0 = next((v for v in vals if v is not None), None)
             if v0 is None:
                 out[key] = vals
@@ -177,7 +177,7 @@ class Collate:
         return vals  # None mixed in, str mixed in, huge ints: object dtype
 
     def _arrays(self, out: dict[str, Any], key: str, vals: list, ragged: bool,
-                narrow: Narrowed | None = None) -> None:
+                narrow: bool = False) -> None:
         try:
             arrs = [v if type(v) is np.ndarray else _as_numpy(v) for v in vals]
         except TypeError:
@@ -187,12 +187,14 @@ class Collate:
         one_dtype = len(set(map(_dtype_of, arrs))) == 1
         own = None  # rows decoded narrow: the dtype to widen the batch to
         if narrow:
-            hits = [narrow.get(id(a)) for a in arrs]
-            if any(hits):
-                own = _one_own(hits) if one_dtype else None
-                if own is None or not _fits(self.pad_value, dt0):
-                    arrs = [a if h is None else a.astype(h[1]) for a, h in zip(arrs, hits)]
-                    own, dt0 = None, arrs[0].dtype
+            owns = [narrowed(a) for a in arrs]
+            if owns.count(None) != len(owns):
+                # the same tagged dtype object everywhere: one stored and one own dtype
+                if all(a.dtype is dt0 for a in arrs) and _fits(self.pad_value, dt0):
+                    own = owns[0]
+                else:
+                    arrs = [a if o is None else a.astype(o) for a, o in zip(arrs, owns)]
+                    dt0 = arrs[0].dtype
                     one_dtype = len(set(map(_dtype_of, arrs))) == 1
         shapes = set(map(_shape_of, arrs))
         if one_dtype and len(shapes) == 1:
@@ -268,15 +270,6 @@ def _pad_rows(arrs: list, lens: np.ndarray, pad_value: int | float,
     return t if cast is None else t.to(cast)
 
 
-def _one_own(hits: list) -> np.dtype | None:
-    """The dtype every row was written with, if every row was decoded narrow."""
-    own = hits[0][1] if hits[0] is not None else None
-    for h in hits:
-        if h is None or h[1] != own:
-            return None
-    return own
-
-
 def _fits(pad_value: int | float, dtype: np.dtype) -> bool:
     """Can ``dtype`` hold the pad value exactly (so padding before widening is the same)?"""
     if pad_value == 0:
@@ -327,6 +320,6 @@ _default = Collate()
 
 
 def collate(samples: Sequence[dict], *, ragged: bool = False,
-            narrow: Narrowed | None = None) -> dict[str, Any]:
+            narrow: bool = False) -> dict[str, Any]:
     """Collate with the default rules (int64, float32, pad 0, lengths)."""
     return _default(samples, ragged=ragged, narrow=narrow)

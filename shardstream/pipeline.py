@@ -32,7 +32,7 @@ from typing import Any, Callable, Iterable, Iterator, Sequence
 
 import numpy as np
 
-from .codec import Narrowed, decode_sample, iter_samples
+from .codec import decode_sample, iter_samples
 from .errors import CorruptShardError, DecodeError, IndexMismatchError, ShardNotFoundError, \
     StorageError
 from .index import ShardIndex
@@ -404,12 +404,11 @@ class BlockReader:
             ref.bad_from = first
 
     # -- samples --------------------------------------------------------------
-    def read(self, shards: np.ndarray, local: np.ndarray, narrow: Narrowed | None = None
-             ) -> list[Any]:
+    def read(self, shards: np.ndarray, local: np.ndarray, narrow: bool = False) -> list[Any]:
         """Decode the samples at (shards[k], local[k]); ``None`` where skipped.
 
-        ``narrow``: packed integer arrays stay narrow, recorded there (see
-        :mod:`shardstream.codec`); the caller widens them (e.g. while collating).
+        ``narrow``: packed integer arrays stay narrow (see :mod:`shardstream.codec`);
+        the caller widens them (e.g. while collating).
         """
         n = len(local)
         out: list[Any] = [None] * n
@@ -437,7 +436,7 @@ class BlockReader:
         return out
 
     def _run(self, out: list, k0: int, s: int, i0: int, i1: int,
-             narrow: Narrowed | None = None) -> int:
+             narrow: bool = False) -> int:
         """Decode shard ``s`` samples [i0, i1) (one block) into out[k0:]; returns skipped."""
         ref = self.shards[s]
         stop = i1
@@ -458,7 +457,7 @@ class BlockReader:
         return i1 - stop
 
     def _decode(self, ref: ShardRef, s: int, i0: int, i1: int, out: list, k0: int,
-                narrow: Narrowed | None = None) -> int:
+                narrow: bool = False) -> int:
         b = int(ref.block_of[i0])
         try:
             data = self._block(ref, s, b)

@@ -21,7 +21,7 @@ import numpy as np
 from torch.utils.data import IterableDataset, get_worker_info
 
 from . import foreign, storage
-from .codec import Narrowed, widen
+from .codec import widen
 from .collation import Collate, collate as default_collate
 from .wire import to_wire
 from .errors import CorruptShardError, ManifestError, ShardNotFoundError
@@ -52,7 +52,7 @@ class _OrderReader:
     def __init__(self, order: EpochOrder, reader: BlockReader) -> None:
         self.order, self.reader = order, reader
 
-    def read(self, positions: np.ndarray, narrow: Narrowed | None = None) -> list[Any]:
+    def read(self, positions: np.ndarray, narrow: bool = False) -> list[Any]:
         return self.reader.read(*self.order.locate(positions), narrow=narrow)
 
     def close(self) -> None:
@@ -429,9 +429,8 @@ class ShardStream(IterableDataset):
             if self.batch_size and self._collates_narrow(reader):
                 for j in units:  # packed ids are widened per batch, not per sample
                     a, n = layout.span(world.rank, j)
-                    narrow: Narrowed = {}
-                    samples = reader.read(np.arange(a, a + n, dtype=np.int64), narrow)
-                    yield self.collate(self._finish(samples, narrow), narrow=narrow)
+                    samples = reader.read(np.arange(a, a + n, dtype=np.int64), narrow=True)
+                    yield self.collate(self._finish(samples), narrow=True)
             elif self.batch_size:
                 for j in units:
                     a, n = layout.span(world.rank, j)
@@ -470,23 +469,19 @@ class ShardStream(IterableDataset):
             (self.collate is default_collate or type(self.collate) is Collate)
 
     _last_good: list | None = None
-    _last_narrow: Narrowed | None = None
 
-    def _finish(self, samples: list, narrow: Narrowed | None = None) -> list:
+    def _finish(self, samples: list) -> list:
         """Apply the transform; fill skipped (None) slots by repeating good samples so
-        batch counts and sizes stay equal across ranks. ``narrow``: this batch's
-        narrow arrays (a sample kept from an earlier batch is widened first)."""
+        batch counts and sizes stay equal across ranks."""
         if None in samples:
-            good = [s for s in samples if s is not None]
-            if not good and self._last_good and self._last_narrow:
-                self._last_good = [widen(s, self._last_narrow) for s in self._last_good]
-            good = good or self._last_good
+            good = [s for s in samples if s is not None] or \
+                [widen(s) for s in self._last_good or ()]  # may hold narrow arrays
             if not good:
                 raise CorruptShardError("every sample so far was skipped after errors; no "
                                         "sample to pad with (see the warnings above)")
             samples = [s if s is not None else good[i % len(good)]
                        for i, s in enumerate(samples)]
-        self._last_good, self._last_narrow = samples[:1], narrow
+        self._last_good = samples[:1]
         if self.transform is not None:
             samples = [self.transform(s) for s in samples]
         return samples

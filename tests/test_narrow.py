@@ -9,7 +9,7 @@ import torch
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from shardstream.codec import decode_sample, encode_sample, iter_samples, widen
+from shardstream.codec import decode_sample, encode_sample, iter_samples, narrowed, widen
 from shardstream.collation import Collate, Ragged, collate
 from shardstream.stream import ShardStream
 
@@ -79,15 +79,14 @@ COLLATES = [Collate(), Collate(pad_value=-1), Collate(pad_value=7), Collate(cast
 def test_narrow_batches_equal_widened_batches(samples, which, ragged):
     c = COLLATES[which]
     data = [encode_sample(s, pack=True) for s in samples]
-    reg: dict = {}
-    narrow = [decode_sample(d, reg) for d in data]
+    narrow = [decode_sample(d, narrow=True) for d in data]
     try:
         expected = _padded(c([decode_sample(d) for d in data], ragged=ragged))
     except OverflowError:  # a pad value the written dtype cannot hold: the same error
         with pytest.raises(OverflowError):
-            _padded(c(narrow, ragged=ragged, narrow=reg))
+            _padded(c(narrow, ragged=ragged, narrow=True))
         return
-    _same(_padded(c(narrow, ragged=ragged, narrow=reg)), expected)
+    _same(_padded(c(narrow, ragged=ragged, narrow=True)), expected)
 
 
 def _padded(tree):
@@ -99,32 +98,36 @@ def _padded(tree):
     return tree
 
 
-def test_narrow_decoding_records_packed_arrays_only():
+def test_narrow_decoding_tags_packed_arrays_only():
     ids = np.arange(100, 400, dtype=np.int64)
-    data = encode_sample({"ids": ids, "f": np.ones(9, np.float32), "short": np.arange(3)},
-                         pack=True)
-    reg: dict = {}
-    s = decode_sample(data, reg)
-    assert s["ids"].dtype == np.uint16 and list(reg) == [id(s["ids"])]
-    assert s["f"].dtype == np.float32 and s["short"].dtype == np.int64
-    w = widen(s, reg)
-    assert w["ids"].dtype == np.int64 and np.array_equal(w["ids"], ids)
-    block = data + data
-    reg2: dict = {}
-    got = list(iter_samples(block, reg2))
-    assert len(reg2) == 2 and all(g["ids"].dtype == np.uint16 for g in got)
-    b = collate(got, narrow=reg2)
+    m = np.arange(12, dtype=np.int32).reshape(3, 4)  # not 1-d: the slow path
+    data = encode_sample({"ids": ids, "m": m, "f": np.ones(9, np.float32),
+                          "short": np.arange(3)}, pack=True)
+    for _ in range(2):  # the second time through the fast path
+        s = decode_sample(data, narrow=True)
+        assert s["ids"].dtype == np.uint16 and narrowed(s["ids"]) == np.int64
+        assert s["m"].dtype == np.uint8 and s["m"].shape == (3, 4) and narrowed(s["m"]) == np.int32
+        assert narrowed(s["f"]) is None and narrowed(s["short"]) is None
+        assert s["short"].dtype == np.int64
+        w = widen(s)
+        assert w["ids"].dtype == np.int64 and np.array_equal(w["ids"], ids) and narrowed(w["ids"]) is None
+        assert w["m"].dtype == np.int32 and np.array_equal(w["m"], m)
+    assert narrowed(decode_sample(data)["ids"]) is None  # the default: widened on decode
+    got = list(iter_samples(data + data, narrow=True))
+    assert all(g["ids"].dtype == np.uint16 for g in got)
+    b = collate(got, narrow=True)
     assert b["ids"].dtype == torch.int64 and b["ids"][1].tolist() == ids.tolist()
+    assert b["m"].dtype == torch.int32 and b["m"][0].tolist() == m.tolist()
 
 
 def test_widen_walks_lists_and_dicts_in_place():
-    a = np.arange(300, dtype=np.uint16)
-    reg = {id(a): (a, np.dtype(np.int32))}
+    a = decode_sample(encode_sample({"a": np.arange(300, dtype=np.int32)}, pack=True),
+                      narrow=True)["a"]
     tree = {"l": [a, {"d": a}], "x": 1}
-    widen(tree, reg)
+    widen(tree)
     assert tree["l"][0].dtype == np.int32 and tree["l"][1]["d"].dtype == np.int32
-    other = np.arange(3, dtype=np.uint16)  # not registered: left as it is
-    assert widen(other, reg) is other
+    other = np.arange(3, dtype=np.uint16)  # not decoded narrow: left as it is
+    assert widen(other) is other
 
 
 def _tokens(i: int) -> dict:
@@ -157,8 +160,8 @@ def test_stream_reads_narrow_only_for_its_own_collation(make_dataset, monkeypatc
     import shardstream.collation as collation
     real = collation.Collate._arrays
 
-    def spy(self, out, key, vals, ragged, narrow=None):
-        calls.append(bool(narrow))
+    def spy(self, out, key, vals, ragged, narrow=False):
+        calls.append(narrow and any(narrowed(v) is not None for v in vals))
         return real(self, out, key, vals, ragged, narrow)
 
     monkeypatch.setattr(collation.Collate, "_arrays", spy)
@@ -169,17 +172,14 @@ def test_stream_reads_narrow_only_for_its_own_collation(make_dataset, monkeypatc
 def test_padding_from_an_earlier_batch_is_widened(make_dataset):
     zst = make_dataset(40, "zst", make=_tokens, compression="zstd")
     s = ShardStream(zst, batch_size=4)
-    reg: dict = {}
-    from shardstream.codec import decode_sample as dec
     from shardstream.shard import iter_dataset
     first = next(iter_dataset(zst))
-    data = encode_sample(first, pack=True)
-    kept = dec(data, reg)
+    kept = decode_sample(encode_sample(first, pack=True), narrow=True)
     assert kept["ids"].dtype == np.uint16
-    s._finish([kept], reg)
-    later = s._finish([None, None], {})  # every sample of this batch was skipped
+    s._finish([kept])
+    later = s._finish([None, None])  # every sample of this batch was skipped
     assert all(x["ids"].dtype == np.int32 for x in later)
-    _same(collate(later, narrow={}), collate([first, first]))
+    _same(collate(later, narrow=True), collate([first, first]))
 
 
 def test_loader_workers_send_widened_batches(make_dataset):
