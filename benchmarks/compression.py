@@ -1,7 +1,7 @@
 """Compressed vs uncompressed shards: size on disk, streaming and random-access speed.
 
     python benchmarks/compression.py [--dir /tmp/ss-bench/compression] [--n 100000]
-                                     [--level 3] [--repeat 2]
+                                     [--stream-n 400000] [--level 3] [--repeat 3]
 
 Everything in one run, JSON lines on stdout:
 
@@ -11,7 +11,9 @@ Everything in one run, JSON lines on stdout:
   from a Zipf law, like real token frequencies) and per field (ids / text);
 - ``stream``: one epoch of ``ShardStream(batch_size=256)`` through
   ``shardstream.dataloader.loader(num_workers=2)``, each in a fresh process,
-  raw and zstd alternated ``--repeat`` times: the best whole epoch (start-up
+  raw and zstd alternated ``--repeat`` times, over ``--stream-n`` samples (the
+  same workloads, written again when it differs from ``--n``: at 100k the
+  steady part lasts ~0.3 s and is mostly noise): the best whole epoch (start-up
   included, as every stream benchmark here counts) and the median steady rate
   after the first batch (decoding cost alone);
 - ``getitem``: 20,000 random ``ds[i]`` (``default_rng(1)``), warm, best of 3;
@@ -101,7 +103,8 @@ def main() -> None:
     ap.add_argument("--dir", default="/tmp/ss-bench/compression")
     ap.add_argument("--n", type=int, default=100_000)
     ap.add_argument("--level", type=int, default=3)
-    ap.add_argument("--repeat", type=int, default=2)
+    ap.add_argument("--stream-n", type=int, default=400_000)
+    ap.add_argument("--repeat", type=int, default=3)
     a = ap.parse_args()
     from workloads import tokens
 
@@ -125,19 +128,28 @@ def main() -> None:
         convert(raw, zst, compression=spec, overwrite=True, fsync=False)
         emit({"mode": "size", "workload": f"tokens[{field}]", "n": a.n // 4,
               "compression": spec, "ratio": round(disk_bytes(raw) / disk_bytes(zst), 3)})
-    for name, (raw, zst) in paths.items():
+    streams = paths
+    if a.stream_n != a.n:
+        streams = {}
+        for name, gen in (("tokens", tokens), ("tokens_zipf", tokens_zipf)):
+            raw, zst = (os.path.join(a.dir, f"{name}-{a.stream_n}{sfx}") for sfx in ("", "-zstd"))
+            write(raw, gen(a.stream_n))
+            convert(raw, zst, compression=spec, overwrite=True, fsync=False)
+            streams[name] = (raw, zst)
+    for name, (raw, zst) in streams.items():
         runs: dict[str, list[dict]] = {"raw": [], "zstd": []}
         for _ in range(a.repeat):  # alternate: a busy neighbour hurts both alike
             for kind, p in (("raw", raw), ("zstd", zst)):
                 runs[kind].append(stream_rate(p))
         best = {k: max(v, key=lambda r: r["samples_per_s"]) for k, v in runs.items()}
         steady = {k: statistics.median(r["steady"] for r in v) for k, v in runs.items()}
-        emit({"mode": "stream", "workload": name, "workers": 2, "batch": 256,
+        emit({"mode": "stream", "workload": name, "n": a.stream_n, "workers": 2, "batch": 256,
               "raw_samples_per_s": round(best["raw"]["samples_per_s"]),
               "zstd_samples_per_s": round(best["zstd"]["samples_per_s"]),
               "relative": round(best["zstd"]["samples_per_s"] / best["raw"]["samples_per_s"], 3),
               "raw_steady_median": round(steady["raw"]), "zstd_steady_median": round(steady["zstd"]),
               "steady_relative": round(steady["zstd"] / steady["raw"], 3)})
+    for name, (raw, zst) in paths.items():
         gr, gz = getitem_rate(raw), getitem_rate(zst)
         emit({"mode": "getitem", "workload": name, "raw_per_s": round(gr),
               "zstd_per_s": round(gz), "relative": round(gz / gr, 3)})

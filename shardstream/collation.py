@@ -187,12 +187,14 @@ class Collate:
         one_dtype = len(set(map(_dtype_of, arrs))) == 1
         own = None  # rows decoded narrow: the dtype to widen the batch to
         if narrow:
-            owns = [narrowed(a) for a in arrs]
-            if owns.count(None) != len(owns):
-                # the same tagged dtype object everywhere: one stored and one own dtype
-                if all(a.dtype is dt0 for a in arrs) and _fits(self.pad_value, dt0):
-                    own = owns[0]
-                else:
+            if all(a.dtype is dt0 for a in arrs):  # the usual case: one dtype object
+                own = narrowed(arrs[0])  # a tagged dtype: one stored and one own dtype
+                if own is not None and not _fits(self.pad_value, dt0):
+                    arrs, own = [a.astype(own) for a in arrs], None
+                    dt0 = arrs[0].dtype
+            else:  # equal dtypes may still differ in their tags: widen the tagged ones
+                owns = [narrowed(a) for a in arrs]
+                if owns.count(None) != len(owns):
                     arrs = [a if o is None else a.astype(o) for a, o in zip(arrs, owns)]
                     dt0 = arrs[0].dtype
                     one_dtype = len(set(map(_dtype_of, arrs))) == 1

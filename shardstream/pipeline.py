@@ -468,10 +468,10 @@ class BlockReader:
         got: list = []
         try:
             if i1 - i0 == 1:
-                out[k0] = decode_sample(view, narrow)
+                out[k0] = decode_sample(view, narrow and ref.codec is not None)
                 return 1
             try:
-                got.extend(iter_samples(view, narrow))
+                got.extend(iter_samples(view, narrow and ref.codec is not None))
             finally:
                 out[k0:k0 + len(got)] = got
             if len(got) != i1 - i0:

@@ -463,9 +463,12 @@ class ShardStream(IterableDataset):
         reader.reader.prefetch(order.first_use(positions()), depth=self.prefetch_shards)
 
     def _collates_narrow(self, reader: Any) -> bool:
-        """Can batches be read with packed arrays left narrow? Only when nothing but our
-        own collation (which widens them) sees the samples."""
-        return self.transform is None and isinstance(reader, _OrderReader) and \
+        """Read batches with packed arrays left narrow? For compressed (format v3)
+        datasets, when nothing but our own collation (which widens them) sees the
+        samples."""
+        comp = self.dataset.manifest.compression if self.dataset is not None else None
+        return comp is not None and comp.framed and self.transform is None and \
+            isinstance(reader, _OrderReader) and \
             (self.collate is default_collate or type(self.collate) is Collate)
 
     _last_good: list | None = None
