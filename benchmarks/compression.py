@@ -148,7 +148,10 @@ def main() -> None:
               "zstd_samples_per_s": round(best["zstd"]["samples_per_s"]),
               "relative": round(best["zstd"]["samples_per_s"] / best["raw"]["samples_per_s"], 3),
               "raw_steady_median": round(steady["raw"]), "zstd_steady_median": round(steady["zstd"]),
-              "steady_relative": round(steady["zstd"] / steady["raw"], 3)})
+              "steady_relative": round(steady["zstd"] / steady["raw"], 3),
+              # each zstd run against the raw run just before it (same neighbours)
+              "steady_pair_ratios": [round(z["steady"] / r["steady"], 3)
+                                     for r, z in zip(runs["raw"], runs["zstd"])]})
     for name, (raw, zst) in paths.items():
         gr, gz = getitem_rate(raw), getitem_rate(zst)
         emit({"mode": "getitem", "workload": name, "raw_per_s": round(gr),

@@ -277,6 +277,9 @@ class RemoteCache:
 class Prefetcher:
     """Runs ``fetch(key)`` in a background thread for keys in ``order``, ``depth`` ahead.
 
+    ``depth`` counts fetched values the reader has not taken yet; a fetch that
+    returns None (another process is downloading that shard) takes no place.
+
     With ``after``, the thread starts once that event is set. The reader calls
     :meth:`take` for a key when it needs it: it waits for that
     key's fetch if one was started (re-raising its error) and lets the thread
@@ -311,9 +314,15 @@ class Prefetcher:
                     fut: Future = Future()
                     self._futures[key] = fut
                 try:
-                    fut.set_result(self._fetch(key))
+                    got = self._fetch(key)
                 except BaseException as exc:  # handed to the reader by take()
                     fut.set_exception(exc)
+                    continue
+                fut.set_result(got)
+                if got is None:  # not ours to fetch (another process has it, or local):
+                    with self._cond:  # it holds no place in the read-ahead
+                        if self._futures.get(key) is fut:
+                            del self._futures[key]
         except Exception:  # noqa: BLE001 - a broken order: the reader fetches itself
             return
 

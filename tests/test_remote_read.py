@@ -261,3 +261,35 @@ def test_start_fetch_failure_reaches_the_reader_with_the_url(tmp_path):
         with pytest.raises(StorageError, match="shard-000000.tar.*access denied"):
             list(ds)
         assert len(srv.requests("GET", "ds/shard-000000.tar")) == 1  # not asked again
+
+
+def test_read_ahead_skips_shards_another_process_fetches():
+    """A shard another process is downloading (fetch returns None) takes no place in
+    the read-ahead: the thread goes on to the next ones instead of waiting for the
+    reader to get there."""
+    import threading
+
+    from shardstream.remote import Prefetcher
+    fetched, release = [], threading.Event()
+
+    def fetch(key):
+        if key in ("a", "b", "c"):
+            return None  # another process has them
+        fetched.append(key)
+        if len(fetched) == 2:
+            release.set()
+        return f"path-{key}"
+
+    p = Prefetcher(fetch, ["a", "b", "c", "d", "e", "f"], depth=2)
+    try:
+        assert release.wait(5), fetched
+        assert fetched == ["d", "e"]  # nothing taken yet: d and e fill the two places
+        assert p.take("a") is None  # the reader fetches (waits for) these itself
+        assert p.take("d") == "path-d"
+        for _ in range(100):
+            if len(fetched) == 3:
+                break
+            threading.Event().wait(0.01)
+        assert fetched == ["d", "e", "f"]
+    finally:
+        p.close()
