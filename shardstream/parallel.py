@@ -213,6 +213,10 @@ def _write_encoded(samples: Iterable[dict], out: str, workers: int, chunk_size: 
                 w.write_encoded(encoded, schema, packed=w.packs)
                 if progress:
                     progress(len(encoded), 0)
+            # let the children exit on their own: Pool.terminate() (what leaving the
+            # with-block does) can hang joining a child blocked on the task queue's lock
+            pool.close()
+            pool.join()
         return w.close()
     except BaseException:
         w.abort()

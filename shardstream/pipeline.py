@@ -279,8 +279,10 @@ class BlockReader:
         store = self._store()
 
         def fetch(s: int) -> str | None:
+            """Download shard ``s``; None: not ours (local, cached, another process has it)."""
             ref = self.shards[s]
-            if not is_remote(ref.path):
+            if not is_remote(ref.path) or ref.expected_bytes is not None and store.has_shard(
+                    ref.path, size=ref.expected_bytes, sha256=ref.sha256):
                 return None
             return store.shard_path(ref.path, size=ref.expected_bytes, sha256=ref.sha256,
                                     wait=False)
@@ -332,8 +334,6 @@ class BlockReader:
             if getattr(exc, "kind", None) == "auth":
                 raise  # every shard would fail the same way: no skipping
             self._fail(ref, 0, exc)
-        finally:
-            self._first_open.set()
         return ref
 
     def _load_remote(self, s: int, ref: ShardRef) -> None:
@@ -433,6 +433,7 @@ class BlockReader:
             skipped += self._run(out, k0, sl[k0], ll[k0], ll[k0] + k1 - k0, narrow)
         if skipped and self.on_skip is not None:
             self.on_skip(skipped)
+        self._first_open.set()
         return out
 
     def _run(self, out: list, k0: int, s: int, i0: int, i1: int,

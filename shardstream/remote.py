@@ -229,11 +229,18 @@ class RemoteCache:
             return path
         return self._shard(url, size, sha256, wait)
 
+    def has_shard(self, url: str, *, size: int, sha256: str | None = None) -> bool:
+        """Is a complete copy of ``url`` in the cache already?"""
+        return self._complete(self._dest(url, size, sha256), size)
+
+    def _dest(self, url: str, size: int, sha256: str | None) -> str:
+        tag = sha256[:16] if sha256 else f"{size}b"
+        return os.path.join(self.cache_dir, _entry_name(url, tag))
+
     def _shard(self, url: str, size: int | None, sha256: str | None, wait: bool) -> str | None:
         if size is None:
             size = storage.size(url, storage_options=self.storage_options, retry=self.retry)
-        tag = sha256[:16] if sha256 else f"{size}b"
-        dest = os.path.join(self.cache_dir, _entry_name(url, tag))
+        dest = self._dest(url, size, sha256)
         if self._complete(dest, size):
             return dest
         os.makedirs(self.cache_dir, exist_ok=True)
@@ -278,7 +285,7 @@ class Prefetcher:
     """Runs ``fetch(key)`` in a background thread for keys in ``order``, ``depth`` ahead.
 
     ``depth`` counts fetched values the reader has not taken yet; a fetch that
-    returns None (another process is downloading that shard) takes no place.
+    returns None (a shard another process downloads or downloaded) takes no place.
 
     With ``after``, the thread starts once that event is set. The reader calls
     :meth:`take` for a key when it needs it: it waits for that

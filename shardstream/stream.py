@@ -38,6 +38,7 @@ __all__ = ["ShardStream", "STATE_VERSION"]
 STATE_VERSION = 1
 _MAX_WORKERS = 256
 _EPOCH, _START, _SKIP0 = 0, 1, 2  # slots of the shared array; _SKIP0 + worker + 1
+_START_UNITS = 8  # units whose shards start_fetch downloads
 _SAMPLE_CHUNK = 256
 
 
@@ -209,8 +210,10 @@ class ShardStream(IterableDataset):
             self._start_fetch()
 
     def _start_fetch(self) -> None:
-        """Fetch the first ``prefetch_shards`` shards this rank reads (and their indexes)
-        in the background now, while workers start: see :meth:`RemoteCache.start_fetch`."""
+        """Fetch the shards the first batches of this rank read (at most
+        ``prefetch_shards``, and their indexes) in the background now, while workers
+        start: see :meth:`RemoteCache.start_fetch`. Only those: a download beside
+        them would slow them down; the workers read ahead once they have a batch."""
         try:
             world = self.world()
             layout = self.layout(world.world_size)
@@ -218,18 +221,11 @@ class ShardStream(IterableDataset):
             order = EpochOrder(counts, seed=self.seed, epoch=self.epoch, shuffle=self.shuffle,
                                block_shuffle=False,
                                window=self.shuffle_buffer if self.shuffle else 1)
-
-            def positions() -> Iterator[np.ndarray]:
-                for j in range(0, layout.num_units, 64):
-                    spans = [layout.span(world.rank, k)
-                             for k in range(j, min(j + 64, layout.num_units))]
-                    yield np.concatenate([np.arange(a, a + n, dtype=np.int64)
-                                          for a, n in spans])
-            first = []
-            for s in order.first_use(positions()):
-                first.append(s)
-                if len(first) == self.prefetch_shards:
-                    break
+            spans = [layout.span(world.rank, k)  # one unit per worker, up to 8 workers
+                     for k in range(min(_START_UNITS, layout.num_units))]
+            first = list(order.first_use([np.concatenate(
+                [np.arange(a, a + n, dtype=np.int64) for a, n in spans])]))
+            first = first[:self.prefetch_shards]
         except Exception:  # noqa: BLE001 - only a head start; iteration reports errors
             return
         refs = shard_refs(self.dataset)
