@@ -270,7 +270,7 @@ class BlockReader:
         self.on_skip = on_skip
         self.remote = remote
         self._prefetcher: Prefetcher | None = None
-        self._first_open = threading.Event()
+        self._first_read = threading.Event()
         self._cache: OrderedDict[tuple[int, int], bytes] = OrderedDict()
         self._cached = 0
 
@@ -286,12 +286,12 @@ class BlockReader:
                 return None
             return store.shard_path(ref.path, size=ref.expected_bytes, sha256=ref.sha256,
                                     wait=False)
-        # read-ahead starts once the reader has its first shard: a download beside that
-        # one (often another process's) would only slow down the first batch
-        self._first_open = threading.Event()
+        # read-ahead starts once the reader has read its first batch: a download beside
+        # the first shard (often another process's) would only slow that batch down
+        self._first_read = threading.Event()
         if any(ref.opened for ref in self.shards):
-            self._first_open.set()
-        self._prefetcher = Prefetcher(fetch, order, depth=depth, after=self._first_open)
+            self._first_read.set()
+        self._prefetcher = Prefetcher(fetch, order, depth=depth, after=self._first_read)
 
     def _store(self) -> RemoteCache:
         if self.remote is None:
@@ -433,7 +433,7 @@ class BlockReader:
             skipped += self._run(out, k0, sl[k0], ll[k0], ll[k0] + k1 - k0, narrow)
         if skipped and self.on_skip is not None:
             self.on_skip(skipped)
-        self._first_open.set()
+        self._first_read.set()
         return out
 
     def _run(self, out: list, k0: int, s: int, i0: int, i1: int,
