@@ -128,7 +128,7 @@ class ShardIndex:
 
     def _build_frame_table(self) -> FrameTable:
         assert self.frame_offset is not None and self.frame_starts is not None
-        n, nb = self.num_samples, self.num_blocks
+        n = self.num_samples
         starts = np.unpackbits(np.asarray(self.frame_starts, np.uint8), count=n).astype(bool)
         first = np.flatnonzero(starts)
         frame_of = np.cumsum(starts, dtype=np.int64) - 1

@@ -38,7 +38,7 @@ __all__ = ["ShardStream", "STATE_VERSION"]
 STATE_VERSION = 1
 _MAX_WORKERS = 256
 _EPOCH, _START, _SKIP0 = 0, 1, 2  # slots of the shared array; _SKIP0 + worker + 1
-_START_UNITS = 8  # units whose shards start_fetch downloads
+_START_UNITS = 8  # batches whose shards start_fetch downloads
 _SAMPLE_CHUNK = 256
 
 
@@ -221,8 +221,9 @@ class ShardStream(IterableDataset):
             order = EpochOrder(counts, seed=self.seed, epoch=self.epoch, shuffle=self.shuffle,
                                block_shuffle=False,
                                window=self.shuffle_buffer if self.shuffle else 1)
-            spans = [layout.span(world.rank, k)  # one unit per worker, up to 8 workers
-                     for k in range(min(_START_UNITS, layout.num_units))]
+            # one batch per worker, up to 8 workers (samples: their first chunks)
+            units = _START_UNITS * (1 if self.batch_size else _SAMPLE_CHUNK)
+            spans = [layout.span(world.rank, k) for k in range(min(units, layout.num_units))]
             first = list(order.first_use([np.concatenate(
                 [np.arange(a, a + n, dtype=np.int64) for a, n in spans])]))
             first = first[:self.prefetch_shards]
