@@ -207,6 +207,11 @@ class Collate:
                 and len({s[1:] for s in shapes}) == 1):
             out[key] = [torch.from_numpy(np.array(a, dtype=own)) for a in arrs]
             return
+        if type(self.pad_value) is int and dt0.kind in "iu" and not _fits(self.pad_value, dt0):
+            raise ValueError(f"field {key!r}: pad_value {self.pad_value} does not fit its "
+                             f"dtype {np.dtype(dt0.str)} (range {np.iinfo(dt0).min}.."
+                             f"{np.iinfo(dt0).max}); pass a pad_value that does, or write "
+                             "the field in a wider integer dtype")
         lens = np.fromiter(map(len, arrs), dtype=np.int64, count=len(arrs))
         if ragged:
             values = np.concatenate(arrs)

@@ -167,3 +167,15 @@ def test_shm_small_batches_and_switch_off(monkeypatch):
     monkeypatch.setattr(C, "_SHM_MIN_BYTES", 0)
     monkeypatch.setattr(C, "_SHM_ENABLED", False)
     assert type(C.to_wire(collate([{"t": np.ones(10)}]))) is dict
+
+
+def test_pad_value_the_dtype_cannot_hold_names_the_field():
+    vals = [np.arange(n, dtype=np.uint8) for n in (3, 1)]
+    with pytest.raises(ValueError, match=r"field 't': pad_value -1 does not fit its dtype uint8"):
+        Collate(pad_value=-1)([{"t": v} for v in vals])
+    with pytest.raises(ValueError, match="pad_value 300"):
+        Collate(pad_value=300)([{"t": v} for v in vals], ragged=True)
+    b = Collate(pad_value=255)([{"t": v} for v in vals])  # the top of the range is fine
+    assert b["t"].tolist() == [[0, 1, 2], [0, 255, 255]]
+    same = [np.arange(3, dtype=np.uint8)] * 2  # equal shapes: stacked, nothing padded
+    assert Collate(pad_value=-1)([{"t": v} for v in same])["t"].shape == (2, 3)
