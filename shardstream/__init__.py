@@ -12,9 +12,9 @@ __version__ = "0.2.1"
 
 from .convert import convert
 from .codec import decode_sample, encode_sample, iter_samples, unpack_blocks
-from .errors import (CorruptShardError, DatasetExistsError, DecodeError, EncodeError,
-                     IndexMismatchError, InputError, ManifestError, ShardNotFoundError,
-                     ShardstreamError, StorageError)
+from .errors import (CorruptShardError, DatasetExistsError, DatasetLockedError, DecodeError,
+                     EncodeError, IndexMismatchError, InputError, ManifestError,
+                     ShardNotFoundError, ShardstreamError, StorageError, UsageError)
 from .manifest import Manifest, ShardInfo, load_manifest
 from .parallel import write_shards
 from .verify import verify
@@ -44,8 +44,8 @@ __all__ = [
     "CUDAPrefetcher", "PrefetchStats", "to_device",
     # errors
     "ShardstreamError", "EncodeError", "DecodeError", "InputError", "DatasetExistsError",
-    "ManifestError", "ShardNotFoundError", "CorruptShardError", "IndexMismatchError",
-    "StorageError",
+    "DatasetLockedError", "ManifestError", "ShardNotFoundError", "CorruptShardError",
+    "IndexMismatchError", "StorageError", "UsageError",
 ]
 
 

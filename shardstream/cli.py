@@ -14,11 +14,14 @@ import signal
 import sys
 import tempfile
 import time
+import traceback
 from itertools import chain
 from typing import Any, Callable, Iterator, Sequence
 
 from . import __version__
 from .errors import ShardstreamError, StorageError
+from .inputs import ARRAYS
+from .text import escape, escape_json
 
 __all__ = ["main", "write_main", "parse_size"]
 
@@ -108,6 +111,10 @@ def _add_write_args(p: argparse.ArgumentParser) -> None:
                         "default: none")
     p.add_argument("--key-field", default="__key__",
                    help="field holding each sample's key (default: __key__; absent -> ordinal)")
+    p.add_argument("--arrays", choices=ARRAYS, default="auto",
+                   help="auto (default): lists of numbers or bools become numpy arrays, from "
+                        "every input kind (JSONL: int64/float64/bool, Parquet: the column's "
+                        "type); never: every list stays a Python list")
     mode = p.add_mutually_exclusive_group()
     mode.add_argument("--overwrite", action="store_true", help="replace an existing dataset")
     mode.add_argument("--append", action="store_true", help="add shards to an existing dataset")
@@ -124,8 +131,18 @@ def _add_write_args(p: argparse.ArgumentParser) -> None:
     _add_storage_arg(p)
 
 
+_DESCRIPTION = ("Pack files of dicts into shardstream shards (write, or the shardstream-write "
+                "command), and inspect, check, index, print or convert datasets.")
+_EPILOG = "Exit codes: 0 ok, 1 data or storage error, 2 usage error."
+
+
+def _out(line: str = "", *, err: bool = False) -> None:
+    """Print one line of text, data-derived parts escaped (see :mod:`shardstream.text`)."""
+    print(escape(line), file=sys.stderr if err else sys.stdout)
+
+
 def _parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(prog="shardstream", description=__doc__.splitlines()[0])
+    p = argparse.ArgumentParser(prog="shardstream", description=_DESCRIPTION, epilog=_EPILOG)
     p.add_argument("--version", action="version", version=f"shardstream {__version__}")
     sub = p.add_subparsers(dest="command", required=True, metavar="COMMAND")
     _add_write_args(sub.add_parser("write", help="pack input files into shards"))
@@ -170,15 +187,21 @@ def _run(fn: Callable[[argparse.Namespace], int], args: argparse.Namespace) -> i
     try:
         return fn(args)
     except (ShardstreamError, LookupError, ValueError, NotImplementedError) as exc:
-        print(f"{type(exc).__name__}: {str(exc).strip(chr(39))}", file=sys.stderr)
+        _out(f"{type(exc).__name__}: {str(exc).strip(chr(39))}", err=True)
         return 1
     except OSError as exc:  # not translated deeper down: still say what and where
         err = StorageError(f"{exc.filename or ''}: {exc.strerror or exc}".lstrip(": "))
-        print(f"StorageError: {err}", file=sys.stderr)
+        _out(f"StorageError: {err}", err=True)
         return 1
     except KeyboardInterrupt:
         print("interrupted: nothing was published", file=sys.stderr)
         return 130
+    except Exception:  # a bug: the traceback, escaped (it may quote crafted data)
+        for line in traceback.format_exc().splitlines():
+            _out(line, err=True)
+        _out("this is a bug in shardstream: please report it with the traceback above",
+             err=True)
+        return 1
     finally:
         signal.signal(signal.SIGTERM, previous)
 
@@ -189,20 +212,51 @@ def _sigterm(signum: int, frame: Any) -> None:
 
 # ---------------------------------------------------------------- write
 class _Progress:
-    """tqdm bar on a TTY (samples/s, MB/s); silent otherwise."""
+    """tqdm bar on a TTY, silent otherwise.
 
-    def __init__(self, enabled: bool, total: int | None) -> None:
+    With a known input size (files, not stdin) the bar counts input bytes read
+    (MB/s; compressed bytes for .gz) and shows the samples written as its postfix;
+    readers add to one shared counter per worker slot (``reader(slot)``), which
+    forked worker processes inherit. Otherwise it counts samples.
+    """
+
+    def __init__(self, enabled: bool, total_bytes: int | None, slots: int = 1) -> None:
         self.samples = 0
         self.bar = None
+        self.read: Any = None
         if enabled and sys.stderr.isatty():
             from tqdm import tqdm
-            self.bar = tqdm(total=total, unit=" samples", unit_scale=True, dynamic_ncols=True,
-                            file=sys.stderr)
+
+            if total_bytes is None:
+                self.bar = tqdm(unit=" samples", unit_scale=True, dynamic_ncols=True,
+                                file=sys.stderr)
+            else:
+                import multiprocessing as mp
+
+                self.read = mp.get_context("fork" if "fork" in mp.get_all_start_methods()
+                                           else "spawn").Array("q", max(1, slots), lock=False)
+                self.bar = tqdm(total=total_bytes, unit="B", unit_scale=True,
+                                unit_divisor=1000, dynamic_ncols=True, file=sys.stderr)
+
+    def reader(self, slot: int) -> Callable[[int], None] | None:
+        """The ``progress`` callback for the input readers of worker ``slot`` (or None)."""
+        read = self.read
+        if read is None:
+            return None
+
+        def add(nbytes: int) -> None:
+            read[slot] += nbytes
+        return add
 
     def __call__(self, samples: int, nbytes: int) -> None:
         self.samples += samples
-        if self.bar is not None:
+        if self.bar is None:
+            return
+        if self.read is None:
             self.bar.update(samples)
+            return
+        self.bar.set_postfix_str(f"{self.samples:,} samples", refresh=False)
+        self.bar.update(sum(self.read) - self.bar.n)
 
     def close(self) -> None:
         if self.bar is not None:
@@ -210,32 +264,40 @@ class _Progress:
 
 
 def _cmd_write(args: argparse.Namespace) -> int:
-    from .inputs import estimate_total, group_tasks, iter_task, plan_tasks
+    from .inputs import group_tasks, iter_task, plan_tasks, task_bytes
     from .manifest import load_manifest
     from .parallel import run_workers
     from .writer import ShardWriter
 
     tasks = plan_tasks(args.inputs, args.workers)
-    allow = args.allow_pickle
+    allow, arrays = args.allow_pickle, args.arrays
+    groups = [g for g in group_tasks(tasks, args.workers) if g]
+    stdin = any(t.kind == "stdin" for t in tasks)
+    progress = _Progress(not args.quiet and args.engine == "local",
+                         None if stdin else sum(map(task_bytes, tasks)), len(groups))
 
-    def slice_of(group: list) -> Callable[[], Iterator[dict]]:
-        return lambda: chain.from_iterable(iter_task(t, allow_pickle=allow) for t in group)
+    def slice_of(group: list, slot: int = 0) -> Callable[[], Iterator[dict]]:
+        read = progress.reader(slot)
+        return lambda: chain.from_iterable(iter_task(t, allow_pickle=allow, arrays=arrays,
+                                                     progress=read) for t in group)
 
     common = dict(prefix=args.prefix, overwrite=args.overwrite, append=args.append,
                   key_field=args.key_field, storage_options=_options(args.storage_option))
     sink = dict(max_samples=args.max_samples, max_bytes=args.max_size,
                 block_bytes=args.block_size, fsync=not args.no_fsync,
                 compression=args.compress)
-    progress = _Progress(not args.quiet and args.engine == "local", estimate_total(tasks))
     start = time.perf_counter()
     try:
-        groups = [g for g in group_tasks(tasks, args.workers) if g]
         if args.engine == "ray":
             from .integrations.ray import write_inputs_with_ray
 
             if common.pop("storage_options"):
                 raise ValueError("--engine ray writes to a shared filesystem path; "
                                  "--storage-option is for the local engine")
+            if arrays != "auto":
+                raise ValueError(f"--arrays {arrays} is not supported with --engine ray yet "
+                                 "(its tasks read with the default, auto); use the local "
+                                 "engine (--workers N)")
             before = 0
             if args.append and os.path.exists(os.path.join(args.output, "manifest.json")):
                 before = load_manifest(args.output).num_samples
@@ -243,8 +305,8 @@ def _cmd_write(args: argparse.Namespace) -> int:
                 args.inputs, args.output, address=args.address, allow_pickle=allow,
                 parts=args.workers if args.workers > 1 else None, **common, **sink)
             progress.samples = manifest.num_samples - before
-        elif args.workers > 1 and len(groups) > 1 and "-" not in args.inputs:
-            manifest = run_workers(args.output, [slice_of(g) for g in groups],
+        elif args.workers > 1 and len(groups) > 1 and not stdin:
+            manifest = run_workers(args.output, [slice_of(g, i) for i, g in enumerate(groups)],
                                    progress=progress, **common, **sink)
         else:
             with ShardWriter(args.output, **common, **sink) as w:
@@ -259,10 +321,10 @@ def _cmd_write(args: argparse.Namespace) -> int:
     seconds = time.perf_counter() - start
     if not args.quiet:
         n, mb = progress.samples, manifest.total_bytes / 1e6
-        print(f"wrote {n:,} samples to {args.output} in {seconds:.1f} s "
-              f"({n / max(seconds, 1e-9):,.0f} samples/s); the dataset now holds "
-              f"{manifest.num_samples:,} samples in {len(manifest.shards)} shards, {mb:,.1f} MB",
-              file=sys.stderr)
+        _out(f"wrote {n:,} samples to {args.output} in {seconds:.1f} s "
+             f"({n / max(seconds, 1e-9):,.0f} samples/s); the dataset now holds "
+             f"{manifest.num_samples:,} samples in {len(manifest.shards)} shards, {mb:,.1f} MB",
+             err=True)
     return 0
 
 
@@ -294,24 +356,24 @@ def _cmd_info(args: argparse.Namespace) -> int:
         doc = json.loads(m.to_json())
         doc.pop("shards")
         doc["shards"] = [s.name for s in m.shards]
-        print(json.dumps(doc, indent=1))
+        print(escape_json(json.dumps(doc, indent=1)))  # DEL is ASCII: ensure_ascii keeps it
         return 0
     sizes = [s.bytes for s in m.shards] or [0]
-    print(f"dataset      {root}")
-    print(f"format       shardstream v{m.version} ({m.created_by})")
-    print(f"samples      {m.num_samples:,}")
-    print(f"shards       {len(m.shards)} (bytes min/max {min(sizes):,}/{max(sizes):,})")
-    print(f"size         {m.total_bytes / 1e6:,.1f} MB with indexes")
-    print(f"key field    {m.key_field}")
-    print(f"compression  {_describe(m.compression)}")
-    print("schema")
+    _out(f"dataset      {root}")
+    _out(f"format       shardstream v{m.version} ({m.created_by})")
+    _out(f"samples      {m.num_samples:,}")
+    _out(f"shards       {len(m.shards)} (bytes min/max {min(sizes):,}/{max(sizes):,})")
+    _out(f"size         {m.total_bytes / 1e6:,.1f} MB with indexes")
+    _out(f"key field    {m.key_field}")
+    _out(f"compression  {_describe(m.compression)}")
+    _out("schema")
     for path, f in m.schema.items():
         extra = ""
         if "dtypes" in f:
             shape = "?" if f["shape"] is None else \
                 "(" + ", ".join("*" if d is None else str(d) for d in f["shape"]) + ")"
             extra = f" {'|'.join(f['dtypes'])} {shape}"
-        print(f"  {path:<24} {'|'.join(f['types'])}{extra}  in {f['count']:,} samples")
+        _out(f"  {path:<24} {'|'.join(f['types'])}{extra}  in {f['count']:,} samples")
     return 0
 
 
@@ -327,13 +389,12 @@ def _cmd_verify(args: argparse.Namespace) -> int:
     else:
         report = verify(args.dataset, decode=not args.no_decode)
     for p in report.problems:
-        print(f"BAD {p}", file=sys.stderr)
+        _out(f"BAD {p}", err=True)
     if report.problems:
-        print(f"verify: {len(report.problems)} of {report.shards} shards have problems",
-              file=sys.stderr)
+        _out(f"verify: {len(report.problems)} of {report.shards} shards have problems", err=True)
         return 1
     if not args.quiet:
-        print(f"OK: {report.shards} shards, {report.samples:,} samples, "
+        _out(f"OK: {report.shards} shards, {report.samples:,} samples, "
               f"{report.bytes / 1e6:,.1f} MB verified in {time.perf_counter() - start:.1f} s")
     return 0
 
@@ -342,7 +403,7 @@ def _cmd_index(args: argparse.Namespace) -> int:
     from .wdsindex import build_index
 
     manifest = build_index(args.shards, args.output, overwrite=args.overwrite)
-    print(f"indexed {len(manifest.shards)} shards, {manifest.num_samples:,} samples")
+    _out(f"indexed {len(manifest.shards)} shards, {manifest.num_samples:,} samples")
     return 0
 
 
@@ -351,7 +412,7 @@ def _cmd_cat(args: argparse.Namespace) -> int:
 
     for line in cat_lines(args.dataset, limit=args.limit, key=args.key, index=args.index,
                           full=args.full):
-        print(line)
+        print(line)  # escaped by cat_lines
     return 0
 
 
@@ -363,9 +424,9 @@ def _cmd_convert(args: argparse.Namespace) -> int:
                 block_bytes=args.block_size, overwrite=args.overwrite,
                 fsync=not args.no_fsync, storage_options=_options(args.storage_option))
     if not args.quiet:
-        print(f"converted {m.num_samples:,} samples into {args.output}: {len(m.shards)} "
-              f"shards, {m.total_bytes / 1e6:,.1f} MB in {time.perf_counter() - start:.1f} s",
-              file=sys.stderr)
+        _out(f"converted {m.num_samples:,} samples into {args.output}: {len(m.shards)} "
+             f"shards, {m.total_bytes / 1e6:,.1f} MB in {time.perf_counter() - start:.1f} s",
+             err=True)
     return 0
 
 
@@ -386,7 +447,8 @@ def main(argv: Sequence[str] | None = None) -> int:
 def write_main(argv: Sequence[str] | None = None) -> int:
     """``shardstream-write INPUT... -o OUT``: the same as ``shardstream write``."""
     p = argparse.ArgumentParser(prog="shardstream-write",
-                                description="Pack input files of dicts into shardstream shards.")
+                                description="Pack input files of dicts into shardstream shards "
+                                            "(the same as shardstream write).", epilog=_EPILOG)
     _add_write_args(p)
     return _run(_cmd_write, p.parse_args(argv))
 

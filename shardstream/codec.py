@@ -268,20 +268,25 @@ _u64_at = _u64.unpack_from
 
 
 def _ext_hook(code: int, data: bytes) -> Any:
-    if code == PACKED_EXT and len(data) > 14:  # fast path: 1-d, known dtypes (compressed)
-        end = 4 + data[1] + data[2 + data[1]]
-        hit = _fast_packed.get(data[:end])
-        if hit is not None:
-            (length,) = _u64_at(data, end)
-            if end + 8 + length * hit[2] == len(data):
-                return _frombuffer(data, hit[1], length, end + 8).astype(hit[0])
-    elif code == NDARRAY_EXT and len(data) > 11:  # fast path: 1-d arrays of a known dtype
-        n = data[1]
-        hit = _fast_1d.get(data[:3 + n])
-        if hit is not None:
-            (length,) = _u64_at(data, n + 3)
-            if n + 11 + length * hit[1] == len(data):  # with count: half the cost
-                return _frombuffer(data, hit[0], length, n + 11)
+    # the fast paths only take headers the slow path validated and cached; a short or
+    # malformed payload falls through to the slow path, which names what is wrong
+    try:
+        if code == PACKED_EXT and len(data) > 14:  # fast path: 1-d, known dtypes (compressed)
+            end = 4 + data[1] + data[2 + data[1]]
+            hit = _fast_packed.get(data[:end])
+            if hit is not None:
+                (length,) = _u64_at(data, end)
+                if end + 8 + length * hit[2] == len(data):
+                    return _frombuffer(data, hit[1], length, end + 8).astype(hit[0])
+        elif code == NDARRAY_EXT and len(data) > 11:  # fast path: 1-d arrays of a known dtype
+            n = data[1]
+            hit = _fast_1d.get(data[:3 + n])
+            if hit is not None:
+                (length,) = _u64_at(data, n + 3)
+                if n + 11 + length * hit[1] == len(data):  # with count: half the cost
+                    return _frombuffer(data, hit[0], length, n + 11)
+    except (IndexError, struct.error):
+        pass
     return _ext_hook_slow(code, data)
 
 
@@ -307,13 +312,16 @@ def _ext_hook_narrow(code: int, data: bytes) -> Any:
     """Like :func:`_ext_hook`, but packed arrays stay narrow (tagged dtype, no copy)."""
     if code != PACKED_EXT:
         return _ext_hook(code, data)
-    if len(data) > 14:
-        end = 4 + data[1] + data[2 + data[1]]
-        hit = _fast_packed.get(data[:end])
-        if hit is not None:
-            (length,) = _u64_at(data, end)
-            if end + 8 + length * hit[2] == len(data):
-                return _frombuffer(data, hit[3], length, end + 8)
+    try:
+        if len(data) > 14:
+            end = 4 + data[1] + data[2 + data[1]]
+            hit = _fast_packed.get(data[:end])
+            if hit is not None:
+                (length,) = _u64_at(data, end)
+                if end + 8 + length * hit[2] == len(data):
+                    return _frombuffer(data, hit[3], length, end + 8)
+    except (IndexError, struct.error):
+        pass
     arr, own = _unpack_packed(data)
     return arr.view(_tag(arr.dtype, own))
 
@@ -352,25 +360,44 @@ def _ext_hook_slow(code: int, data: bytes) -> Any:
         if data[0] != _EXT_LAYOUT:
             raise DecodeError(f"unknown ndarray layout {data[0]}")
         n = data[1]
-        code_b = data[2:2 + n]
-        dt = _dtype_cache.get(code_b) or _parse_dtype(code_b)
+        dt = _dtype(data[2:2 + n])
         pos = 3 + n
         ndim = data[pos - 1]
         if ndim == 1:
-            _fast_1d[data[:pos]] = (dt, dt.itemsize)
             (length,) = _u64.unpack_from(data, pos)
+            _remember(_fast_1d, data[:pos], (dt, dt.itemsize))  # layout and dtype checked
             arr = np.frombuffer(data, dtype=dt, offset=pos + 8)
             if len(arr) == length:
                 return arr
             shape: tuple[int, ...] = (length,)
         else:
             shape = struct.unpack_from(f"<{ndim}Q", data, pos)
-            return np.frombuffer(data, dtype=dt, offset=pos + 8 * ndim).reshape(shape)
+            pos += 8 * ndim
+            if len(data) - pos == _count(shape) * dt.itemsize:
+                return np.frombuffer(data, dtype=dt, offset=pos).reshape(shape)
     except DecodeError:
         raise
     except (IndexError, struct.error, ValueError) as exc:
         raise DecodeError(f"malformed ndarray ({exc})") from exc
     raise DecodeError(f"ndarray of shape {shape} and dtype {dt} does not match its data bytes")
+
+
+def _count(shape: tuple[int, ...]) -> int:
+    """Elements in an array of ``shape`` (a Python int: never wraps)."""
+    count = 1
+    for d in shape:
+        count *= d
+    return count
+
+
+def _remember(cache: dict, key: Any, value: Any) -> None:
+    """``cache[key] = value``, keeping caches of headers seen in data bounded."""
+    if len(cache) >= _CACHE_LIMIT:
+        cache.clear()
+    cache[key] = value
+
+
+_CACHE_LIMIT = 4096
 
 
 def _unpack_narrowed(data: bytes) -> np.ndarray:
@@ -379,28 +406,34 @@ def _unpack_narrowed(data: bytes) -> np.ndarray:
     return arr.astype(own)
 
 
+#: the dtypes a packed array may be stored in (what the writer narrows to)
+_STORED = frozenset(nt.str for nt, _, _ in _NARROW)
+
+
 def _unpack_packed(data: bytes) -> tuple[np.ndarray, np.dtype]:
-    """A :data:`PACKED_EXT` payload as (read-only array of the stored dtype, own dtype)."""
+    """A :data:`PACKED_EXT` payload as (read-only array of the stored dtype, own dtype).
+
+    The header is checked before it is cached for the fast path, so the same bytes
+    always give the same answer.
+    """
     try:
         if data[0] != _EXT_LAYOUT:
             raise DecodeError(f"unknown packed-array layout {data[0]}")
         n = data[1]
-        own = _dtype_cache.get(data[2:2 + n]) or _parse_dtype(data[2:2 + n])
+        own = _dtype(data[2:2 + n])
         pos = 2 + n
         m = data[pos]
-        stored = _dtype_cache.get(data[pos + 1:pos + 1 + m]) or \
-            _parse_dtype(data[pos + 1:pos + 1 + m])
+        stored = _dtype(data[pos + 1:pos + 1 + m])
         pos += 1 + m
         ndim = data[pos]
         shape = struct.unpack_from(f"<{ndim}Q", data, pos + 1)
+        _check_packed(own, stored)
         if ndim == 1:
-            _fast_packed[data[:pos + 1]] = (own, stored, stored.itemsize, _tag(stored, own))
+            _remember(_fast_packed, data[:pos + 1], (own, stored, stored.itemsize,
+                                                     _tag(stored, own)))
         pos += 1 + 8 * ndim
-        count = 1
-        for d in shape:
-            count *= d
-        if own.kind not in "iu" or stored.kind not in "iu" or \
-                len(data) - pos != count * stored.itemsize:
+        count = _count(shape)
+        if len(data) - pos != count * stored.itemsize:
             raise DecodeError(f"packed array of shape {shape}, {stored} as {own}, does not "
                               "match its data bytes")
         return np.frombuffer(data, stored, count, pos).reshape(shape), own
@@ -410,14 +443,28 @@ def _unpack_packed(data: bytes) -> tuple[np.ndarray, np.dtype]:
         raise DecodeError(f"malformed packed array ({exc})") from exc
 
 
+def _check_packed(own: np.dtype, stored: np.dtype) -> None:
+    """A packed array is an integer array stored in a narrower type that widens losslessly."""
+    if own.kind not in "iu" or stored.str not in _STORED or \
+            stored.itemsize >= own.itemsize or (stored.kind == "i" and own.kind == "u"):
+        raise DecodeError(f"packed array stored as {stored} for dtype {own}: not a narrowing "
+                          "shardstream writes (damaged data)")
+
+
+def _dtype(code_b: bytes) -> np.dtype:
+    """The (cached) dtype an ext header names; only numeric and bool dtypes."""
+    dt = _dtype_cache.get(code_b)
+    return _parse_dtype(code_b) if dt is None else dt
+
+
 def _parse_dtype(code_b: bytes) -> np.dtype:
     try:
         dt = np.dtype(code_b.decode("ascii"))
-    except (TypeError, UnicodeDecodeError) as exc:
+    except (TypeError, ValueError, UnicodeDecodeError) as exc:
         raise DecodeError(f"bad ndarray dtype {code_b!r}") from exc
     if dt.kind not in _ARRAY_KINDS:
-        raise DecodeError(f"ndarray dtype {dt} is not allowed")
-    _dtype_cache[code_b] = dt
+        raise DecodeError(f"ndarray dtype {dt} is not allowed (numeric or bool only)")
+    _remember(_dtype_cache, bytes(code_b), dt)
     return dt
 
 
@@ -426,6 +473,21 @@ _unpack_options = {"ext_hook": _ext_hook, "raw": False, "strict_map_key": True,
 
 
 _narrow_options = dict(_unpack_options, ext_hook=_ext_hook_narrow)
+
+
+#: how deep msgpack data may nest (msgpack's own stack; deeper is a DecodeError)
+MAX_DEPTH = 1024
+
+
+def msgpack_reason(exc: Exception) -> str:
+    """What a msgpack exception means, for a :class:`DecodeError` message.
+
+    Declared str/bin/array/map/ext lengths beyond the input itself, and nesting
+    deeper than :data:`MAX_DEPTH`, are refused by msgpack before allocating.
+    """
+    if isinstance(exc, msgpack.StackError):
+        return f"nested deeper than {MAX_DEPTH} levels"
+    return f"{type(exc).__name__}: {exc}"
 
 
 def decode_sample(data: bytes | bytearray | memoryview, narrow: bool = False) -> dict:
@@ -439,7 +501,7 @@ def decode_sample(data: bytes | bytearray | memoryview, narrow: bool = False) ->
     except DecodeError:
         raise
     except Exception as exc:  # msgpack raises several unrelated types
-        raise DecodeError(f"not a valid sample: {type(exc).__name__}: {exc}") from exc
+        raise DecodeError(f"not a valid sample: {msgpack_reason(exc)}") from exc
     if type(obj) is not dict:
         raise DecodeError(f"a sample must be a msgpack map, found {type(obj).__name__}")
     return obj
@@ -459,7 +521,7 @@ def iter_samples(data: bytes | bytearray | memoryview, narrow: bool = False) -> 
     except DecodeError:
         raise
     except Exception as exc:
-        raise DecodeError(f"not a valid block: {type(exc).__name__}: {exc}") from exc
+        raise DecodeError(f"not a valid block: {msgpack_reason(exc)}") from exc
     if unpacker.tell() != len(data):
         raise DecodeError(f"block ends inside a sample ({len(data) - unpacker.tell()} stray "
                           "bytes): truncated or corrupt")

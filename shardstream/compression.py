@@ -15,6 +15,13 @@ Uncompressed datasets never touch this module. A damaged frame is reported as
 a :class:`~shardstream.errors.CorruptShardError` naming the shard, block and
 samples; the decompressor is never trusted blindly: the frame's declared size
 must match the index, and its checksum must match the content.
+
+Untrusted input cannot make a reader allocate without bound: a frame must declare
+its content size (the writer always writes it), which must match the index and be
+at most :data:`~shardstream.index.MAX_ZSTD_RATIO` times its stored size; a block
+(or, rebuilding an index from a shard alone, all its frames together) may hold at
+most :data:`~shardstream.index.MAX_BLOCK_RAW_BYTES`. Both are checked before
+anything is decompressed.
 """
 
 from __future__ import annotations
@@ -26,11 +33,13 @@ from typing import Any, Callable
 
 import numpy as np
 
+from . import index as _index
 from .errors import CorruptShardError
+from .index import MAX_ZSTD_RATIO
 
 __all__ = ["CODECS", "DEFAULT_LEVEL", "DEFAULT_FRAME_BYTES", "DEFAULT_DICT_BYTES", "Compression",
            "parse_compression", "FrameCompressor", "train_dictionary", "FrameDecoder", "split_frames",
-           "BlockDecoder", "decompress_block"]
+           "BlockDecoder", "decompress_block", "declared_size", "load_dictionary"]
 
 #: codec name -> member name suffix (``000000.ssb.zst``)
 CODECS: dict[str, str] = {"zstd": ".zst"}
@@ -218,16 +227,20 @@ def checked_decompress(decompress: Callable[[Any], bytes], data: bytes | memoryv
     """``decompress(data)`` of one zstd frame that must hold ``expected`` bytes.
 
     The declared content size is checked before decompressing (never allocate a
-    lie), the frame's checksum while decompressing, the length after; every
-    failure is a :class:`CorruptShardError` starting with ``where()``.
+    lie: it must equal ``expected`` and fit :data:`MAX_ZSTD_RATIO`), the frame's
+    checksum while decompressing, the length after; every failure is a
+    :class:`CorruptShardError` starting with ``where()``.
     """
     zstd = _zstd()
     try:
         declared = zstd.frame_content_size(data)
-        if declared != expected:
-            raise CorruptShardError(f"{where()}: the zstd frame declares {declared} bytes, the "
-                                    f"index {expected}; the shard is damaged: restore it or "
-                                    "rewrite the dataset")
+    except zstd.ZstdError as exc:
+        raise _not_a_frame(where(), exc) from exc
+    if declared != expected:
+        raise _size_mismatch(where(), declared, expected)
+    if expected > len(data) * MAX_ZSTD_RATIO:
+        raise _too_big(where(), expected, len(data))
+    try:
         out = decompress(data)
     except zstd.ZstdError as exc:
         raise CorruptShardError(f"{where()} cannot be decompressed (zstd: {exc}); the shard "
@@ -236,6 +249,75 @@ def checked_decompress(decompress: Callable[[Any], bytes], data: bytes | memoryv
         raise CorruptShardError(f"{where()}: decompressed to {len(out)} bytes, the index says "
                                 f"{expected}; restore the shard or rewrite the dataset")
     return out
+
+
+def _not_a_frame(where: str, exc: Exception) -> CorruptShardError:
+    return CorruptShardError(f"{where} is not a zstd frame (zstd: {exc}); the shard is "
+                             "damaged: restore it or rewrite the dataset")
+
+
+def _size_mismatch(where: str, declared: int, expected: int) -> CorruptShardError:
+    if declared < 0:
+        return CorruptShardError(f"{where}: the zstd frame does not declare its size (the "
+                                 f"index says {expected} bytes; shardstream always writes it): "
+                                 "the shard is damaged: restore it or rewrite the dataset")
+    return CorruptShardError(f"{where}: the zstd frame declares {declared} bytes, the index "
+                             f"{expected}; the shard is damaged: restore it or rewrite the "
+                             "dataset")
+
+
+def _too_big(where: str, raw: int, stored: int) -> CorruptShardError:
+    return CorruptShardError(f"{where}: {raw} uncompressed bytes declared for {stored} stored "
+                             f"bytes, more than zstd can expand (x{MAX_ZSTD_RATIO}); the shard "
+                             "or its index is damaged: restore it or rebuild the index with "
+                             "`shardstream index`")
+
+
+def _over_limit(where: str, raw: int) -> CorruptShardError:
+    limit = _index.MAX_BLOCK_RAW_BYTES
+    return CorruptShardError(f"{where}: {raw} uncompressed bytes declared, more than the "
+                             f"{limit} one block may hold (shardstream.index."
+                             "MAX_BLOCK_RAW_BYTES); the shard is damaged or was not written "
+                             "by shardstream: restore it or rewrite the dataset")
+
+
+def declared_size(data: bytes | memoryview, *, where: str) -> int:
+    """The content size the zstd frame at the start of ``data`` declares, checked:
+    present (shardstream always writes it), within :data:`MAX_ZSTD_RATIO` of ``data``
+    and :data:`~shardstream.index.MAX_BLOCK_RAW_BYTES`. For reading without an index."""
+    zstd = _zstd()
+    try:
+        n = zstd.frame_content_size(data)
+    except zstd.ZstdError as exc:
+        raise _not_a_frame(where, exc) from exc
+    if n < 0:
+        raise CorruptShardError(f"{where}: the zstd frame does not declare its size; not "
+                                "written by shardstream (or damaged): restore it or rewrite "
+                                "the dataset")
+    if n > _index.MAX_BLOCK_RAW_BYTES:
+        raise _over_limit(where, n)
+    if n > len(data) * MAX_ZSTD_RATIO:
+        raise _too_big(where, n, len(data))
+    return n
+
+
+def load_dictionary(data: bytes, *, where: str) -> Any:
+    """A zstd dictionary (``ZstdCompressionDict``) from its bytes, checked; None for ``b""``.
+
+    A damaged dictionary (bad magic, bad tables) is a :class:`CorruptShardError`
+    starting with ``where``, raised here rather than by the first decompression.
+    """
+    if not data:
+        return None
+    zstd = _zstd()
+    try:
+        d = zstd.ZstdCompressionDict(bytes(data), dict_type=zstd.DICT_TYPE_FULLDICT)
+        zstd.ZstdDecompressor(dict_data=d)  # builds (and caches) the decoding tables
+    except zstd.ZstdError as exc:
+        raise CorruptShardError(f"{where}: the zstd dictionary ({len(data)} bytes) is damaged "
+                                f"(zstd: {exc}); restore the shard, rebuild its index with "
+                                "`shardstream index`, or rewrite the dataset") from exc
+    return d
 
 
 def decompress_block(codec: str, data: bytes | memoryview, raw_size: int, *,
@@ -247,6 +329,8 @@ def decompress_block(codec: str, data: bytes | memoryview, raw_size: int, *,
     if codec not in CODECS:
         raise CorruptShardError(f"{where}: compression {codec!r} is not supported by this "
                                 "shardstream; upgrade shardstream")
+    if raw_size > _index.MAX_BLOCK_RAW_BYTES:
+        raise _over_limit(where, raw_size)
     return checked_decompress(lambda d: _decompressor().decompress(d, allow_extra_data=False),
                               data, raw_size, lambda: where)
 
@@ -271,23 +355,32 @@ def split_frames(data: bytes | memoryview, dictionary: bytes, *, where: str
     """(offset, decompressed bytes) of every zstd frame in a stored block, in order.
 
     For rebuilding an index from a shard alone; ``where`` names the block in errors.
+    Every frame must declare its size; all of them together may hold at most
+    :data:`~shardstream.index.MAX_BLOCK_RAW_BYTES`, checked before each is decompressed.
     """
     zstd = _zstd()
-    d = zstd.ZstdDecompressor(dict_data=zstd.ZstdCompressionDict(
-        dictionary, dict_type=zstd.DICT_TYPE_FULLDICT)) if dictionary else zstd.ZstdDecompressor()
+    d = load_dictionary(dictionary, where=where)
+    d = zstd.ZstdDecompressor(dict_data=d) if d is not None else zstd.ZstdDecompressor()
     view = memoryview(data)
     out: list[tuple[int, bytes]] = []
-    pos = 0
+    pos = total = 0
     while pos < len(view):
+        at = f"{where}, frame {len(out)} at byte {pos}"
+        size = declared_size(view[pos:], where=at)
+        total += size
+        if total > _index.MAX_BLOCK_RAW_BYTES:
+            raise _over_limit(f"{where} (frames 0..{len(out)})", total)
         obj = d.decompressobj()
-        try:
+        try:  # zstd stops at the declared size: a lying header cannot inflate past it
             raw = obj.decompress(view[pos:])
         except zstd.ZstdError as exc:
-            raise CorruptShardError(f"{where}, frame {len(out)} at byte {pos} cannot be "
-                                    f"decompressed (zstd: {exc}); the shard is damaged") from exc
+            raise CorruptShardError(f"{at} cannot be decompressed (zstd: {exc}); the shard "
+                                    "is damaged") from exc
         if not obj.eof:
-            raise CorruptShardError(f"{where}: frame {len(out)} at byte {pos} is truncated; "
-                                    "the shard is damaged")
+            raise CorruptShardError(f"{at} is truncated; the shard is damaged")
+        if len(raw) != size:
+            raise CorruptShardError(f"{at}: decompressed to {len(raw)} bytes, it declares "
+                                    f"{size}; the shard is damaged")
         out.append((pos, raw))
         pos = len(view) - len(obj.unused_data)
     return out
@@ -316,8 +409,8 @@ class FrameDecoder:
         self.raw_len = _ints(t.raw_end - t.raw_start)
         self.block_frame = _ints(t.block_frame)  # first frame of every block, then the count
         self.table = t
-        self._dict = zstd.ZstdCompressionDict(index.dictionary, dict_type=zstd.DICT_TYPE_FULLDICT) \
-            if index.dictionary else None
+        self._dict = load_dictionary(index.dictionary or b"",
+                                     where=f"shard {path}: its index")
         self._local = threading.local()
         self._zstd = zstd
         self._owner: int | None = None
@@ -369,6 +462,10 @@ class FrameDecoder:
             self._d()
         zstd = self._zstd
         size = self.raw_end[f1 - 1] - self.raw_start[f0]
+        if size > _index.MAX_BLOCK_RAW_BYTES:
+            raise _over_limit(f"shard {self.path}: block {block}", size)
+        if size > len(view) * MAX_ZSTD_RATIO:  # a lying index: the frame at fault is named
+            return self._frame_by_frame(view, f0, f1, label)
         try:  # every frame in one pass into one buffer, checksums checked (30 % faster
             # than multi_decompress_to_buffer + join); one byte more shows extra data
             out = self._dctx.stream_reader(view, read_across_frames=True).read(size + 1)
@@ -377,5 +474,9 @@ class FrameDecoder:
         except zstd.ZstdError:
             pass
         # something is wrong: frame by frame, so the error names the damaged frame
+        return self._frame_by_frame(view, f0, f1, label)
+
+    def _frame_by_frame(self, view: memoryview, f0: int, f1: int, label: str) -> bytes:
+        """Frames ``f0..f1-1`` of a block decompressed one at a time (each checked)."""
         rs, re_ = self.rel_start, self.rel_end
         return b"".join([self.frame(f, view[rs[f]:re_[f]], label) for f in range(f0, f1)])

@@ -34,7 +34,8 @@ def convert(source: str | os.PathLike, output: str | os.PathLike, *,
     """Copy the local dataset ``source`` into ``output`` with ``compression`` (``"zstd"``,
     ``"zstd:19"``, or ``None``/``"none"`` to store blocks raw); returns the new manifest.
 
-    ``output`` may be a URL; ``block_bytes`` defaults to the source's.
+    ``output`` may be a URL; ``block_bytes`` defaults to the source's. ``overwrite``
+    replaces ``output`` in one atomic step, like :class:`ShardWriter` does.
     ``progress(samples)`` is called after every block.
     """
     comp = parse_compression(compression, level)

@@ -4,7 +4,8 @@ The stream builds whole batches in the workers, so the DataLoader runs with
 ``batch_size=None``. The returned :class:`ShardLoader` counts the batches it
 delivered, which is all a resume needs (the epoch order is a pure function
 of seed, epoch and world size): ``state_dict()`` / ``load_state_dict()``.
-After a complete pass it advances the stream to the next epoch.
+After a complete pass (its last batch handed over) the next ``iter()`` reads
+the next epoch; see :class:`ShardLoader` and docs/frameworks.md.
 """
 
 from __future__ import annotations
@@ -31,7 +32,15 @@ def _worker_init(worker_id: int) -> None:
 
 
 class ShardLoader:
-    """Iterates a DataLoader over a :class:`ShardStream`, counting delivered batches."""
+    """Iterates a DataLoader over a :class:`ShardStream`, counting delivered batches.
+
+    Epochs: once the last batch of a pass has been handed over, the next ``iter()``
+    reads the next epoch -- also when the consumer stops after exactly ``len()``
+    batches without exhausting the iterator (Lightning, ``islice``, ``zip``). A new
+    ``iter()`` after a partial pass starts that pass again from where it began (the
+    epoch's start, or a loaded resume point), like a DataLoader over a sampler. An
+    explicit ``set_epoch`` / ``load_state_dict`` (on the loader or the stream) wins.
+    """
 
     def __init__(self, dataset: ShardStream, dataloader: DataLoader, *,
                  device: Any = None, prefetch_depth: int = 2, pin_memory: bool = False) -> None:
@@ -40,11 +49,37 @@ class ShardLoader:
         self.device = device
         self.prefetch_depth = prefetch_depth
         self.pin_memory = pin_memory
-        self._epoch = dataset.epoch
-        self._start = 0
+        self._sync()
+        self._ended_at: int | None = None  # stream moves when a complete pass ended
+
+    def _sync(self) -> None:
+        """Take the stream's position as the start of the next pass (nothing delivered)."""
+        ds = self.dataset
+        self._epoch, self._start = ds._position()
+        if not ds.exact:
+            self._start = 0
         self._units = 0
+        self._moves_at = ds._moves
+
+    def _complete(self) -> bool:
+        """A pass was fully delivered and nobody moved the stream since."""
+        return self._ended_at is not None and self._ended_at == self.dataset._moves
+
+    def _settle(self) -> None:
+        """After a complete pass the stream moves on to the next epoch, from its start."""
+        if self._complete():
+            self.dataset._seek(self._epoch + 1, 0)
+        self._ended_at = None
+
+    def _pass_units(self) -> int | None:
+        """Batches the pass starting now delivers (None: unknown, a plain shard list)."""
+        ds = self.dataset
+        if ds.exact:
+            return ds.layout(start=self._start).num_units
+        return len(ds) if ds.epoch_size is not None else None
 
     def __len__(self) -> int:
+        """Batches in one full epoch (a resumed pass delivers the rest of it)."""
         return len(self.dataset)
 
     def __del__(self) -> None:
@@ -60,7 +95,7 @@ class ShardLoader:
     @property
     def epoch(self) -> int:
         """The epoch the next (or current) pass reads."""
-        return self.dataset.epoch
+        return self._epoch + 1 if self._complete() else self.dataset.epoch
 
     @property
     def skipped(self) -> int:
@@ -68,8 +103,12 @@ class ShardLoader:
         return self.dataset.skipped
 
     def set_epoch(self, epoch: int) -> None:
-        self.dataset.set_epoch(epoch)
-
+        """Read ``epoch`` next (after a complete pass: from its start)."""
+        if self._complete():
+            self.dataset._seek(epoch, 0)  # the pass used up any resume point
+        else:
+            self.dataset.set_epoch(epoch)
+        self._ended_at = None
     def _batches(self) -> Iterator[Any]:
         """Batches as tensors: workers send numpy (cheap to pass), made tensors here.
 
@@ -103,25 +142,33 @@ class ShardLoader:
                                        depth=self.prefetch_depth)
 
     def __iter__(self) -> Iterator[Any]:
-        ds = self.dataset
-        self._epoch, self._units = ds.epoch, 0
-        self._start = int(ds._shared[1]) if ds.exact else 0
+        self._settle()
+        self._sync()
+        total = self._pass_units()
         for batch in self._source():
             self._units += 1
+            if self._units == total:  # complete once handed over: the consumer may stop here
+                self._ended_at = self._moves_at
             yield batch
-        # a complete pass: move on to the next epoch (an explicit set_epoch still wins)
-        ds.set_epoch(self._epoch + 1)
-        self._units = 0
-        self._start = 0
-        self._epoch = ds.epoch
+        if self._ended_at is None:  # exhausted (a shard list has no known length): complete
+            self._ended_at = self._moves_at
+        self._settle()  # every worker is done: move on now
 
     def state_dict(self) -> dict[str, Any]:
-        """Where this rank stands: load it (on any rank, any world size) to continue."""
-        return self.dataset.state_for(self._epoch, self._start, self._units)
+        """What the stream reads next: load it (on any rank, any world size) to continue.
+
+        After ``k`` batches of a pass: that epoch, ``k`` batches on; after its last
+        batch: the next epoch, nothing consumed."""
+        ds = self.dataset
+        if ds._moves != self._moves_at and not self._complete():  # moved since: read there
+            epoch, start = ds._position()
+            return ds.state_for(epoch, start, 0)
+        return ds.state_for(self._epoch, self._start, self._units)
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
         self.dataset.load_state_dict(state)
-        self._epoch, self._start, self._units = self.dataset.epoch, int(state["consumed"]), 0
+        self._ended_at = None
+        self._sync()
 
 
 def loader(dataset: ShardStream, *, num_workers: int = 2, pin_memory: bool | None = None,

@@ -8,11 +8,13 @@ Each class mixes in the builtin it means, so ``except ValueError`` or
     ├── DecodeError(ValueError)          bytes are not a valid shardstream sample
     ├── InputError(ValueError)           an input file is malformed (names file + line/row)
     ├── DatasetExistsError(FileExistsError)  output already holds a dataset
+    ├── DatasetLockedError(BlockingIOError)  another writer is writing the output
     ├── ManifestError(ValueError)        manifest.json missing fields / wrong version
     ├── ShardNotFoundError(FileNotFoundError)  a shard listed in the manifest is missing
     ├── CorruptShardError(ValueError)    shard / index damaged or out of sync
     │   └── IndexMismatchError           index does not describe its shard
-    └── StorageError(OSError)            disk, permission or network failure
+    ├── StorageError(OSError)            disk, permission or network failure
+    └── UsageError(RuntimeError)         a framework would lose or repeat data (accelerate re-split)
 
 Third-party errors are translated at the boundary (``raise X(...) from exc``).
 """
@@ -25,11 +27,13 @@ __all__ = [
     "DecodeError",
     "InputError",
     "DatasetExistsError",
+    "DatasetLockedError",
     "ManifestError",
     "ShardNotFoundError",
     "CorruptShardError",
     "IndexMismatchError",
     "StorageError",
+    "UsageError",
 ]
 
 
@@ -62,6 +66,10 @@ class DatasetExistsError(ShardstreamError, FileExistsError):
     """The output location already holds a dataset (use overwrite or append)."""
 
 
+class DatasetLockedError(ShardstreamError, BlockingIOError):
+    """Another writer holds the output directory's lock (``.shardstream.lock``)."""
+
+
 class ManifestError(ShardstreamError, ValueError):
     """``manifest.json`` is missing, unreadable or of an unsupported version."""
 
@@ -79,4 +87,24 @@ class IndexMismatchError(CorruptShardError):
 
 
 class StorageError(ShardstreamError, OSError):
-    """Reading or writing storage failed (disk full, permission denied, network)."""
+    """Reading or writing storage failed (disk full, permission denied, network).
+
+    ``StorageError("cannot write X: No space left on device", errno=28)``: the
+    message prints as given, ``.errno`` carries the OS error number (or None).
+    """
+
+    def __init__(self, message: str = "", *args: object, errno: int | None = None) -> None:
+        super().__init__(message, *args)
+        self.errno = errno
+
+    def __reduce__(self) -> tuple:  # keep errno across pickling (worker processes)
+        return _rebuild_storage_error, (type(self), self.args, self.errno), self.__dict__
+
+
+def _rebuild_storage_error(cls: type, args: tuple, errno: int | None) -> "StorageError":
+    return cls(*args, errno=errno)
+
+
+class UsageError(ShardstreamError, RuntimeError):
+    """A framework drives the stream in a way that would silently lose or repeat data
+    (e.g. accelerate re-splitting a DataLoader around a ShardStream)."""

@@ -4,9 +4,11 @@ Tar shards listed by a brace pattern or a list are split between ranks and
 workers by whole shards, as webdataset does (counts per rank may differ; use
 a manifest for exact epochs, or ``resampled=True`` with ``epoch_size``).
 Our own shards (``<shard>.tar.idx`` next to them) are still read block by
-block through their index. Foreign webdataset tars are read with webdataset's
-tar iterators and their members decoded by extension by
-:func:`shardstream.members.decode_member` -- never unpickled.
+block through their index, as are webdataset tars indexed in place
+(``shardstream index``; a list of local tars that all are streams with exact
+epochs, see :func:`shardstream.wdsindex.list_manifest`). Un-indexed webdataset
+tars are read with webdataset's tar iterators. Members are decoded by
+extension by :func:`shardstream.members.decode_member` -- never unpickled.
 
 Remote URLs (``s3://``, ``http://``...): an indexed shard (its ``.idx`` object
 exists) is downloaded into the node-local cache (:mod:`shardstream.remote`),
@@ -26,10 +28,11 @@ import numpy as np
 
 from . import storage
 from .errors import CorruptShardError, ShardNotFoundError, StorageError
-from .index import INDEX_SUFFIX, ShardIndex
+from .index import INDEX_SUFFIX
 from .members import decode_member
 from .pipeline import BlockReader, ShardRef, rng_for
 from .remote import Prefetcher, RemoteCache
+from .wdsindex import index_from_bytes
 
 __all__ = ["decode_member", "decode_wds_sample", "iter_shard", "iter_shards", "split_shards",
            "resampled_shards", "buffer_shuffle", "batched", "limit", "is_indexed"]
@@ -108,7 +111,7 @@ def _fetch_indexed(url: str, remote: RemoteCache) -> str | None:
     data = remote.index_bytes(url + INDEX_SUFFIX, missing_ok=True)
     if data is None:
         return None
-    size = ShardIndex.from_bytes(data, where=url + INDEX_SUFFIX).shard_bytes
+    size = index_from_bytes(data, url + INDEX_SUFFIX).shard_bytes
     return remote.shard_path(url, size=size, wait=False)
 
 

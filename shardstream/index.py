@@ -7,7 +7,12 @@ when the dataset is compressed: a run of zstd frames of whole samples, after a
 block). The index, itself a shardstream-encoded map, records where every
 block's data starts and where every sample starts inside its (uncompressed)
 block, and for compressed shards where every frame starts, so readers seek
-without scanning.
+without scanning. Version 4 adds an xxh3_64 checksum of every block's stored
+bytes, which readers compare on every block they read (:func:`block_checksum`).
+
+An index is never trusted: :meth:`ShardIndex.from_bytes` checks every field's
+type, dtype, shape and bounds before anything is allocated from it, and any
+failure is a :class:`CorruptShardError` naming the index file.
 """
 
 from __future__ import annotations
@@ -17,6 +22,7 @@ from dataclasses import dataclass
 from typing import TYPE_CHECKING, NamedTuple
 
 import numpy as np
+import xxhash
 
 from .codec import decode_sample, encode_sample
 from .errors import CorruptShardError, DecodeError
@@ -25,7 +31,7 @@ if TYPE_CHECKING:
     from .compression import BlockDecoder, FrameDecoder
 
 __all__ = ["BLOCK_EXT", "INDEX_SUFFIX", "ShardIndex", "tar_header", "padded", "member_name",
-           "TAR_END"]
+           "TAR_END", "MAX_BLOCK_RAW_BYTES", "block_checksum"]
 
 BLOCK_EXT = "ssb"
 INDEX_SUFFIX = ".idx"
@@ -33,9 +39,19 @@ INDEX_FORMAT = "shardstream-index"
 INDEX_VERSION = 1
 #: version of an index of compressed blocks, one zstd frame each (read only)
 INDEX_VERSION_COMPRESSED = 2
-#: version of an index of compressed blocks made of frames of samples (written now)
+#: version of an index of compressed blocks made of frames of samples (read only)
 INDEX_VERSION_FRAMED = 3
-INDEX_VERSIONS = (INDEX_VERSION, INDEX_VERSION_COMPRESSED, INDEX_VERSION_FRAMED)
+#: version of an index with an xxh3_64 checksum of every stored block (written now, raw
+#: or framed blocks; ``compression`` says which)
+INDEX_VERSION_CHECKSUMS = 4
+INDEX_VERSIONS = (INDEX_VERSION, INDEX_VERSION_COMPRESSED, INDEX_VERSION_FRAMED,
+                  INDEX_VERSION_CHECKSUMS)
+#: the largest uncompressed block an index may declare (the writer refuses larger
+#: compressed samples): a damaged index cannot make a reader allocate more
+MAX_BLOCK_RAW_BYTES = 1 << 30
+#: zstd cannot expand a frame more than this (a 4-byte RLE block holds 128 KiB at most)
+MAX_ZSTD_RATIO = 1 << 15
+_MAX_INT = 1 << 62  # any count or byte size an index may hold
 TAR_BLOCK = 512
 TAR_END = b"\0" * (2 * TAR_BLOCK)
 
@@ -48,6 +64,11 @@ def padded(n: int) -> int:
 def member_name(block: int, suffix: str = "") -> str:
     """``000003.ssb``; ``suffix`` marks a compressed block (``".zst"``)."""
     return f"{block:06d}.{BLOCK_EXT}{suffix}"
+
+
+def block_checksum(data: bytes | memoryview) -> int:
+    """The checksum a version-4 index stores for a block: xxh3_64 of its stored bytes."""
+    return xxhash.xxh3_64_intdigest(data)
 
 
 def tar_header(name: str, size: int) -> bytes:
@@ -93,7 +114,8 @@ class ShardIndex:
     (index version 3) add ``frame_starts`` (bit per sample, packed with
     ``np.packbits``: does it start a frame), ``frame_offset`` (where each frame
     starts inside its stored block) and ``dictionary`` (zstd dictionary, may be
-    empty); version 2 shards store each block as one frame.
+    empty); version 2 shards store each block as one frame. ``block_checksum``
+    (version 4): xxh3_64 of every block's stored bytes; ``None`` in older indexes.
     """
 
     num_samples: int
@@ -108,6 +130,7 @@ class ShardIndex:
     frame_starts: np.ndarray | None = None
     frame_offset: np.ndarray | None = None
     dictionary: bytes | None = None
+    block_checksum: np.ndarray | None = None
 
     @property
     def num_blocks(self) -> int:
@@ -117,6 +140,33 @@ class ShardIndex:
     def framed(self) -> bool:
         """Compressed as frames of samples (format v3)."""
         return self.frame_offset is not None
+
+    @property
+    def checksummed(self) -> bool:
+        """Every block's stored bytes have a checksum (format v4)."""
+        return self.block_checksum is not None
+
+    def check_block(self, block: int, data: bytes | memoryview, path: str,
+                    label: str = "") -> None:
+        """Raise :class:`CorruptShardError` unless ``data`` (block ``block``'s stored
+        bytes) matches its checksum; nothing to check in indexes older than v4.
+
+        ``label`` names the block's first sample (default: its shard-local ordinal).
+        """
+        if self.block_checksum is None:
+            return
+        want = int(self.block_checksum[block])
+        got = xxhash.xxh3_64_intdigest(data)
+        if got != want:
+            raise CorruptShardError(self.checksum_message(block, path, got, label))
+
+    def checksum_message(self, block: int, path: str, got: int, label: str = "") -> str:
+        """How a checksum mismatch of ``block`` is reported."""
+        first = label or f"shard-local sample {int(self.block_first[block])}"
+        return (f"shard {path}: block {block} at byte offset {int(self.block_offset[block])} "
+                f"(its first sample: {first}) fails its checksum (xxh3_64 {got:016x}, the index "
+                f"says {int(self.block_checksum[block]):016x}): the shard is damaged or was "
+                "replaced; restore it or rewrite the dataset (`shardstream verify` checks all)")
 
     def frame_table(self) -> FrameTable:
         """Positions of every frame (framed shards only); computed once per index
@@ -187,10 +237,17 @@ class ShardIndex:
             doc["frame_offset"] = fo.astype(
                 np.uint16 if fo.size == 0 or int(fo.max()) < 1 << 16 else np.uint32)
             doc["dictionary"] = bytes(self.dictionary or b"")
+        if self.block_checksum is not None:
+            if self.compression is not None and not self.framed:
+                raise ValueError("format v2 blocks (one zstd frame each) carry no checksums")
+            doc["version"] = INDEX_VERSION_CHECKSUMS
+            doc["block_checksum"] = np.asarray(self.block_checksum).astype("<u8")
         return encode_sample(doc, check=False)
 
     @classmethod
     def from_bytes(cls, data: bytes, *, where: str = "index") -> "ShardIndex":
+        """Parse and check an index file's bytes; anything wrong is a
+        :class:`CorruptShardError` naming ``where`` (the index file)."""
         try:
             d = decode_sample(data)
         except DecodeError as exc:
@@ -199,65 +256,157 @@ class ShardIndex:
         if d.get("format") != INDEX_FORMAT:
             raise CorruptShardError(f"{where}: not a shardstream index")
         version = d.get("version")
-        if version not in INDEX_VERSIONS:
-            raise CorruptShardError(f"{where}: index version {version} is not supported (this "
+        if type(version) is not int or version not in INDEX_VERSIONS:
+            raise CorruptShardError(f"{where}: index version {version!r} is not supported (this "
                                     f"shardstream reads versions "
                                     f"{', '.join(map(str, INDEX_VERSIONS))}); upgrade shardstream")
         try:
-            compressed = version != INDEX_VERSION
-            framed = version == INDEX_VERSION_FRAMED
-            dictionary = d["dictionary"] if framed else None
-            if framed and not isinstance(dictionary, bytes):
-                raise TypeError("dictionary is not bytes")
-            idx = cls(int(d["num_samples"]), int(d["shard_bytes"]), str(d["shard_sha256"]),
-                      d["block_offset"], d["block_size"], d["block_first"], d["sample_offset"],
-                      str(d["compression"]) if compressed else None,
-                      d["block_raw_size"] if compressed else None,
-                      d["frame_starts"] if framed else None,
-                      d["frame_offset"] if framed else None, dictionary)
-        except (KeyError, TypeError, ValueError) as exc:
-            raise CorruptShardError(f"{where}: index is missing field {exc}") from exc
-        idx.validate(where)
+            idx = cls._parse(d, version)
+            idx.validate(where)
+        except CorruptShardError:
+            raise
+        except _BadIndex as exc:
+            raise CorruptShardError(f"{where}: index is inconsistent: {exc}; rebuild it with "
+                                    "`shardstream index`") from None
+        except (KeyError, TypeError, ValueError, IndexError, OverflowError, MemoryError) as exc:
+            raise CorruptShardError(f"{where}: index is inconsistent ({type(exc).__name__}: "
+                                    f"{exc}); rebuild it with `shardstream index`") from None
         return idx
 
+    @classmethod
+    def _parse(cls, d: dict, version: int) -> "ShardIndex":
+        """The fields of a decoded index, each checked for type, dtype and shape."""
+        compressed = version in (INDEX_VERSION_COMPRESSED, INDEX_VERSION_FRAMED) or \
+            version == INDEX_VERSION_CHECKSUMS and d.get("compression") is not None
+        framed = version == INDEX_VERSION_FRAMED or version == INDEX_VERSION_CHECKSUMS and compressed
+        compression = _field(d, "compression") if compressed else None
+        if compressed and compression not in _CODECS:
+            raise _BadIndex(f"compression {compression!r} is unknown to this shardstream "
+                            "(upgrade shardstream if it is new)")
+        dictionary = _field(d, "dictionary") if framed else None
+        if framed and type(dictionary) is not bytes:
+            raise _BadIndex("field 'dictionary' is not bytes")
+        sha = _field(d, "shard_sha256")
+        if type(sha) is not str:
+            raise _BadIndex("field 'shard_sha256' is not a str")
+        return cls(_count(d, "num_samples"), _count(d, "shard_bytes"), sha,
+                   _uints(d, "block_offset", 8), _uints(d, "block_size", 8),
+                   _uints(d, "block_first", 8), _uints(d, "sample_offset"), compression,
+                   _uints(d, "block_raw_size", 8) if compressed else None,
+                   _uints(d, "frame_starts", 1) if framed else None,
+                   _uints(d, "frame_offset") if framed else None, dictionary,
+                   _uints(d, "block_checksum", 8, exact=True)
+                   if version == INDEX_VERSION_CHECKSUMS else None)
+
     def validate(self, where: str = "index") -> None:
-        """Cheap structural checks so a damaged index cannot send readers astray."""
-        nb = self.num_blocks
-        ok = (len(self.block_size) == nb and len(self.block_first) == nb
-              and len(self.sample_offset) == self.num_samples
-              and (nb == 0) == (self.num_samples == 0))
-        if ok and nb:
-            ends = self.block_offset + self.block_size
-            ok = (int(self.block_first[0]) == 0
-                  and bool(np.all(np.diff(self.block_first.astype(np.int64)) > 0))
-                  and int(self.block_first[-1]) < self.num_samples
-                  and int(ends.max()) <= self.shard_bytes)
-        if ok and self.compression is not None:
-            raw = self.block_raw_size
-            ok = raw is not None and len(raw) == nb and (nb == 0 or bool(np.all(
-                self.sample_offset.astype(np.int64) < raw.astype(np.int64)[self._block_of()])))
-        if ok and self.framed:
-            ok = self._frames_ok()
-        if not ok:
-            raise CorruptShardError(f"{where}: index is inconsistent; rebuild it with "
-                                    "`shardstream index`")
+        """Structural checks so a damaged index cannot send readers astray.
+
+        Every array must be a 1-D unsigned (or non-negative signed) integer array
+        of the right length; every block must lie inside the shard, in order;
+        every sample inside its block; no block may declare more than
+        ``MAX_BLOCK_RAW_BYTES`` uncompressed. Sums are taken in int64 after
+        bounding each term, so nothing wraps. Raises :class:`CorruptShardError`.
+        """
+        try:
+            self._check()
+        except _BadIndex as exc:
+            raise CorruptShardError(f"{where}: index is inconsistent: {exc}; rebuild it with "
+                                    "`shardstream index`") from None
+        except (TypeError, ValueError, IndexError, OverflowError, MemoryError) as exc:
+            raise CorruptShardError(f"{where}: index is inconsistent ({type(exc).__name__}: "
+                                    f"{exc}); rebuild it with `shardstream index`") from None
+
+    def _check(self) -> None:
+        n, size = self.num_samples, self.shard_bytes
+        for name in ("num_samples", "shard_bytes"):
+            v = getattr(self, name)
+            if type(v) is not int or not 0 <= v < _MAX_INT:
+                raise _BadIndex(f"{name} is {v!r}")
+        arrays = {"block_offset": self.block_offset, "block_size": self.block_size,
+                  "block_first": self.block_first, "sample_offset": self.sample_offset}
+        for name, a in arrays.items():
+            _check_array(name, a)
+        nb = len(self.block_offset)
+        if len(self.block_size) != nb or len(self.block_first) != nb:
+            raise _BadIndex("block arrays differ in length")
+        if len(self.sample_offset) != n:
+            raise _BadIndex(f"{len(self.sample_offset)} sample offsets for {n} samples")
+        if (nb == 0) != (n == 0) or nb > n:
+            raise _BadIndex(f"{nb} blocks for {n} samples")
+        if self.block_checksum is not None:
+            _check_array("block_checksum", self.block_checksum, nb, limit=None)
+        if self.compression is not None:
+            if self.block_raw_size is None:
+                raise _BadIndex("compressed, but no block_raw_size")
+            _check_array("block_raw_size", self.block_raw_size, nb)
+        if nb == 0:
+            return
+        self._check_blocks(n, size)
+        self._check_samples(n)
+        if self.framed:
+            self._check_frames(n)
+
+    def _check_blocks(self, n: int, size: int) -> None:
+        """Blocks lie inside the shard, in order, without overlapping; raw sizes bounded."""
+        off = _i64(self.block_offset)
+        stored = _i64(self.block_size)
+        if int(off.max()) > size or int(stored.max()) > size:
+            raise _BadIndex(f"a block lies beyond the shard's {size} bytes")
+        ends = off + stored  # both <= size < 2**62: no wrap
+        if int(ends.max()) > size or bool(np.any(off[1:] < ends[:-1])):
+            raise _BadIndex("blocks overlap or lie beyond the shard's end")
+        firsts = _i64(self.block_first)
+        if int(firsts[0]) != 0 or int(firsts.max()) >= n or bool(np.any(np.diff(firsts) <= 0)):
+            raise _BadIndex("block_first does not start at 0 and increase")
+        raw = _i64(self.raw_block_size)
+        if bool(np.any(raw < 1)):
+            raise _BadIndex("an empty block")
+        if self.compression is not None:
+            if int(raw.max()) > MAX_BLOCK_RAW_BYTES:
+                raise _BadIndex(f"a block declares {int(raw.max())} uncompressed bytes, more "
+                                f"than the {MAX_BLOCK_RAW_BYTES} any block may hold")
+            if bool(np.any(raw > stored * MAX_ZSTD_RATIO)):
+                raise _BadIndex("a block declares more uncompressed bytes than zstd can "
+                                "expand its stored bytes to")
+
+    def _check_samples(self, n: int) -> None:
+        """Every block's first sample starts at 0; samples increase inside the block."""
+        offs = _i64(self.sample_offset)
+        block_of = self._block_of()
+        if bool(np.any(offs >= _i64(self.raw_block_size)[block_of])):
+            raise _BadIndex("a sample starts beyond its block's end")
+        starts = np.zeros(n, bool)
+        starts[_i64(self.block_first)] = True
+        if bool(np.any(offs[starts] != 0)) or bool(np.any(np.diff(offs)[~starts[1:]] <= 0)):
+            raise _BadIndex("sample offsets do not start at 0 and increase in every block")
+
+    def _check_frames(self, n: int) -> None:
+        """Every block starts a frame; frames start inside their block, in order."""
+        fs, fo = self.frame_starts, self.frame_offset
+        if fs is None or fo is None or self.dictionary is None:
+            raise _BadIndex("framed, but a frame field is missing")
+        _check_array("frame_starts", fs, (n + 7) // 8)
+        _check_array("frame_offset", fo)
+        if fs.dtype.itemsize != 1:
+            raise _BadIndex("frame_starts is not an array of bytes")
+        starts = np.unpackbits(np.asarray(fs, np.uint8), count=n).astype(bool)
+        if int(starts.sum()) != len(fo):
+            raise _BadIndex(f"{int(starts.sum())} frames start, {len(fo)} frame offsets")
+        if not bool(np.all(starts[_i64(self.block_first)])):
+            raise _BadIndex("a block does not start with a frame")
+        t = self.frame_table()
+        stored, raw = t.rel_end - t.rel_start, t.raw_end - t.raw_start
+        if not bool(np.all(t.rel_start[t.block_frame[:-1]] == 0) and np.all(stored > 0)
+                    and np.all(raw > 0) and np.all(raw <= stored * MAX_ZSTD_RATIO)):
+            raise _BadIndex("frames do not start at 0 and increase in every block")
 
     def _frames_ok(self) -> bool:
-        """Every block starts a frame; frames start inside their block, in order."""
-        fs, fo = np.asarray(self.frame_starts), np.asarray(self.frame_offset)
-        n = self.num_samples
-        if fs.dtype != np.uint8 or fs.ndim != 1 or len(fs) != (n + 7) // 8 or fo.ndim != 1:
+        """Whether the frame fields are consistent (see :meth:`validate`)."""
+        try:
+            self._check_frames(self.num_samples)
+        except (_BadIndex, TypeError, ValueError, IndexError):
             return False
-        starts = np.unpackbits(fs, count=n).astype(bool)
-        if int(starts.sum()) != len(fo):
-            return False
-        if n == 0:
-            return True
-        if not bool(np.all(starts[self.block_first.astype(np.int64)])):
-            return False
-        t = self.frame_table()
-        return bool(np.all(t.rel_start[t.block_frame[:-1]] == 0)
-                    and np.all(t.rel_end > t.rel_start) and np.all(t.raw_end > t.raw_start))
+        return True
 
     def _block_of(self) -> np.ndarray:
         """The block of every sample."""
@@ -290,3 +439,62 @@ class ShardIndex:
         first = int(self.block_first[block])
         stop = int(self.block_first[block + 1]) if block + 1 < self.num_blocks else self.num_samples
         return first, stop
+
+
+class _BadIndex(ValueError):
+    """What is wrong with an index (becomes a CorruptShardError naming the file)."""
+
+
+#: codecs an index may name (compression.CODECS; not imported: compression imports this module)
+_CODECS = ("zstd",)
+
+
+def _field(d: dict, name: str) -> object:
+    if name not in d:
+        raise _BadIndex(f"field {name!r} is missing")
+    return d[name]
+
+
+def _count(d: dict, name: str) -> int:
+    v = _field(d, name)
+    if type(v) is not int or not 0 <= v < _MAX_INT:
+        raise _BadIndex(f"field {name!r} is {v!r}, not a count")
+    return v
+
+
+def _uints(d: dict, name: str, itemsize: int | None = None, *, exact: bool = False) -> np.ndarray:
+    """Field ``name`` as a 1-D array of non-negative integers, in native byte order.
+
+    ``itemsize``: convert to unsigned ints of that size (all block arrays are u8);
+    ``exact``: the stored dtype must already be unsigned of that size (checksums).
+    """
+    a = _field(d, name)
+    _check_array(name, a, limit=None if exact else _MAX_INT)
+    if exact and (a.dtype.kind != "u" or a.dtype.itemsize != itemsize):
+        raise _BadIndex(f"field {name!r} has dtype {a.dtype}, not u{itemsize}")
+    size = itemsize or a.dtype.itemsize
+    want = np.dtype(f"=u{size}")
+    if a.dtype != want:
+        if a.dtype.itemsize > size and a.size and int(a.max()) >= 1 << (8 * size):
+            raise _BadIndex(f"field {name!r} holds values too large for u{size}")
+        a = a.astype(want)
+    return a
+
+
+def _check_array(name: str, a: object, length: int | None = None,
+                 limit: int | None = _MAX_INT) -> None:
+    """``a`` is a 1-D integer array (of ``length``), every value in [0, limit)."""
+    if not isinstance(a, np.ndarray):
+        raise _BadIndex(f"field {name!r} is a {type(a).__name__}, not an array")
+    if a.dtype.kind not in "ui" or a.ndim != 1:
+        raise _BadIndex(f"field {name!r} is a {a.ndim}-D {a.dtype} array, not 1-D integers")
+    if length is not None and len(a) != length:
+        raise _BadIndex(f"field {name!r} holds {len(a)} values, expected {length}")
+    if a.size and limit is not None and (
+            (a.dtype.kind == "i" and int(a.min()) < 0) or int(a.max()) >= limit):
+        raise _BadIndex(f"field {name!r} holds a value outside [0, 2**62)")
+
+
+def _i64(a: np.ndarray) -> np.ndarray:
+    """An index array (checked: values < 2**62) as int64."""
+    return a.astype(np.int64, copy=False)

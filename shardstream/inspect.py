@@ -4,7 +4,10 @@ Each line is one sample: ``{"__index__": i, "__key__": key, field: value, ...}``
 By default numpy arrays print as ``{"dtype": ..., "shape": [...]}`` and bytes
 as ``{"bytes": n}``; ``full=True`` prints arrays as nested lists and bytes as
 ``{"base64": ...}``. Non-finite floats print as the strings ``"nan"``,
-``"inf"`` and ``"-inf"`` so every line stays valid JSON.
+``"inf"`` and ``"-inf"`` so every line stays valid JSON. Control, bidi and other
+invisible characters (DEL, C1, U+202E, ...) are written as ``\\uXXXX`` escapes
+(:func:`shardstream.text.escape_json`): a line is safe to print on a terminal
+and parses back to the same strings.
 """
 
 from __future__ import annotations
@@ -18,6 +21,7 @@ from typing import Any, Iterator
 import numpy as np
 
 from .random_access import ShardDataset
+from .text import escape_json
 
 __all__ = ["cat_lines", "to_jsonable", "sample_key"]
 
@@ -55,7 +59,7 @@ def _line(ds: ShardDataset, i: int, full: bool) -> str:
     sample = ds[i]
     head = {"__index__": i, "__key__": sample_key(sample, i, ds.key_field)}
     body = {k: v for k, v in sample.items() if k != "__key__"}
-    return json.dumps({**head, **to_jsonable(body, full=full)}, ensure_ascii=False)
+    return escape_json(json.dumps({**head, **to_jsonable(body, full=full)}, ensure_ascii=False))
 
 
 def cat_lines(source: str | os.PathLike | ShardDataset, *, limit: int | None = None,

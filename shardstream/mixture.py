@@ -331,7 +331,7 @@ class MixtureReader:
 
     def __init__(self, mixture: Mixture, *, epoch: int, seed: int, shuffle: bool,
                  block_shuffle: bool, shuffle_buffer: int, on_error: str, cache_bytes: int,
-                 on_skip: Callable[[int], None] | None = None,
+                 on_skip: Callable[[int], None] | None = None, verify_blocks: bool | None = None,
                  source_field: str | None = None, remote: Any = None) -> None:
         self.epoch = epoch
         self.source_field = source_field
@@ -340,7 +340,8 @@ class MixtureReader:
         refs = [shard_refs(d) for d in mixture.datasets]
         self.offsets = np.cumsum([0] + [len(r) for r in refs[:-1]]).tolist()
         self.reader = BlockReader([ref for rs in refs for ref in rs], on_error=on_error,
-                                  cache_bytes=cache_bytes, on_skip=on_skip, remote=remote)
+                                  cache_bytes=cache_bytes, on_skip=on_skip, remote=remote,
+                                  verify_blocks=verify_blocks)
         self.orders = [_SourceOrder(d, self._firsts(off), count=c, seed=seed, shuffle=shuffle,
                                     block_shuffle=block_shuffle,
                                     window=shuffle_buffer if shuffle else 1)

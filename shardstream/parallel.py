@@ -65,25 +65,30 @@ def run_workers(output_dir: str, slices: list[Callable[[], Iterator[dict]]], *,
                 storage_options: dict[str, Any] | None = None, **sink_kw: Any) -> Manifest:
     """Run one worker process per slice (a zero-argument callable giving dicts).
 
-    A remote ``output_dir`` (``s3://...``): workers stage locally, the parent
+    The parent holds the output's lock (:func:`~shardstream.publish.prepare_output`)
+    for the whole run; the workers only write into their staging folders. A
+    remote ``output_dir`` (``s3://...``): workers stage locally, the parent
     uploads every shard and then the manifest.
     """
     compression = parse_compression(sink_kw.pop("compression", None), sink_kw.pop("level", None))
     sink_kw["compression"] = compression
-    base, replace = prepare_output(output_dir, prefix=prefix, overwrite=overwrite,
-                                   append=append, key_field=key_field,
-                                   storage_options=storage_options, compression=compression)
+    target = prepare_output(output_dir, prefix=prefix, overwrite=overwrite, append=append,
+                            key_field=key_field, storage_options=storage_options,
+                            compression=compression)  # locked until the finally below
     ctx = _context()
-    stagings = [make_staging(output_dir) for _ in slices]
-    counters = ctx.Array("q", 2 * len(slices), lock=False)
-    results = ctx.Queue()
-    kw = dict(sink_kw, key_field=key_field)
-    procs = [ctx.Process(target=_worker, args=(r, fn, stagings[r], kw, counters, results),
-                         daemon=True) for r, fn in enumerate(slices)]
+    stagings: list[str] = []
+    procs: list[Any] = []
     outcome: dict[int, tuple[str, Any]] = {}
     seen = [0, 0]
-    gc.freeze()  # children would otherwise copy every page the collector touches
     try:
+        for _ in slices:
+            stagings.append(make_staging(output_dir))
+        counters = ctx.Array("q", 2 * len(slices), lock=False)
+        results = ctx.Queue()
+        kw = dict(sink_kw, key_field=key_field)
+        procs += [ctx.Process(target=_worker, args=(r, fn, stagings[r], kw, counters, results),
+                              daemon=True) for r, fn in enumerate(slices)]
+        gc.freeze()  # children would otherwise copy every page the collector touches
         for p in procs:
             p.start()
         gc.unfreeze()
@@ -116,10 +121,9 @@ def run_workers(output_dir: str, slices: list[Callable[[], Iterator[dict]]], *,
             schema.merge(part_schema)
         if progress:
             progress(sum(counters[0::2]) - seen[0], sum(counters[1::2]) - seen[1])
-        return publish(output_dir, staged, schema, prefix=prefix, base=base, replace=replace,
-                       key_field=key_field,
+        return publish(target, staged, schema, key_field=key_field,
                        block_bytes=sink_kw.get("block_bytes", DEFAULT_BLOCK_BYTES),
-                       storage_options=storage_options, compression=compression)
+                       compression=compression)
     finally:
         gc.unfreeze()
         for p in procs:
@@ -129,6 +133,7 @@ def run_workers(output_dir: str, slices: list[Callable[[], Iterator[dict]]], *,
             p.join(timeout=5)
         for s in stagings:
             shutil.rmtree(s, ignore_errors=True)
+        target.release()
 
 
 def _range_slice(seq: Sequence, lo: int, hi: int) -> Callable[[], Iterator[dict]]:

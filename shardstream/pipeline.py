@@ -31,16 +31,26 @@ from dataclasses import dataclass
 from typing import Any, Callable, Iterable, Iterator, Sequence
 
 import numpy as np
+from xxhash import xxh3_64_intdigest as xxh3
 
 from .codec import decode_sample, iter_samples
 from .errors import CorruptShardError, DecodeError, IndexMismatchError, ShardNotFoundError, \
     StorageError
 from .index import ShardIndex
 from .remote import Prefetcher, RemoteCache
-from .shard import read_index_file
+from .shard import check_index_entry, damage_detail, read_index_file
 from .storage import is_remote
 
 log = logging.getLogger("shardstream")
+
+#: set to ``0`` to skip the per-block checksum check in every reader (raw speed, no safety)
+VERIFY_ENV = "SHARDSTREAM_VERIFY_BLOCKS"
+
+
+def verify_blocks_default() -> bool:
+    """Whether readers check block checksums when not told: unless ``$SHARDSTREAM_VERIFY_BLOCKS``
+    is ``0``, ``false``, ``no`` or ``off``."""
+    return os.environ.get(VERIFY_ENV, "1").strip().lower() not in ("0", "false", "no", "off")
 
 __all__ = ["Layout", "EpochOrder", "ShardRef", "BlockReader", "rng_for", "shard_refs"]
 
@@ -210,18 +220,24 @@ class ShardRef:
     (``on_error="warn"``); ``trunc_from`` the first sample a truncated file lacks.
     ``path`` may be a URL (``s3://``, ``http://``...): see :mod:`shardstream.remote`;
     ``sha256``/``index_sha256`` (from the manifest) then name the cached copies.
+    The manifest's values (when given) must match the index: sample count, shard
+    size and sha256, index size and sha256 (:func:`~shardstream.shard.check_index_entry`).
     """
 
     __slots__ = ("path", "index_path", "expected_bytes", "expected_samples", "base", "opened",
                  "fd", "block_first", "block_of", "block_offset", "block_size", "rel_start", "rel_end",
-                 "bad_from", "trunc_from", "size", "codec", "sha256", "index_sha256")
+                 "bad_from", "trunc_from", "size", "codec", "sha256", "index_sha256",
+                 "expected_index_bytes", "index")
 
     def __init__(self, path: str, index_path: str, *, expected_bytes: int | None = None,
                  expected_samples: int | None = None, base: int | None = None,
-                 sha256: str | None = None, index_sha256: str | None = None) -> None:
+                 sha256: str | None = None, index_sha256: str | None = None,
+                 index_bytes: int | None = None) -> None:
         self.path, self.index_path = path, index_path
         self.expected_bytes, self.expected_samples, self.base = expected_bytes, expected_samples, base
         self.sha256, self.index_sha256 = sha256, index_sha256
+        self.expected_index_bytes = index_bytes
+        self.index: ShardIndex | None = None
         self.opened = False
         self.fd = -1
         self.bad_from: int | None = None
@@ -234,6 +250,18 @@ class ShardRef:
             return f"shard-local sample {i}"
         return f"sample {self.base + i:09d} (global ordinal; shard-local {i})"
 
+    @property
+    def num_samples(self) -> int | None:  # the manifest entry, for check_index_entry
+        return self.expected_samples
+
+    @property
+    def bytes(self) -> int | None:
+        return self.expected_bytes
+
+    @property
+    def index_bytes(self) -> int | None:
+        return self.expected_index_bytes
+
 
 def shard_refs(dataset: Any) -> list[ShardRef]:
     """One :class:`ShardRef` per shard of a dataset with a manifest, in manifest order."""
@@ -241,7 +269,8 @@ def shard_refs(dataset: Any) -> list[ShardRef]:
     for info in dataset.manifest.shards:
         refs.append(ShardRef(dataset.shard_path(info), dataset.index_path(info),
                              expected_bytes=info.bytes, expected_samples=info.num_samples,
-                             base=base, sha256=info.sha256, index_sha256=info.index_sha256))
+                             base=base, sha256=info.sha256, index_sha256=info.index_sha256,
+                             index_bytes=info.index_bytes))
         base += info.num_samples
     return refs
 
@@ -259,13 +288,19 @@ class BlockReader:
     (a default :class:`~shardstream.remote.RemoteCache` when None) and then
     read like local ones; :meth:`prefetch` downloads the next ones ahead.
     Storage errors count as damage in warn mode, except authentication errors.
+
+    ``verify_blocks`` (default: on, unless ``$SHARDSTREAM_VERIFY_BLOCKS=0``):
+    compare every block read from disk with its checksum (index v4; cached blocks
+    are not hashed again); a mismatch is a :class:`CorruptShardError` handled
+    like any other damage.
     """
 
     def __init__(self, shards: Sequence[ShardRef], *, on_error: str = "raise",
                  cache_bytes: int = 64 << 20, on_skip: Callable[[int], None] | None = None,
-                 remote: RemoteCache | None = None) -> None:
+                 remote: RemoteCache | None = None, verify_blocks: bool | None = None) -> None:
         self.shards = shards
         self.on_error = on_error
+        self.verify_blocks = verify_blocks_default() if verify_blocks is None else verify_blocks
         self.cache_bytes = cache_bytes
         self.on_skip = on_skip
         self.remote = remote
@@ -340,9 +375,11 @@ class BlockReader:
         """Index by one request (cached), shard whole into the node-local cache."""
         store = self._store()
         taken = self._prefetcher.take(s) if self._prefetcher is not None else None
-        data = store.index_bytes(ref.index_path, sha256=ref.index_sha256)
+        data = store.index_bytes(ref.index_path, sha256=ref.index_sha256,
+                                 size=ref.expected_index_bytes)
         assert data is not None
-        index = ShardIndex.from_bytes(data, where=ref.index_path)
+        index = _any_index(data, ref.index_path)
+        self._check_entry(ref, index, data)
         size = ref.expected_bytes if ref.expected_bytes is not None else index.shard_bytes
         fd = store.open_shard(ref.path, size=size, sha256=ref.sha256, path=taken)
         try:
@@ -359,18 +396,23 @@ class BlockReader:
             raise ShardNotFoundError(f"shard {ref.path} is missing; restore it or rewrite the "
                                      "dataset") from None
         data = read_index_file(ref.index_path, ref.path)
-        self._set_index(ref, ShardIndex.from_bytes(data, where=ref.index_path), size)
+        index = _any_index(data, ref.index_path)
+        self._check_entry(ref, index, data)
+        self._set_index(ref, index, size)
         try:
             ref.fd = os.open(ref.path, os.O_RDONLY)
         except OSError as exc:
             raise StorageError(f"cannot open {ref.path}: {exc.strerror or exc}") from exc
 
+    @staticmethod
+    def _check_entry(ref: ShardRef, index: ShardIndex, data: bytes) -> None:
+        """``index`` (from ``data``) must be the one the manifest lists for ``ref``."""
+        check_index_entry(index, data, ref, idx_path=ref.index_path, shard_path=ref.path)
+
     def _set_index(self, ref: ShardRef, index: ShardIndex, size: int) -> None:
-        """Check ``index`` against the manifest entry and the shard's ``size``; keep it."""
-        if ref.expected_bytes is not None and index.shard_bytes != ref.expected_bytes or \
-                ref.expected_samples is not None and index.num_samples != ref.expected_samples:
-            raise IndexMismatchError(f"index {ref.index_path} does not match the manifest's entry "
-                                     f"for shard {ref.path}; rebuild it with `shardstream index`")
+        """Check ``index`` against the shard's ``size``; keep it."""
+        if not isinstance(index, ShardIndex):  # a webdataset tar indexed in place
+            return _set_foreign_index(ref, index, size)
         if size > index.shard_bytes:
             raise IndexMismatchError(f"shard {ref.path} is {size} bytes, its index says "
                                      f"{index.shard_bytes}: the shard was replaced; rebuild the "
@@ -390,6 +432,7 @@ class BlockReader:
         ref.rel_end = rel_end
         ref.size = size
         ref.codec = index.block_decoder(ref.path)  # None: blocks stored raw
+        ref.index = index if self.verify_blocks and index.checksummed else None
         if size < index.shard_bytes:
             short = np.flatnonzero(index.stored_ends() > size)
             ref.trunc_from = int(short[0]) if len(short) else None
@@ -465,6 +508,9 @@ class BlockReader:
         except CorruptShardError as exc:
             self._fail(ref, i0, exc)
             return 0
+        if getattr(ref.codec, "foreign", False):  # members of a webdataset tar, not msgpack
+            return ref.codec.decode_run(ref, b, data, i0, i1, out, k0,
+                                        lambda j, e: self._fail(ref, j, e))
         view = memoryview(data)[ref.rel_start[i0]:ref.rel_end[i1 - 1]]
         got: list = []
         try:
@@ -501,6 +547,8 @@ class BlockReader:
         if len(data) != size:
             raise CorruptShardError(f"shard {ref.path}: block {b} at byte offset {off} is "
                                     f"truncated ({len(data)} of {size} bytes)")
+        if ref.index is not None:
+            self._check_block(ref, b, data)
         if ref.codec is not None:
             data = ref.codec.decode(b, data, ref.label(int(ref.block_first[b])))
         self._cache[key] = data
@@ -509,3 +557,30 @@ class BlockReader:
             _, old = self._cache.popitem(last=False)
             self._cached -= len(old)
         return data
+
+    @staticmethod
+    def _check_block(ref: ShardRef, b: int, data: bytes) -> None:
+        """Compare block ``b``'s stored bytes with its checksum (names the damaged frame
+        of a framed block too)."""
+        index = ref.index
+        assert index is not None
+        if xxh3(data) == int(index.block_checksum[b]):
+            return
+        msg = index.checksum_message(b, ref.path, xxh3(data), ref.label(int(ref.block_first[b])))
+        detail = damage_detail(index, b, data, ref.path, label=ref.label, decoder=ref.codec)
+        raise CorruptShardError(msg if detail is None else f"{msg}; {detail}")
+
+
+# ---------------------------------------------------------------- webdataset tars (wdsindex)
+def _any_index(data: bytes, where: str) -> Any:
+    """A shardstream index, or the :class:`~shardstream.wdsindex.ForeignIndex` of a
+    webdataset tar indexed in place (``shardstream index``)."""
+    from .wdsindex import index_from_bytes
+
+    return index_from_bytes(data, where)
+
+
+def _set_foreign_index(ref: ShardRef, index: Any, size: int) -> None:
+    from .wdsindex import set_stream_index
+
+    set_stream_index(ref, index, size)

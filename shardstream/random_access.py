@@ -27,13 +27,17 @@ from typing import Any, Callable
 
 import msgpack
 import numpy as np
+from xxhash import xxh3_64_intdigest as xxh3
 
-from .codec import _unpack_options
-from .errors import CorruptShardError, IndexMismatchError, ShardNotFoundError, StorageError
+from .codec import _unpack_options, decode_sample
+from .errors import CorruptShardError, DecodeError, IndexMismatchError, ShardNotFoundError, \
+    StorageError
 from .index import ShardIndex
 from .manifest import ShardInfo
-from .shard import Dataset, open_dataset, sha256_file
-from .wdsindex import ForeignIndex, decode_foreign_sample, load_any_index
+from .pipeline import verify_blocks_default
+from .shard import Dataset, check_index_entry, open_dataset, read_index_file, \
+    sha256_file
+from .wdsindex import WDS_INDEX_FORMAT, ForeignIndex, decode_foreign_sample
 
 try:  # a map-style torch Dataset when torch is installed; plain class otherwise
     from torch.utils.data import Dataset as _TorchDataset
@@ -48,21 +52,76 @@ _unpackb = msgpack.unpackb
 _OPTS = _unpack_options
 #: decompressed blocks kept per shard of a compressed dataset
 CACHED_BLOCKS = 4
+#: a raw shard's verified-bitmap has one entry per 2**GRANULE_SHIFT bytes of the shard
+GRANULE_SHIFT = 12
+
+
+class _Verified:
+    """Which blocks of one mapped shard passed their checksum (each is hashed once).
+
+    ``ok[g]`` is 1 once every block overlapping byte granule ``g`` (4 KiB) has
+    been verified, so ``ds[i]`` tests one byte (``ok[start >> 12]``) instead of
+    finding its block; samples in a granule still pending take :meth:`check`.
+    About 5 bytes per 4 KiB of shard plus 1 per block (not counted by ``index_nbytes``).
+    """
+
+    __slots__ = ("ok", "pending", "done", "index", "view", "path", "base", "offsets")
+
+    def __init__(self, index: ShardIndex, view: memoryview, path: str, base: int) -> None:
+        self.index, self.view, self.path, self.base = index, view, path, base
+        off = index.block_offset.astype(np.int64)
+        end = off + index.block_size.astype(np.int64)
+        g0, g1 = off >> GRANULE_SHIFT, (end - 1) >> GRANULE_SHIFT
+        count = np.zeros(((index.shard_bytes - 1) >> GRANULE_SHIFT) + 2, np.int64)
+        np.add.at(count, g0, 1)
+        np.add.at(count, g1 + 1, -1)
+        self.pending = np.cumsum(count)[:-1].astype(np.int32)  # unverified blocks per granule
+        self.ok = bytearray((self.pending == 0).astype(np.uint8).tobytes())
+        self.done = bytearray(index.num_blocks)
+        self.offsets = _ints(off)
+
+    def check(self, pos: int) -> None:
+        """Verify the block holding shard byte ``pos`` unless done; raise if damaged."""
+        b = bisect_right(self.offsets, pos) - 1
+        if self.done[b]:
+            return
+        ix = self.index
+        off = self.offsets[b]
+        ix.check_block(b, self.view[off:off + int(ix.block_size[b])], self.path,
+                       _first_label(ix, b, self.base))
+        self.done[b] = 1
+        g0, g1 = off >> GRANULE_SHIFT, (off + int(ix.block_size[b]) - 1) >> GRANULE_SHIFT
+        p = self.pending[g0:g1 + 1]
+        p -= 1
+        for g in (g0 + np.flatnonzero(p == 0)).tolist():
+            self.ok[g] = 1
 
 
 class _BlockShard:
-    """One mapped shardstream shard: sample i is ``mm[start[i]:end[i]]``."""
+    """One mapped shardstream shard: sample i is ``mm[start[i]:end[i]]``.
 
-    __slots__ = ("mm", "start", "end", "path")
+    ``verified`` (checksummed shards, unless verification is off): which blocks
+    passed their checksum; ``ds[i]`` checks its block on first touch.
+    """
+
+    __slots__ = ("mm", "start", "end", "path", "view", "verified", "ok")
     foreign = False
 
-    def __init__(self, mm: mmap.mmap, index: ShardIndex, path: str) -> None:
+    def __init__(self, mm: mmap.mmap, index: ShardIndex, path: str, base: int = 0,
+                 verify: bool = False) -> None:
         starts, ends = index.sample_spans()
         self.mm = mm
         # memoryviews index to Python ints (no numpy scalar per access), 8 bytes each
         self.start = memoryview(starts.astype("=u8", copy=False)).cast("B").cast("Q")
         self.end = memoryview(ends.astype("=u8", copy=False)).cast("B").cast("Q")
         self.path = path
+        self.view: memoryview | None = None
+        self.verified: _Verified | None = None
+        self.ok: bytearray | None = None  # verified.ok, one attribute away for ds[i]
+        if verify and index.checksummed and index.num_blocks:
+            self.view = memoryview(mm)  # released by close() before the map is closed
+            self.verified = _Verified(index, self.view, path, base)
+            self.ok = self.verified.ok
 
 
 class _CompressedShard:
@@ -123,11 +182,15 @@ class _FramedShard:
     """
 
     __slots__ = ("mm", "view", "path", "decoder", "frame_of", "start", "end", "in_start",
-                 "in_end", "base", "last", "last_data")
+                 "in_end", "base", "last", "last_data", "index", "done")
     foreign = False
 
-    def __init__(self, mm: mmap.mmap, index: ShardIndex, path: str, base: int) -> None:
+    def __init__(self, mm: mmap.mmap, index: ShardIndex, path: str, base: int,
+                 verify: bool = False) -> None:
         self.mm, self.path, self.base = mm, path, base
+        # per block: 0 not checked yet, 1 checksum ok, 2 checksum failed (frames checked alone)
+        self.index = index if verify and index.checksummed else None
+        self.done = bytearray(index.num_blocks)
         self.view = memoryview(mm)  # released by close() before the map is closed
         self.decoder = index.block_decoder(path)
         t = self.decoder.table
@@ -151,8 +214,10 @@ class _FramedShard:
         if f == self.last:
             out = self.last_data
         else:
-            data = self.view[self.start[f]:self.end[f]]
             dec = self.decoder
+            if self.index is not None and not self.done[dec.frame_block[f]]:
+                self._check_block(dec.frame_block[f], j)
+            data = self.view[self.start[f]:self.end[f]]
             n = dec.raw_len[f]
             out = None
             # fast path for ds[i]; anything unexpected goes through frame(), which checks
@@ -163,10 +228,38 @@ class _FramedShard:
                 except Exception:
                     out = None
             if out is None or len(out) != n:
-                out = dec.frame(f, data, lambda: f"requested sample {self.base + j:09d}")
+                out = self._frame(f, data, j)
             self.last, self.last_data = f, out
         a, z = self.in_start[j], self.in_end[j]
         return out if a == 0 and z == len(out) else memoryview(out)[a:z]
+
+    def _frame(self, f: int, data: memoryview, j: int) -> bytes:
+        """Frame ``f`` through the checked path; an error also names a failed block checksum."""
+        try:
+            return self.decoder.frame(f, data, lambda: f"requested sample {self.base + j:09d}")
+        except CorruptShardError as exc:
+            b = self.decoder.frame_block[f]
+            if self.index is None or self.done[b] != 2:
+                raise
+            ix = self.index
+            off, size = int(ix.block_offset[b]), int(ix.block_size[b])
+            got = xxh3(self.view[off:off + size])
+            raise CorruptShardError(f"{exc}; " + ix.checksum_message(
+                b, self.path, got, _first_label(ix, b, self.base))) from None
+
+    def _check_block(self, b: int, j: int) -> None:
+        """Hash block ``b`` once. On a mismatch its frames are still served one by one,
+        each checked by zstd's content checksum; a damaged one raises naming itself and
+        the block's failed checksum."""
+        ix = self.index
+        off, size = int(ix.block_offset[b]), int(ix.block_size[b])
+        try:
+            ix.check_block(b, self.view[off:off + size], self.path,
+                           _first_label(ix, b, self.base))
+        except CorruptShardError:
+            self.done[b] = 2
+            return
+        self.done[b] = 1
 
 
 class _ForeignShard:
@@ -191,17 +284,23 @@ class ShardDataset(_TorchDataset):
     construction so a missing one fails now rather than mid-epoch;
     ``verify=True`` also compares each shard's sha256 with its index when
     the shard is first opened (reads the whole shard once).
+
+    ``verify_blocks`` (default: on, unless ``$SHARDSTREAM_VERIFY_BLOCKS=0``):
+    the first ``ds[i]`` touching a block in this process compares the block
+    with its checksum (index v4); a damaged block raises
+    :class:`CorruptShardError` naming shard, block, byte offset and first sample.
     """
 
     def __init__(self, source: str | os.PathLike | Dataset, *,
                  transform: Callable[[dict], Any] | None = None, with_key: bool = False,
                  check_files: bool = True, verify: bool = False,
-                 cache_dir: str | None = None) -> None:
-        self._ds = _resolve(source, cache_dir)
+                 cache_dir: str | None = None, verify_blocks: bool | None = None) -> None:
+        self._ds, self._hold = _resolve(source, cache_dir)  # _hold: the cache entry in use
         m = self._ds.manifest
         self.transform = transform
         self.with_key = with_key
         self.verify = verify
+        self.verify_blocks = verify_blocks_default() if verify_blocks is None else verify_blocks
         self.key_field = m.key_field
         self._infos: list[ShardInfo] = list(m.shards)
         self._starts: list[int] = m.shard_starts()
@@ -287,7 +386,11 @@ class ShardDataset(_TorchDataset):
         else:
             # compressed shards have no ``start``: their bytes come from a decompressed frame
             if sh.__class__ is _BlockShard:
-                raw = sh.mm[sh.start[j]:sh.end[j]]
+                a = sh.start[j]
+                ok = sh.ok
+                if ok is not None and not ok[a >> 12]:  # GRANULE_SHIFT
+                    sh.verified.check(a)
+                raw = sh.mm[a:sh.end[j]]
             elif sh.__class__ is _FramedShard and sh.frame_of[j] == sh.last:
                 raw = sh.last_data[sh.in_start[j]:sh.in_end[j]]  # neighbour in the same frame
             else:
@@ -326,22 +429,27 @@ class ShardDataset(_TorchDataset):
     def _open_shard(self, s: int) -> _BlockShard | _CompressedShard | _FramedShard | _ForeignShard:
         info = self._infos[s]
         path, idx_path = self._ds.shard_path(info), self._ds.index_path(info)
-        index = load_any_index(idx_path)
+        if self._hold is not None:  # a cached copy removed: say so, not "rebuild the index"
+            self._hold.check(path, idx_path)
+        data = read_index_file(idx_path, path)
+        index = _parse_index(data, idx_path)
         foreign = isinstance(index, ForeignIndex)
         if index.num_samples != info.num_samples:
             raise IndexMismatchError(
                 f"index {idx_path} lists {index.num_samples} samples, the manifest "
                 f"{info.num_samples}; rebuild it with `shardstream index {path}`")
+        check_index_entry(index, data, info, idx_path=idx_path, shard_path=path)
         mm = self._map(path, index, info, s)
+        check = self.verify_blocks
         if foreign:
             sh: _BlockShard | _CompressedShard | _FramedShard | _ForeignShard = \
                 _ForeignShard(mm, index, path)
         elif index.framed:
-            sh = _FramedShard(mm, index, path, self._starts[s])
+            sh = _FramedShard(mm, index, path, self._starts[s], check)
         elif index.compression is not None:
             sh = _CompressedShard(mm, index, path, self._starts[s])
         else:
-            sh = _BlockShard(mm, index, path)
+            sh = _BlockShard(mm, index, path, self._starts[s], check)
         self._open[s] = sh
         return sh
 
@@ -406,6 +514,24 @@ def _unmap(sh: Any) -> None:
         pass
 
 
+def _first_label(index: ShardIndex, b: int, base: int) -> str:
+    """How errors name block ``b``'s first sample: shard-local and global ordinal."""
+    first = int(index.block_first[b])
+    return f"sample {first} (global {base + first})"
+
+
+def _parse_index(data: bytes, idx_path: str) -> ShardIndex | ForeignIndex:
+    """Either kind of index from its file's bytes; the ``format`` field tells which."""
+    try:
+        d = decode_sample(data)
+    except DecodeError as exc:
+        raise CorruptShardError(f"{idx_path}: unreadable index ({exc}); rebuild it with "
+                                "`shardstream index`") from exc
+    if d.get("format") == WDS_INDEX_FORMAT:
+        return ForeignIndex.from_dict(d, where=idx_path)
+    return ShardIndex.from_bytes(data, where=idx_path)
+
+
 def _ints(a: np.ndarray) -> memoryview:
     """An int64 array as a memoryview: indexing gives Python ints, 8 bytes each."""
     return memoryview(a.astype("=u8", copy=False)).cast("B").cast("Q")
@@ -422,13 +548,16 @@ def _first_past(index: ShardIndex | ForeignIndex, size: int) -> int | None:
     return int(past[0]) if past.size else None
 
 
-def _resolve(source: str | os.PathLike | Dataset, cache_dir: str | None) -> Dataset:
+def _resolve(source: str | os.PathLike | Dataset, cache_dir: str | None
+             ) -> tuple[Dataset, Any]:
+    """The dataset, and for a remote one the :class:`~shardstream.storage.CacheHold` on
+    its cached copy (eviction in any process skips it while held), else None."""
     if isinstance(source, Dataset):
-        return source
+        return source, None
     src = os.fspath(source)
     if src.startswith(_REMOTE):
         try:
-            from .storage import fetch_to_cache  # type: ignore[attr-defined]
+            from .storage import fetch_and_hold
         except ImportError:
             raise NotImplementedError(
                 f"{src}: ShardDataset reads local datasets; object storage support comes "
@@ -436,5 +565,6 @@ def _resolve(source: str | os.PathLike | Dataset, cache_dir: str | None) -> Data
                 "`gsutil rsync`) and pass the directory") from None
         if cache_dir is None:
             raise ValueError(f"{src} is remote: pass cache_dir= to hold the local copy")
-        src = fetch_to_cache(src, cache_dir)
-    return open_dataset(src)
+        held = fetch_and_hold(src, cache_dir)
+        return open_dataset(held.path), held
+    return open_dataset(src), None

@@ -13,7 +13,11 @@ cache directory, and then read with ``pread`` exactly like a local shard.
   process downloads an entry under an ``flock`` while the others wait for
   it, so DataLoader workers and ranks on one node share each download. The
   directory is kept under ``max_bytes`` by evicting least recently used
-  entries (an entry that a reader has open stays readable: POSIX unlink).
+  entries, never one a reader has open: :meth:`RemoteCache.open_shard`'s fd
+  holds a shared ``flock`` on the entry, and eviction (any process) skips
+  what it cannot lock exclusively at once. Entry names are built from the
+  URL's hash, a hex digest and a tamed copy of the URL's last component, and
+  checked to stay inside the cache directory.
 - :class:`Prefetcher`: a background thread that downloads the shards a
   reader will need next, in the order it will first touch them, at most
   ``depth`` shards ahead of it.
@@ -30,14 +34,16 @@ from __future__ import annotations
 
 import contextlib
 import hashlib
+import operator
 import os
+import re
 import tempfile
 import threading
 from concurrent.futures import Future
 from typing import Any, Callable, Hashable, Iterable, Sequence
 
 from . import storage
-from .errors import ShardNotFoundError, StorageError
+from .errors import ManifestError, ShardNotFoundError, StorageError
 from .retry import DEFAULT_RETRY, RetryPolicy
 
 __all__ = ["RemoteCache", "Prefetcher", "default_cache_dir", "DEFAULT_CACHE_LIMIT"]
@@ -52,10 +58,22 @@ def default_cache_dir() -> str:
     return os.path.join(tempfile.gettempdir(), f"shardstream-{uid}", "shards")
 
 
+_HEX = re.compile(r"[0-9a-fA-F]{16,64}")
+
+
 def _entry_name(url: str, tag: str) -> str:
+    """``<hash of url>-<tag>-<last component>``: a plain file name whatever the URL holds."""
     digest = hashlib.sha256(url.encode()).hexdigest()[:16]
-    base = url.rstrip("/").rsplit("/", 1)[-1][-80:] or "object"
-    return f"{digest}-{tag}-{base}"
+    base = re.sub(r"[^A-Za-z0-9._-]", "_", url.rstrip("/").rsplit("/", 1)[-1])[-80:]
+    return f"{digest}-{tag}-{base.lstrip('.') or 'object'}"
+
+
+def _tag(url: str, sha256: str) -> str:
+    """The entry tag for a manifest's ``sha256``: a hex digest, else ManifestError."""
+    if not isinstance(sha256, str) or not _HEX.fullmatch(sha256):
+        raise ManifestError(f"{url}: the manifest gives sha256 {sha256!r}, not a hex "
+                            "digest; the manifest is damaged: rewrite the dataset")
+    return sha256[:16]
 
 
 class RemoteCache:
@@ -142,21 +160,23 @@ class RemoteCache:
 
     # -- indexes ----------------------------------------------------------------
     def index_bytes(self, url: str, *, sha256: str | None = None,
-                    missing_ok: bool = False) -> bytes | None:
+                    missing_ok: bool = False, size: int | None = None) -> bytes | None:
         """The index at ``url`` (one request; kept on disk when ``sha256`` names it).
 
         ``missing_ok``: return None instead of raising :class:`ShardNotFoundError`.
+        ``size`` (the manifest's ``index_bytes``): a larger answer is refused unread.
         """
         self._started("index", url, wait=True)  # lands in self._indexes (or fails: retry)
-        return self._index(url, sha256, missing_ok)
+        return self._index(url, sha256, missing_ok, size)
 
-    def _index(self, url: str, sha256: str | None, missing_ok: bool) -> bytes | None:
+    def _index(self, url: str, sha256: str | None, missing_ok: bool,
+               size: int | None = None) -> bytes | None:
         if url in self._indexes:
             data = self._indexes[url]
             if data is None and not missing_ok:
                 raise ShardNotFoundError(f"index {url} does not exist")
             return data
-        path = os.path.join(self.cache_dir, _entry_name(url, sha256[:16])) if sha256 else None
+        path = self._inside(url, _entry_name(url, _tag(url, sha256))) if sha256 else None
         try:
             data = self._cached_index(path)
             if data is None:
@@ -168,7 +188,7 @@ class RemoteCache:
                             data = self._cached_index(path)
                     if data is None:
                         data = storage.read_bytes(url, storage_options=self.storage_options,
-                                                  retry=self.retry)
+                                                  retry=self.retry, max_bytes=size)
                         if path is not None and hashlib.sha256(data).hexdigest() == sha256:
                             self._store(path, data)
         except ShardNotFoundError:
@@ -234,8 +254,20 @@ class RemoteCache:
         return self._complete(self._dest(url, size, sha256), size)
 
     def _dest(self, url: str, size: int, sha256: str | None) -> str:
-        tag = sha256[:16] if sha256 else f"{size}b"
-        return os.path.join(self.cache_dir, _entry_name(url, tag))
+        given = size
+        try:
+            size = operator.index(size) if not isinstance(size, bool) else -1
+        except TypeError:
+            size = -1
+        if size < 0:
+            raise ManifestError(f"{url}: size {given!r} is not a byte count; the manifest "
+                                "or index is damaged: rewrite the dataset")
+        tag = _tag(url, sha256) if sha256 else f"{size}b"
+        return self._inside(url, _entry_name(url, tag))
+
+    def _inside(self, url: str, name: str) -> str:
+        """``cache_dir/name`` for ``url``, checked to stay inside the cache directory."""
+        return storage.inside(self.cache_dir, name, url=url)
 
     def _shard(self, url: str, size: int | None, sha256: str | None, wait: bool) -> str | None:
         if size is None:
@@ -265,20 +297,22 @@ class RemoteCache:
 
     def open_shard(self, url: str, *, size: int | None = None, sha256: str | None = None,
                    path: str | None = None) -> int:
-        """An open fd on the cached copy of ``url`` (``path``: already fetched there)."""
+        """An open fd on the cached copy of ``url`` (``path``: already fetched there).
+
+        The fd holds a shared ``flock`` on the copy: while it is open no eviction,
+        in any process, removes the entry (closing the fd lets it go).
+        """
         for _ in range(3):  # an entry evicted between download and open: fetch again
             if path is None:
                 path = self.shard_path(url, size=size, sha256=sha256)
             assert path is not None
-            try:
-                return os.open(path, os.O_RDONLY)
-            except FileNotFoundError:
-                path = None
-            except OSError as exc:
-                raise StorageError(f"cannot open the cached copy {path} of {url}: "
-                                   f"{exc.strerror or exc}; check cache_dir") from exc
-        raise StorageError(f"{url}: the cached copy keeps being evicted from {self.cache_dir}; "
-                           "raise the cache size limit (cache_limit=)")
+            fd = storage._open_shared(path)
+            if fd is not None:
+                return fd
+            path = None
+        raise StorageError(f"{url}: the cached copy keeps being evicted from {self.cache_dir} "
+                           "before it can be opened; raise the cache size limit "
+                           "(cache_limit=) or give this reader a cache_dir of its own")
 
 
 class Prefetcher:

@@ -24,6 +24,13 @@ Errors come out as exceptions :func:`shardstream.retry.classify` sorts
 (an HTTP error carries a botocore-style ``response``); a body that breaks
 mid-way raises :class:`http.client.IncompleteRead` whose ``partial`` holds
 the bytes that did arrive, so the caller resumes at the next byte.
+
+Sizes a server claims are checked, never trusted: a ranged answer whose
+Content-Length exceeds the range, or whose Content-Range names other bytes,
+is refused before its body is read; a whole-object GET is bounded by
+``max_bytes`` when the caller knows the size; bodies are read in steps into a
+buffer that grows only as bytes arrive (a lying header costs nothing); HEAD
+must answer a plain non-negative Content-Length.
 """
 
 from __future__ import annotations
@@ -46,6 +53,11 @@ __all__ = ["Credentials", "S3Reader", "reader", "sign_v4", "UNSIGNED_PAYLOAD"]
 
 UNSIGNED_PAYLOAD = "UNSIGNED-PAYLOAD"
 _READ_STEP = 1 << 18  # a body is read in steps: a broken connection loses at most this
+#: a ranged body (the caller planned for that many bytes) up to this size gets its
+#: buffer at once (download chunks: 8 MiB); any other starts at ``_READ_STEP`` bytes
+#: and doubles only as bytes arrive
+_PREALLOC = 16 << 20
+_CONTENT_RANGE = re.compile(r"\s*bytes\s+(\d+)-(\d+)/(\d+|\*)\s*$")
 _OPTIONS = frozenset({"key", "secret", "token", "anon", "endpoint_url", "client_kwargs",
                       "profile", "use_ssl", "skip_instance_cache", "use_listings_cache",
                       "listings_expiry_time", "max_paths"})
@@ -227,46 +239,41 @@ class S3Reader:
                     return
         conn.close()
 
-    def cat_file(self, path: str, start: int | None = None, end: int | None = None
-                 ) -> bytes | bytearray:
-        """Bytes ``[start, end)`` of ``bucket/key`` (all of it by default; a bytearray
-        when the length was known, to spare copying 8 MiB chunks)."""
+    def cat_file(self, path: str, start: int | None = None, end: int | None = None,
+                 max_bytes: int | None = None) -> bytes | bytearray:
+        """Bytes ``[start, end)`` of ``bucket/key`` (all of it by default) as a bytearray.
+
+        Never more than asked: ``end - start`` for a range, ``max_bytes`` (when
+        given) for the whole object; a longer answer is a :class:`StorageError`
+        naming the URL, the size expected and the size claimed.
+        """
         bucket, key = _split(path)
+        url = f"s3://{bucket}/{key}"
         headers = {}
         lo = start or 0
-        if start is not None or end is not None:
+        ranged = start is not None or end is not None
+        if ranged:
             if end is not None and end <= lo:
                 return b""
             headers["range"] = f"bytes={lo}-{'' if end is None else end - 1}"
+        bound = (end - lo if end is not None else None) if ranged else max_bytes
         conn, resp = self._send("GET", bucket, key, headers)
         ok = False
         try:
-            length = resp.length
-            if length is None:  # no Content-Length (chunked): read to the end
-                data = resp.read()
-                ok = True
-                return data
-            if headers and resp.status == 200 and (
-                    lo > 0 or (end is not None and length != end - lo)):
+            length = resp.length  # Content-Length; None when chunked
+            if ranged and resp.status == 200 and (
+                    lo > 0 or (length is not None and bound is not None and length != bound)):
                 # a whole object where a part was asked for: never hand it on as that part
-                raise StorageError(f"s3://{bucket}/{key}: the server ignored the Range header "
+                raise StorageError(f"{url}: the server ignored the Range header "
                                    "(answered 200 with the whole object); use an "
                                    "S3-compatible server that supports ranged GETs")
-            buf = bytearray(length)
-            view = memoryview(buf)
-            n = 0
-            try:
-                while n < length:
-                    got = resp.readinto(view[n:n + _READ_STEP])
-                    if not got:
-                        break
-                    n += got
-            except (OSError, http.client.HTTPException) as exc:
-                raise http.client.IncompleteRead(bytes(view[:n]), length - n) from exc
-            if n < length:
-                raise http.client.IncompleteRead(bytes(view[:n]), length - n)
+            if length is not None and bound is not None and length > bound:
+                raise _too_long(url, bound, length, "asked for" if ranged else "expected")
+            if ranged and resp.status == 206:
+                _check_content_range(url, resp.getheader("content-range"), lo, length)
+            buf = _read_body(resp, url, length, bound, ranged)
             ok = True
-            return buf  # type: ignore[return-value]  # a bytearray: no second copy
+            return buf  # a bytearray: no second copy
         finally:
             if ok:
                 self._release(conn, resp)
@@ -280,9 +287,64 @@ class S3Reader:
         resp.read()
         self._release(conn, resp)
         length = resp.getheader("content-length")
-        if length is None:
-            raise StorageError(f"s3://{bucket}/{key}: HEAD returned no Content-Length")
+        if length is None or not length.strip().isdigit():
+            raise StorageError(f"s3://{bucket}/{key}: HEAD returned no usable Content-Length "
+                               f"({length!r}); the server must report the object's size")
         return int(length)
+
+
+def _too_long(url: str, expected: int, claimed: int | str, what: str) -> StorageError:
+    return StorageError(f"{url}: the server sent (or announced) {claimed} bytes where "
+                        f"{expected} were {what}; refusing to read past that. Check that the "
+                        "URL points at the object meant and the server answers Range requests")
+
+
+def _check_content_range(url: str, header: str | None, lo: int, length: int | None) -> None:
+    """A 206's Content-Range must start at ``lo`` and agree with Content-Length."""
+    if header is None:
+        return
+    m = _CONTENT_RANGE.match(header)
+    if m is None:
+        raise StorageError(f"{url}: unreadable Content-Range {header!r} in a ranged answer")
+    first, last = int(m.group(1)), int(m.group(2))
+    if first != lo or last < first or (length is not None and last - first + 1 != length):
+        raise StorageError(f"{url}: asked for bytes from {lo}, the server answered bytes "
+                           f"{first}-{last} (Content-Range {header!r}, Content-Length "
+                           f"{length}); refusing bytes from the wrong place")
+
+
+def _read_body(resp: http.client.HTTPResponse, url: str, length: int | None,
+               bound: int | None, ranged: bool) -> bytearray:
+    """The body, read in ``_READ_STEP`` steps into a buffer that doubles only as bytes
+    arrive (a range of up to ``_PREALLOC`` bytes: allocated at once); past ``bound``:
+    StorageError; broken or short (of ``length``): IncompleteRead with what came."""
+    cap = length if length is not None else bound
+    first = min(_PREALLOC, cap) if ranged and cap is not None else _READ_STEP
+    buf = bytearray(first if cap is None else min(first, cap))
+    n = 0
+    try:
+        while length is None or n < length:
+            if n == len(buf):
+                grow = max(len(buf), _READ_STEP)
+                if cap is not None:
+                    grow = min(grow, cap + 1 - n)  # one byte past a bound shows an overrun
+                buf.extend(bytes(grow))
+            with memoryview(buf) as view:
+                got = resp.readinto(view[n:n + _READ_STEP])
+            if not got:
+                break
+            n += got
+            if bound is not None and n > bound:
+                break
+    except (OSError, http.client.HTTPException) as exc:
+        raise http.client.IncompleteRead(bytes(buf[:n]),
+                                         None if length is None else length - n) from exc
+    if bound is not None and n > bound:
+        raise _too_long(url, bound, f"at least {n}", "asked for" if ranged else "expected")
+    if length is not None and n < length:
+        raise http.client.IncompleteRead(bytes(buf[:n]), length - n)
+    del buf[n:]
+    return buf
 
 
 def _split(path: str) -> tuple[str, str]:

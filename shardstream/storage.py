@@ -14,6 +14,15 @@ Errors leave as :class:`StorageError` (``.url``, ``.kind`` = ``"auth"``,
 Reading: :func:`read_bytes` (one range request) and :func:`open_stream`
 (a sequential reader that resumes a broken download with a range request at
 the first byte not yet handed out, with one chunk of read-ahead).
+
+Servers are not trusted with sizes or names: a ranged answer longer than the
+range is refused before its body is read, a whole-object read is bounded by
+the size known for it (``max_bytes``; a manifest by :data:`MANIFEST_LIMIT`)
+and bodies are read into buffers that grow only as bytes arrive. A name from
+a remote manifest becomes a local path only if it is a plain file name that
+resolves inside its cache entry (:func:`check_name`, :func:`inside`). Readers
+hold a shared ``flock`` on the cache entries they use (:func:`hold`), and
+eviction skips any entry it cannot lock exclusively at once.
 """
 
 from __future__ import annotations
@@ -24,6 +33,7 @@ import hashlib
 import io
 import logging
 import os
+import re
 import shlex
 import shutil
 import subprocess
@@ -34,17 +44,23 @@ from collections import deque
 from concurrent.futures import Future, ThreadPoolExecutor
 from typing import Any, BinaryIO, Callable, Iterator
 
-from .errors import ShardNotFoundError, StorageError
+from .errors import ManifestError, ShardNotFoundError, StorageError
 from .retry import DEFAULT_RETRY, RetryPolicy, classify
+from .s3read import S3Reader, _check_content_range, _too_long
 
 __all__ = ["RetryPolicy", "DEFAULT_RETRY", "DEFAULT_CHUNK_SIZE", "is_remote", "is_pipe",
            "join", "local_path", "get_fs", "read_bytes", "open_stream", "ResumableStream",
            "size", "exists", "list_prefix", "put_file", "put_bytes", "remove",
-           "fetch_to_cache"]
+           "fetch_to_cache", "fetch_and_hold", "hold", "CacheHold", "check_name", "inside",
+           "MANIFEST_LIMIT"]
 
 log = logging.getLogger("shardstream.storage")
 
 DEFAULT_CHUNK_SIZE = 8 * 2**20
+#: the largest ``manifest.json`` read from storage (~300 bytes a shard: ~800,000 shards)
+MANIFEST_LIMIT = 256 << 20
+#: a body is read in steps of this many bytes; buffers grow as bytes arrive
+_READ_STEP = 1 << 18
 StorageOptions = dict[str, Any] | None
 _LOCAL_PROTOCOLS = ("file", "local")
 _EXTRAS = {"s3": "s3", "s3a": "s3", "gs": "gcs", "gcs": "gcs", "http": "http", "https": "http"}
@@ -119,6 +135,60 @@ def join(base: str, *names: str) -> str:
     return "/".join([base.rstrip("/"), *(n.strip("/") for n in names)])
 
 
+# ---------------------------------------------------------------- names and sizes from servers
+def check_name(name: object, *, url: str, entry: str) -> str:
+    """``name`` (a file name from a remote manifest) if it is a plain file name.
+
+    Anything else (empty, ``.``/``..``, a separator, absolute, a NUL byte) is a
+    :class:`ManifestError` naming ``url`` and the cache ``entry`` it would escape.
+    """
+    if not isinstance(name, str) or not name:
+        why = "is not a non-empty string"
+    elif "\x00" in name:
+        why = "holds a NUL byte"
+    elif name in (".", ".."):
+        why = "names a directory"
+    elif "/" in name or "\\" in name or (os.altsep and os.altsep in name) or \
+            os.path.isabs(name):
+        why = "holds a path separator"
+    else:
+        return name
+    raise ManifestError(f"{url}: file name {name!r} in the manifest {why}; only plain file "
+                        f"names are allowed (it would land outside the cache entry {entry}). "
+                        "The manifest is damaged or not from a shardstream writer: rewrite "
+                        "the dataset, or check where the URL points")
+
+
+def inside(root: str, name: str, *, url: str) -> str:
+    """``root/name``, checked to resolve (symlinks followed) strictly inside ``root``."""
+    path = os.path.join(root, check_name(name, url=url, entry=root))
+    real_root, real = os.path.realpath(root), os.path.realpath(path)
+    if os.path.dirname(real) != real_root:
+        raise StorageError(f"{url}: the cache path {path} resolves to {real}, outside the "
+                           f"cache entry {root} (a symlink in the cache?); remove {path} "
+                           "or use another cache_dir")
+    return path
+
+
+def _declared_size(value: object, *, url: str, what: str) -> int:
+    """A byte count from a manifest: a non-negative int (bools and strings refused)."""
+    if type(value) is not int or not 0 <= value < 1 << 56:
+        raise ManifestError(f"{url}: the manifest gives {what} a size of {value!r}, not a byte "
+                            "count; the manifest is damaged: rewrite the dataset")
+    return value
+
+
+def _server_size(value: object, url: str) -> int:
+    """An object size a server reported (HEAD): a non-negative int, else StorageError."""
+    if isinstance(value, str) and value.strip().isdigit():
+        value = int(value)
+    if type(value) is not int or value < 0:
+        raise StorageError(f"{url}: the server reported no usable size ({value!r}); it must "
+                           "answer HEAD with a Content-Length (or pass the size, e.g. from "
+                           "the manifest)")
+    return value
+
+
 # ---------------------------------------------------------------- filesystems
 def _default_options(protocol: str, options: dict[str, Any], timeout: float | None) -> None:
     """Timeouts, and no hidden retry layers under ours (they would multiply)."""
@@ -185,7 +255,69 @@ def _read_fs(url: str, storage_options: StorageOptions, timeout: float | None
         lite = s3read.reader(os.fspath(url), storage_options, timeout=timeout)
         if lite is not None:
             return lite
-    return get_fs(url, storage_options, timeout=timeout)
+    fs, path = get_fs(url, storage_options, timeout=timeout)
+    if _protocol(os.fspath(url)) in ("http", "https") and _BoundedHTTP.fits(fs):
+        return _BoundedHTTP(fs), path
+    return fs, path
+
+
+class _BoundedHTTP:
+    """fsspec's HTTP filesystem for reads, with every body bounded by what was asked:
+    an answer announcing more than the range (or ``max_bytes``) is refused before its
+    body is read, and a body is read in steps, stopping once past the bound."""
+
+    _NEEDS = ("loop", "kwargs", "set_session", "encode_url", "_process_limits",
+              "_raise_not_found_for_status")
+
+    def __init__(self, fs: Any) -> None:
+        self.fs = fs
+
+    @classmethod
+    def fits(cls, fs: Any) -> bool:
+        return all(hasattr(fs, a) for a in cls._NEEDS)
+
+    def size(self, path: str) -> Any:
+        return self.fs.size(path)
+
+    def cat_file(self, path: str, start: int | None = None, end: int | None = None,
+                 max_bytes: int | None = None) -> bytes | bytearray:
+        from fsspec.asyn import sync
+
+        return sync(self.fs.loop, self._cat, path, start, end, max_bytes)
+
+    async def _cat(self, url: str, start: int | None, end: int | None,
+                   max_bytes: int | None) -> bytes | bytearray:
+        kw = self.fs.kwargs.copy()
+        headers = dict(kw.pop("headers", None) or {})
+        ranged = start is not None or end is not None
+        want = end - (start or 0) if end is not None and (start or 0) >= 0 else None
+        if ranged:
+            if start == end:
+                return b""
+            headers["Range"] = await self.fs._process_limits(url, start, end)
+        bound = want if ranged else max_bytes
+        session = await self.fs.set_session()
+        async with session.get(self.fs.encode_url(url), headers=headers, **kw) as r:
+            self.fs._raise_not_found_for_status(r, url)
+            if ranged and r.status == 200 and start:
+                raise StorageError(f"{url}: the server ignored the Range header (answered 200 "
+                                   "with the whole object); use a server that supports "
+                                   "ranged GETs")
+            claimed = r.content_length
+            if bound is not None and claimed is not None and claimed > bound:
+                raise _too_long(url, bound, claimed, "asked for" if ranged else "expected")
+            if ranged and r.status == 206 and (start or 0) >= 0:
+                _check_content_range(url, r.headers.get("Content-Range"), start or 0, claimed)
+            parts, got = [], 0
+            while True:
+                chunk = await r.content.read(_READ_STEP)
+                if not chunk:
+                    return b"".join(parts)  # one copy, as aiohttp's own read() makes
+                parts.append(chunk)
+                got += len(chunk)
+                if bound is not None and got > bound:
+                    raise _too_long(url, bound, f"at least {got}",
+                                    "asked for" if ranged else "expected")
 
 
 # s3fs creates a botocore session per filesystem, and each parses the S3 service
@@ -276,16 +408,28 @@ def _call(url: str, action: str, fn: Callable[[], Any], retry: RetryPolicy,
 # ---------------------------------------------------------------- reading
 def read_bytes(url: str, start: int | None = None, end: int | None = None, *,
                storage_options: StorageOptions = None,
-               retry: RetryPolicy = DEFAULT_RETRY) -> bytes:
-    """Bytes ``[start, end)`` of the object (all of it by default): one range request."""
+               retry: RetryPolicy = DEFAULT_RETRY, max_bytes: int | None = None) -> bytes:
+    """Bytes ``[start, end)`` of the object (all of it by default): one range request.
+
+    ``max_bytes`` bounds a whole-object read (the size the manifest declares, or a
+    cap): a larger object is a :class:`StorageError`, refused before its body is read
+    where the server announces its length (S3 and HTTP).
+    """
     fs, path = _read_fs(url, storage_options, timeout=retry.timeout)
     want = None if start is None or end is None else end - start
+    bound = want if want is not None else max_bytes if start is None and end is None else None
+    bounded = isinstance(fs, (_BoundedHTTP, S3Reader))
 
     def fetch() -> bytes:
-        data = fs.cat_file(path, start=start, end=end)
+        if bounded and bound is not None and want is None:
+            data = fs.cat_file(path, start=start, end=end, max_bytes=bound)
+        else:
+            data = fs.cat_file(path, start=start, end=end)
         if want is not None and len(data) > want:
             raise StorageError(f"{url}: the server ignored the Range header "
                                f"(asked {want} bytes, got {len(data)})")
+        if bound is not None and len(data) > bound:
+            raise _too_long(url, bound, len(data), "expected")
         return bytes(data) if isinstance(data, bytearray) else data
     if want == 0:
         return b""
@@ -296,7 +440,7 @@ def size(url: str, *, storage_options: StorageOptions = None,
          retry: RetryPolicy = DEFAULT_RETRY) -> int:
     """Size of the object in bytes."""
     fs, path = _read_fs(url, storage_options, timeout=retry.timeout)
-    return int(_call(url, "stat", lambda: fs.size(path), retry))
+    return _server_size(_call(url, "stat", lambda: fs.size(path), retry), url)
 
 
 class ResumableStream(io.RawIOBase):
@@ -420,7 +564,7 @@ def _fetch_range(fs: Any, path: str, url: str, start: int, end: int, retry: Retr
 
 
 def _size(fs: Any, path: str, url: str, retry: RetryPolicy) -> int:
-    return int(_call(url, "stat", lambda: fs.size(path), retry))
+    return _server_size(_call(url, "stat", lambda: fs.size(path), retry), url)
 
 
 class _PipeStream(io.RawIOBase):
@@ -553,9 +697,17 @@ def remove(url: str, *, missing_ok: bool = True, storage_options: StorageOptions
 
 
 # ---------------------------------------------------------------- local cache
+def _os_error(action: str, path: str, exc: OSError, fix: str = "check cache_dir") -> StorageError:
+    return StorageError(f"cannot {action} {path}: {exc.strerror or exc}; {fix}",
+                        errno=exc.errno)
+
+
 @contextlib.contextmanager
 def _locked(path: str, blocking: bool = True) -> Iterator[bool]:
-    fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o644)
+    try:
+        fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o644)
+    except OSError as exc:
+        raise _os_error("create the lock file", path, exc) from exc
     try:
         try:
             fcntl.flock(fd, fcntl.LOCK_EX | (0 if blocking else fcntl.LOCK_NB))
@@ -572,8 +724,114 @@ def _locked(path: str, blocking: bool = True) -> Iterator[bool]:
         os.close(fd)
 
 
+def removed_error(path: str, what: str = "cached copy") -> StorageError:
+    """The error for a cache entry that disappeared under a reader."""
+    return StorageError(f"the {what} at {path} was removed (evicted from the cache or deleted "
+                        "by hand); read the dataset again (a new ShardDataset / ShardStream) "
+                        "to download it again, and raise the cache size limit (cache_limit= / "
+                        "max_bytes=) or use a cache_dir of its own if it keeps being evicted")
+
+
+def _open_shared(path: str) -> int | None:
+    """An fd on the entry ``path`` (file or directory) holding ``flock(LOCK_SH)``; None
+    when it is gone (an eviction that renamed it away while we waited counts)."""
+    try:
+        fd = os.open(path, os.O_RDONLY)
+    except FileNotFoundError:
+        return None
+    except OSError as exc:
+        raise _os_error("open the cached copy", path, exc) from exc
+    try:
+        fcntl.flock(fd, fcntl.LOCK_SH)  # an eviction holds LOCK_EX only while it renames
+        st = os.fstat(fd)
+        now = os.stat(path)
+        if (st.st_dev, st.st_ino) == (now.st_dev, now.st_ino):
+            return fd
+    except FileNotFoundError:
+        pass
+    except BaseException:
+        os.close(fd)
+        raise
+    os.close(fd)
+    return None
+
+
+class CacheHold:
+    """A reader's shared lock on a cache entry: no eviction, in any process, removes it.
+
+    The lock is ``flock(LOCK_SH)`` on the entry itself and lasts while any copy of
+    the descriptor is open (a forked DataLoader worker's copy keeps it); it is never
+    unlocked explicitly, only closed. Pickled (spawn workers) it is taken again by
+    the new process. ``cached`` is False for a local dataset: nothing to hold.
+    """
+
+    __slots__ = ("path", "fd", "cached")
+
+    def __init__(self, path: str, fd: int = -1, cached: bool | None = None) -> None:
+        self.path, self.fd = path, fd
+        self.cached = fd >= 0 if cached is None else cached
+
+    def check(self, *paths: str) -> None:
+        """Raise :func:`removed_error` for the entry or the first of ``paths`` (its
+        files) that is gone; a no-op for a local dataset."""
+        if not self.cached:
+            return
+        for p in (self.path, *paths):
+            if not os.path.exists(p):
+                raise removed_error(p)
+
+    def close(self) -> None:
+        fd, self.fd = self.fd, -1
+        if fd >= 0:
+            with contextlib.suppress(OSError):
+                os.close(fd)
+
+    def __enter__(self) -> "CacheHold":
+        return self
+
+    def __exit__(self, *exc: Any) -> None:
+        self.close()
+
+    def __del__(self) -> None:
+        self.close()
+
+    def __reduce__(self) -> tuple:
+        return _rehold, (self.path, self.cached)
+
+
+def _rehold(path: str, cached: bool) -> CacheHold:
+    """A hold in a new process; an entry gone meanwhile holds nothing (readers then say
+    it was removed)."""
+    fd = _open_shared(path) if cached else None
+    return CacheHold(path, -1 if fd is None else fd, cached)
+
+
+def hold(path: str) -> CacheHold:
+    """Hold the cache entry ``path`` (what :func:`fetch_to_cache` returned) for reading.
+
+    Raises :class:`StorageError` (see :func:`removed_error`) when it is gone already:
+    prefer :func:`fetch_and_hold`, which takes the hold before any eviction can run.
+    """
+    fd = _open_shared(path)
+    if fd is None:
+        raise removed_error(path)
+    return CacheHold(path, fd)
+
+
 #: range requests in flight per download (each ``DEFAULT_CHUNK_SIZE`` bytes)
 DOWNLOAD_STREAMS = 3
+
+
+def _check_room(directory: str, nbytes: int, url: str) -> None:
+    """StorageError when ``directory``'s file system cannot take ``nbytes`` more."""
+    try:
+        free = shutil.disk_usage(directory).free
+    except OSError:
+        return
+    if nbytes > free:
+        raise StorageError(f"cannot download {url}: it is {nbytes} bytes and only {free} are "
+                           f"free in {directory}; free space, or use a cache_dir on a larger "
+                           "disk (a size this large may also be a damaged manifest)")
 
 
 def _download(url: str, dest: str, storage_options: StorageOptions, retry: RetryPolicy,
@@ -584,15 +842,26 @@ def _download(url: str, dest: str, storage_options: StorageOptions, retry: Retry
     A remote object comes in ``chunk_size`` range requests, ``streams`` of them in
     flight, each retried from its first byte not yet received (see
     :func:`_fetch_range`); chunks are written in order, straight from the
-    response, so the temp file only grows.
+    response, so the temp file only grows. A size the disk cannot hold is refused
+    before anything is fetched.
     """
-    fd, tmp = tempfile.mkstemp(prefix=".part-", dir=os.path.dirname(dest))
+    where = os.path.dirname(dest) or "."
+    if size_hint is not None:
+        _check_room(where, size_hint, url)
+    try:
+        fd, tmp = tempfile.mkstemp(prefix=".part-", dir=where)
+    except OSError as exc:
+        raise _os_error("create a download file in", where, exc) from exc
     try:
         if is_remote(url) and not is_pipe(url):
             try:
                 fs, path = _read_fs(url, storage_options, timeout=retry.timeout)
-                end = size_hint if size_hint is not None else _size(fs, path, url, retry)
-                _fetch_into(fd, fs, path, url, end, retry, chunk_size, streams)
+                if size_hint is not None:
+                    end = size_hint
+                else:
+                    end = _size(fs, path, url, retry)
+                    _check_room(where, end, url)
+                _fetch_into(fd, fs, path, url, end, retry, chunk_size, streams, tmp)
             finally:
                 os.close(fd)
         else:
@@ -600,14 +869,18 @@ def _download(url: str, dest: str, storage_options: StorageOptions, retry: Retry
                                                           storage_options=storage_options) as src:
                 shutil.copyfileobj(src, out, 1 << 20)
         os.replace(tmp, dest)
-    except BaseException:
+    except BaseException as exc:
         with contextlib.suppress(OSError):
             os.unlink(tmp)
+        if isinstance(exc, OSError) and not isinstance(exc, (StorageError,
+                                                               ShardNotFoundError)):
+            raise _os_error("write the download of", f"{url} to {dest}", exc,
+                            "free space or check cache_dir") from exc
         raise
 
 
 def _fetch_into(fd: int, fs: Any, path: str, url: str, end: int, retry: RetryPolicy,
-                chunk_size: int, streams: int) -> None:
+                chunk_size: int, streams: int, tmp: str = "") -> None:
     """Bytes ``[0, end)`` of ``url`` into ``fd``, in order, ``streams`` requests at a time."""
     offsets = iter(range(0, end, max(1, chunk_size)))
     pool = ThreadPoolExecutor(max(1, streams), thread_name_prefix="shardstream-download")
@@ -626,9 +899,13 @@ def _fetch_into(fd: int, fs: Any, path: str, url: str, end: int, retry: RetryPol
             data = fut.result()
             submit()
             view = memoryview(data)
-            while view:
-                n = os.pwrite(fd, view, at)
-                view, at = view[n:], at + n
+            try:
+                while view:
+                    n = os.pwrite(fd, view, at)
+                    view, at = view[n:], at + n
+            except OSError as exc:
+                raise _os_error("write", tmp or f"the download of {url}", exc,
+                                "free space or use another cache_dir") from exc
     finally:
         pool.shutdown(wait=False, cancel_futures=True)
 
@@ -643,8 +920,28 @@ def _entry_bytes(path: str) -> int:
 _STALE_PART_S = 6 * 3600
 
 
+def _try_exclusive(path: str) -> int | None:
+    """An fd on ``path`` holding ``flock(LOCK_EX)``, or None: a reader holds it, or it
+    is gone or cannot be opened."""
+    try:
+        fd = os.open(path, os.O_RDONLY | getattr(os, "O_NOFOLLOW", 0))
+    except OSError:
+        return None
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        return fd
+    except OSError:
+        os.close(fd)
+        return None
+
+
 def _evict(cache_dir: str, max_bytes: int | None, keep: str) -> None:
-    """Drop least recently used entries until the cache fits ``max_bytes``."""
+    """Drop least recently used entries until the cache fits ``max_bytes``.
+
+    An entry is dropped only under its fill lock and an exclusive ``flock`` on it,
+    both taken without waiting: one being downloaded, or held by a reader in any
+    process (:func:`hold`, :meth:`RemoteCache.open_shard`), stays.
+    """
     if max_bytes is None:
         return
     entries = []
@@ -670,11 +967,25 @@ def _evict(cache_dir: str, max_bytes: int | None, keep: str) -> None:
                      blocking=False) as got:
             if not got:  # being filled by another process
                 continue
-            gone = os.path.join(cache_dir, ".evict-" + os.path.basename(p))
-            with contextlib.suppress(OSError):
-                os.replace(p, gone)  # disappears atomically, then is deleted
-                shutil.rmtree(gone) if os.path.isdir(gone) else os.unlink(gone)
-                total -= nbytes
+            fd = _try_exclusive(p)
+            if fd is None:  # a reader has it open
+                continue
+            try:
+                gone = os.path.join(cache_dir, ".evict-" + os.path.basename(p))
+                with contextlib.suppress(OSError):
+                    os.replace(p, gone)  # disappears atomically, then is deleted
+                    shutil.rmtree(gone) if os.path.isdir(gone) else os.unlink(gone)
+                    total -= nbytes
+            finally:  # unlock explicitly: a child forked meanwhile must not keep it
+                fcntl.flock(fd, fcntl.LOCK_UN)  # a reader waiting for LOCK_SH: entry gone
+                os.close(fd)
+
+
+def _entry_path(url: str, cache_dir: str) -> str:
+    """The cache entry of ``url``: its hash and a tame copy of its last component."""
+    digest = hashlib.sha256(url.encode()).hexdigest()[:20]
+    base = re.sub(r"[^A-Za-z0-9._-]", "_", url.rsplit("/", 1)[-1])[-80:].lstrip(".")
+    return inside(cache_dir, f"{digest}-{base or 'root'}", url=url)
 
 
 def fetch_to_cache(url: str, cache_dir: str, max_bytes: int | None = None,
@@ -685,48 +996,95 @@ def fetch_to_cache(url: str, cache_dir: str, max_bytes: int | None = None,
     ``url`` is a dataset prefix (its ``manifest.json`` is read fresh each call;
     shards and indexes whose size matches are reused, others downloaded) or a
     single object. Entries are evicted least recently used first once the
-    cache exceeds ``max_bytes``. Safe for concurrent processes: one fills an
+    cache exceeds ``max_bytes`` (never one a reader holds: see
+    :func:`fetch_and_hold`). Safe for concurrent processes: one fills an
     entry under a file lock, every file appears by atomic rename. Local
     ``url``: returned unchanged.
-    """
-    from .manifest import MANIFEST_NAME, Manifest, atomic_write
 
+    Every file name in the manifest must be a plain name (:func:`check_name`)
+    and every size a byte count, else :class:`ManifestError`; the manifest
+    itself is read only up to :data:`MANIFEST_LIMIT` bytes.
+    """
+    return _fetch(url, cache_dir, max_bytes, storage_options, retry, take_hold=False).path
+
+
+def fetch_and_hold(url: str, cache_dir: str, max_bytes: int | None = None,
+                   storage_options: StorageOptions = None, *,
+                   retry: RetryPolicy = DEFAULT_RETRY) -> CacheHold:
+    """:func:`fetch_to_cache`, and a :class:`CacheHold` on the entry (``.path``) taken
+    before its lock is released: no eviction can slip in between. Keep the hold as
+    long as the copy is read (``ShardDataset`` keeps it for its lifetime)."""
+    return _fetch(url, cache_dir, max_bytes, storage_options, retry, take_hold=True)
+
+
+def _fetch(url: str, cache_dir: str, max_bytes: int | None, storage_options: StorageOptions,
+           retry: RetryPolicy, take_hold: bool) -> CacheHold:
     if not is_remote(url):
-        return local_path(url)
-    os.makedirs(cache_dir, exist_ok=True)
+        return CacheHold(local_path(url))
+    try:
+        os.makedirs(cache_dir, exist_ok=True)
+    except OSError as exc:
+        raise _os_error("create the cache directory", cache_dir, exc,
+                        "pass a writable cache_dir") from exc
     url = url.rstrip("/")
-    digest = hashlib.sha256(url.encode()).hexdigest()[:20]
-    entry = os.path.join(cache_dir, f"{digest}-{url.rsplit('/', 1)[-1] or 'root'}")
+    entry = _entry_path(url, cache_dir)
+    from .manifest import MANIFEST_NAME
+
     try:
         text = read_bytes(join(url, MANIFEST_NAME), storage_options=storage_options,
-                          retry=retry)
+                          retry=retry, max_bytes=MANIFEST_LIMIT)
     except ShardNotFoundError:
         text = None
+    held = CacheHold(entry)
     with _locked(os.path.join(cache_dir, "." + os.path.basename(entry) + ".lock")):
         if text is None:  # a single object
             remote_size = size(url, storage_options=storage_options, retry=retry)
             if not (os.path.isfile(entry) and os.path.getsize(entry) == remote_size):
                 _download(url, entry, storage_options, retry, remote_size)
         else:
-            manifest = Manifest.from_json(text.decode("utf-8"), where=join(url, MANIFEST_NAME))
-            os.makedirs(entry, exist_ok=True)
-            old = os.path.join(entry, MANIFEST_NAME)
-            if os.path.exists(old):
-                with open(old, "rb") as f:
-                    if f.read() != text:
-                        os.unlink(old)  # no stale manifest over changing shards
-            wanted = {}
-            for s in manifest.shards:
-                wanted[s.name], wanted[s.index] = s.bytes, s.index_bytes
-            for name, nbytes in wanted.items():
-                dest = os.path.join(entry, name)
-                if not (os.path.isfile(dest) and os.path.getsize(dest) == nbytes):
-                    _download(join(url, name), dest, storage_options, retry, nbytes)
-            for name in os.listdir(entry):
-                if name not in wanted and name != MANIFEST_NAME:
-                    with contextlib.suppress(OSError):
-                        os.unlink(os.path.join(entry, name))
-            atomic_write(os.path.join(entry, MANIFEST_NAME), text)  # last, as on upload
+            _fill_entry(url, entry, text, storage_options, retry)
         os.utime(entry)
+        if take_hold:  # under the fill lock: no eviction can take the entry meanwhile
+            fd = _open_shared(entry)
+            if fd is None:
+                raise removed_error(entry)
+            held = CacheHold(entry, fd)
     _evict(cache_dir, max_bytes, keep=entry)
-    return entry
+    return held
+
+
+def _fill_entry(url: str, entry: str, text: bytes, storage_options: StorageOptions,
+                retry: RetryPolicy) -> None:
+    """Make the directory ``entry`` hold the dataset whose manifest is ``text``."""
+    from .manifest import MANIFEST_NAME, Manifest, atomic_write
+
+    where = join(url, MANIFEST_NAME)
+    try:
+        decoded = text.decode("utf-8")
+    except UnicodeDecodeError as exc:
+        raise ManifestError(f"{where}: not UTF-8 text (byte {exc.start}); the manifest is "
+                            "damaged: rewrite the dataset") from None
+    manifest = Manifest.from_json(decoded, where=where)
+    wanted: dict[str, int] = {}
+    for s in manifest.shards:  # every name and size checked before anything is written
+        for name, nbytes in ((s.name, s.bytes), (s.index, s.index_bytes)):
+            check_name(name, url=where, entry=entry)
+            wanted[name] = _declared_size(nbytes, url=where, what=repr(name))
+    try:
+        os.makedirs(entry, exist_ok=True)
+    except OSError as exc:
+        raise _os_error("create the cache entry", entry, exc) from exc
+    old = inside(entry, MANIFEST_NAME, url=url)
+    if os.path.exists(old):
+        with open(old, "rb") as f:
+            if f.read(len(text) + 1) != text:
+                os.unlink(old)  # no stale manifest over changing shards
+    for name, nbytes in wanted.items():
+        dest = inside(entry, name, url=where)
+        if not (os.path.isfile(dest) and os.path.getsize(dest) == nbytes):
+            _download(join(url, name), dest, storage_options, retry, nbytes)
+    for name in os.listdir(entry):
+        if name not in wanted and name != MANIFEST_NAME:
+            with contextlib.suppress(OSError):
+                os.unlink(os.path.join(entry, name))
+    atomic_write(old, text)  # last, as on upload

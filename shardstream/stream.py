@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import multiprocessing as mp
 import os
+import sys
 from typing import Any, Callable, Iterator, Sequence
 
 import numpy as np
@@ -24,10 +25,10 @@ from . import foreign, storage
 from .codec import widen
 from .collation import Collate, collate as default_collate
 from .wire import to_wire
-from .errors import CorruptShardError, ManifestError, ShardNotFoundError
+from .errors import CorruptShardError, ManifestError, ShardNotFoundError, UsageError
 from .manifest import MANIFEST_NAME, load_manifest
 from .mixture import Mixture, MixtureReader, Source
-from .pipeline import BlockReader, EpochOrder, Layout, shard_refs
+from .pipeline import BlockReader, EpochOrder, Layout, shard_refs, verify_blocks_default
 from .remote import DEFAULT_CACHE_LIMIT, RemoteCache
 from .retry import DEFAULT_RETRY, RetryPolicy
 from .shard import Dataset, open_dataset
@@ -62,17 +63,21 @@ class _OrderReader:
 
 def _resolve(source: Any, storage_options: dict[str, Any] | None = None
              ) -> tuple[Any, list[str] | None]:
-    """(Dataset or None, shard urls or None) for every accepted source form."""
+    """(Dataset or None, shard urls or None) for every accepted source form.
+
+    A list (or brace pattern) of local webdataset tars that all have their
+    ``.idx`` (``shardstream index``) becomes an in-memory dataset: exact epochs.
+    """
     if isinstance(source, (list, tuple)):
         urls = [os.fspath(u) for u in source]
         if not urls:
             raise ValueError("source is an empty list of shards")
-        return None, _existing(urls)
+        return _indexed_or_list(_existing(urls))
     path = os.fspath(source)
     if "{" in path:
         import braceexpand
 
-        return None, _existing(list(braceexpand.braceexpand(path)))
+        return _indexed_or_list(_existing(list(braceexpand.braceexpand(path))))
     if storage.is_remote(path):
         return _resolve_remote(path, storage_options)
     if os.path.isdir(path) or os.path.basename(path) == MANIFEST_NAME:
@@ -81,7 +86,17 @@ def _resolve(source: Any, storage_options: dict[str, Any] | None = None
         except ManifestError as exc:
             raise ManifestError(f"{exc}. To read loose shards without a manifest, pass a "
                                 "brace pattern or a list of .tar paths") from exc
-    return None, _existing([path])
+    return _indexed_or_list(_existing([path]))
+
+
+def _indexed_or_list(urls: list[str]) -> tuple[Any, list[str] | None]:
+    """Local webdataset tars all indexed in place: a dataset; anything else: the list."""
+    from .wdsindex import list_manifest
+
+    if any(storage.is_remote(u) for u in urls):
+        return None, urls
+    manifest = list_manifest(urls)
+    return (None, urls) if manifest is None else (Dataset(os.sep, manifest), None)
 
 
 def _existing(urls: list[str]) -> list[str]:
@@ -142,6 +157,9 @@ class ShardStream(IterableDataset):
     shards are downloaded ahead of the reader; ``retry`` is the
     :class:`~shardstream.retry.RetryPolicy` of every request. A remote prefix
     without a manifest is read as the list of its ``*.tar`` objects, sorted.
+
+    ``verify_blocks`` (default on, unless ``$SHARDSTREAM_VERIFY_BLOCKS=0``): check
+    every block read against the checksum in its index (format v4; docs/safety.md).
     """
 
     def __init__(self, source: Any, *, batch_size: int | None = None, shuffle: bool = False,
@@ -155,7 +173,7 @@ class ShardStream(IterableDataset):
                  stop: str | None = None, source_field: str | None = None,
                  storage_options: dict[str, Any] | None = None, cache_dir: str | None = None,
                  cache_limit: int | None = DEFAULT_CACHE_LIMIT, prefetch_shards: int = 2,
-                 retry: RetryPolicy = DEFAULT_RETRY) -> None:
+                 retry: RetryPolicy = DEFAULT_RETRY, verify_blocks: bool | None = None) -> None:
         super().__init__()
         if batch_size is not None and batch_size < 1:
             raise ValueError(f"batch_size must be >= 1 or None, got {batch_size}")
@@ -201,6 +219,7 @@ class ShardStream(IterableDataset):
         self.remote = RemoteCache(storage_options, cache_dir=cache_dir, max_bytes=cache_limit,
                                   retry=retry)
         self.prefetch_shards = prefetch_shards
+        self.verify_blocks = verify_blocks_default() if verify_blocks is None else verify_blocks
         self._shared = mp.RawArray("q", _SKIP0 + _MAX_WORKERS + 1)
         self._local: tuple[int, int, int] | None = None  # (epoch, start, units) in a worker
         self._units = 0  # units yielded by this process's current iteration
@@ -283,9 +302,56 @@ class ShardStream(IterableDataset):
 
     def set_epoch(self, epoch: int) -> None:
         """Select the epoch's order; clears a pending resume point of another epoch."""
+        self._refuse_resplit()
         if epoch != self._shared[_EPOCH]:
             self._shared[_START] = 0
         self._shared[_EPOCH] = epoch
+        self._moves += 1
+
+    def _seek(self, epoch: int, consumed: int) -> None:
+        """Read ``epoch`` from G offset ``consumed`` at the next ``iter()``."""
+        self._shared[_EPOCH], self._shared[_START] = epoch, consumed
+        self._moves += 1
+
+    def _position(self) -> tuple[int, int]:
+        """(epoch, G offset) the next ``iter()`` reads from."""
+        return int(self._shared[_EPOCH]), int(self._shared[_START])
+
+    _moves = 0  # set_epoch/load_state_dict calls in this process (ShardLoader watches it)
+
+    def _refuse_resplit(self) -> None:
+        """Fail loudly when accelerate splits a DataLoader around this stream again.
+
+        ``accelerator.prepare(DataLoader(stream))`` either reads on rank 0 only and
+        dispatches (``DataLoaderDispatcher``: half the data never read) or wraps the
+        stream in ``IterableDatasetShard`` (split twice: samples lost and repeated).
+        Both call ``set_epoch`` / ``iter`` on the stream from ``accelerate.data_loader``."""
+        try:
+            caller = sys._getframe(2)
+        except ValueError:  # called from the top of the stack: nobody wraps us
+            return
+        if caller.f_globals.get("__name__") != "accelerate.data_loader":
+            return
+        world = self.world()
+        if world.world_size == 1:  # nothing is split: the dispatcher's one batch is ours
+            return
+        where = getattr(caller.f_code, "co_qualname", caller.f_code.co_name)
+        raise UsageError(
+            f"ShardStream over {self._source_name()} is being re-split by accelerate "
+            f"({where}, rank {world.rank} of {world.world_size}): the stream already splits "
+            "its data by rank, so this would silently lose or repeat samples. Do not pass a "
+            "DataLoader around a ShardStream to accelerator.prepare(); build the loader with "
+            "shardstream.loader(stream, device=accelerator.device) and pass that (or nothing) "
+            "to prepare(), and register_for_checkpointing(loader) for save_state/load_state. "
+            "See docs/frameworks.md")
+
+    def _source_name(self) -> str:
+        if self.dataset is not None:
+            return str(self.dataset.root)
+        if self.mixture is not None:
+            return "a mixture"
+        urls = self.urls or []
+        return f"{urls[0]} (+{len(urls) - 1} shards)" if len(urls) > 1 else str(urls[:1])
 
     @property
     def skipped(self) -> int:
@@ -370,11 +436,13 @@ class ShardStream(IterableDataset):
         self._shared[_EPOCH] = int(state["epoch"])
         self._shared[_START] = int(state["consumed"])
         self._iter_start = int(state["consumed"])
+        self._moves += 1
 
     _iter_start = 0
 
     # -- iteration -----------------------------------------------------------------
     def __iter__(self) -> Iterator[Any]:
+        self._refuse_resplit()
         world = self.world()
         if self._local is not None and get_worker_info() is not None:
             epoch, start, skip = self._local
@@ -400,13 +468,14 @@ class ShardStream(IterableDataset):
                                  block_shuffle=self.block_shuffle,
                                  shuffle_buffer=self.shuffle_buffer, on_error=self.on_error,
                                  cache_bytes=self.cache_bytes, on_skip=self._count_skip,
-                                 source_field=self.source_field, remote=self.remote)
+                                 source_field=self.source_field, remote=self.remote,
+                                 verify_blocks=self.verify_blocks)
         # in order, a worker never comes back to a block: a big cache only churns memory
         # (~15 % of a worker's time on tokens); shuffled windows need it
         cache = self.cache_bytes if self.shuffle else min(self.cache_bytes, 4 << 20)
         reader = BlockReader(shard_refs(self.dataset), on_error=self.on_error,
                              cache_bytes=cache, on_skip=self._count_skip,
-                             remote=self.remote)
+                             remote=self.remote, verify_blocks=self.verify_blocks)
         counts = [s.num_samples for s in self.dataset.manifest.shards]
         order = EpochOrder(counts, seed=self.seed, epoch=epoch, shuffle=self.shuffle,
                            block_shuffle=self.block_shuffle, window=window,

@@ -19,7 +19,7 @@ import json
 import os
 import re
 from dataclasses import dataclass
-from typing import Any, Iterator
+from typing import Any, Callable, Iterator
 
 import msgpack
 import numpy as np
@@ -27,10 +27,10 @@ import numpy as np
 from . import __version__
 from .codec import decode_sample, encode_sample
 from .compression import CODECS, DICT_MEMBER, Compression, decompress_block, split_frames
-from .errors import CorruptShardError, DatasetExistsError, DecodeError, ManifestError, \
-    ShardNotFoundError, StorageError
+from .errors import CorruptShardError, DatasetExistsError, DecodeError, IndexMismatchError, \
+    ManifestError, ShardNotFoundError, StorageError
 from .members import _DECODERS, _msgpack, _npy, _npz, decode_member
-from .index import BLOCK_EXT, INDEX_SUFFIX, ShardIndex
+from .index import BLOCK_EXT, INDEX_SUFFIX, ShardIndex, block_checksum
 from .manifest import MANIFEST_NAME, Manifest, ShardInfo, atomic_write, load_manifest
 from .shard import read_index_file, sha256_file
 from .tarscan import check_member_size, list_members
@@ -92,35 +92,123 @@ class ForeignIndex:
         }, check=False)
 
     @classmethod
-    def from_dict(cls, d: dict, *, where: str = "index") -> "ForeignIndex":
+    def from_dict(cls, d: Any, *, where: str = "index") -> "ForeignIndex":
+        """Build and :meth:`validate` an index from its decoded map; any damage or
+        crafted value raises :class:`CorruptShardError` naming ``where``."""
+        if not isinstance(d, dict):
+            raise _bad_index(where, "it is not a map")
         if d.get("version") != WDS_INDEX_VERSION:
-            raise CorruptShardError(f"{where}: webdataset index version {d.get('version')} is "
-                                    f"not supported (this shardstream reads {WDS_INDEX_VERSION})")
-        try:
-            idx = cls(int(d["num_samples"]), int(d["shard_bytes"]), str(d["shard_sha256"]),
-                      [str(e) for e in d["exts"]], bytes(d["key_blob"]), d["key_offset"],
-                      d["member_first"], d["member_offset"], d["member_size"], d["member_ext"])
-        except (KeyError, TypeError, ValueError) as exc:
-            raise CorruptShardError(f"{where}: index is missing field {exc}; rebuild it with "
-                                    "`shardstream index`") from exc
+            raise CorruptShardError(f"{where}: webdataset index version {d.get('version')!r} "
+                                    f"is not supported (this shardstream reads "
+                                    f"{WDS_INDEX_VERSION}); rebuild it with `shardstream index`")
+        missing = [f for f in _INDEX_FIELDS if f not in d]
+        if missing:
+            raise _bad_index(where, f"field {missing[0]!r} is missing")
+        exts, blob, sha = d["exts"], d["key_blob"], d["shard_sha256"]
+        if not isinstance(exts, list) or not all(type(e) is str for e in exts):
+            raise _bad_index(where, "exts is not a list of strings")
+        if not isinstance(blob, bytes):
+            raise _bad_index(where, "key_blob is not bytes")
+        if not isinstance(sha, str):
+            raise _bad_index(where, "shard_sha256 is not a string")
+        idx = cls(_int_field(d, "num_samples", where), _int_field(d, "shard_bytes", where),
+                  sha, list(exts), blob,
+                  *(_array_field(d, f, where) for f in _ARRAY_FIELDS))
         idx.validate(where)
         return idx
 
     def validate(self, where: str = "index") -> None:
-        """Cheap structural checks so a damaged index cannot send readers astray."""
-        n, m = self.num_samples, self.num_members
-        ok = (len(self.key_offset) == n + 1 and len(self.member_first) == n + 1
-              and len(self.member_size) == m and len(self.member_ext) == m)
-        if ok:
-            ok = (int(self.member_first[0]) == 0 and int(self.member_first[-1]) == m
-                  and int(self.key_offset[-1]) == len(self.key_blob)
-                  and bool(np.all(np.diff(self.member_first.astype(np.int64)) > 0))
-                  and (m == 0 or (int((self.member_offset + self.member_size).max())
-                                  <= self.shard_bytes
-                                  and int(self.member_ext.max()) < len(self.exts))))
-        if not ok:
-            raise CorruptShardError(f"{where}: index is inconsistent; rebuild it with "
-                                    "`shardstream index`")
+        """Structural checks so a damaged or crafted index cannot send readers astray:
+        types, lengths, monotone offsets, members inside the shard (no integer wrap),
+        extension ids, keys (UTF-8, no control characters) and extensions."""
+        n, m, size = self.num_samples, self.num_members, self.shard_bytes
+        for name in ("num_samples", "shard_bytes"):
+            value = getattr(self, name)
+            if type(value) is not int or not 0 <= value < 1 << 63:
+                raise _bad_index(where, f"{name} {value!r} is not a non-negative int")
+        for name in _ARRAY_FIELDS:
+            a = getattr(self, name)
+            if not isinstance(a, np.ndarray) or a.ndim != 1 or a.dtype.kind not in "ui" or \
+                    a.dtype.kind == "i" and a.size and int(a.min()) < 0:
+                raise _bad_index(where, f"{name} is not a 1-d array of non-negative ints")
+        if self.shard_sha256 and not _SHA256.fullmatch(self.shard_sha256):
+            raise _bad_index(where, "shard_sha256 is not a sha256 hex digest")
+        if m > size // 512 or n > m:  # every member follows a 512-byte header
+            raise _bad_index(where, f"{n} samples / {m} members cannot fit {size} bytes")
+        want = {"key_offset": n + 1, "member_first": n + 1, "member_size": m, "member_ext": m}
+        for name, length in want.items():
+            if len(getattr(self, name)) != length:
+                raise _bad_index(where, f"{name} has {len(getattr(self, name))} entries, "
+                                        f"expected {length}")
+        self._validate_members(where)
+        self._validate_names(where)
+
+    def _validate_members(self, where: str) -> None:
+        m, size = self.num_members, self.shard_bytes
+        first = self.member_first
+        if int(first[0]) != 0 or int(first[-1]) != m or int(first.max()) > m or \
+                not bool(np.all(np.diff(first.astype(np.int64)) > 0)):
+            raise _bad_index(where, "member_first is not increasing from 0 to the member count")
+        if m == 0:
+            return
+        if int(self.member_offset.max()) > size or int(self.member_size.max()) > size:
+            raise _bad_index(where, f"a member lies past the end of the {size}-byte shard")
+        off = self.member_offset.astype(np.int64)  # both <= size < 2**63: no wrap below
+        ends = off + self.member_size.astype(np.int64)
+        if int(ends.max()) > size or int(off.min()) < 512 or \
+                not bool(np.all(off[1:] >= ends[:-1] + 512)):
+            raise _bad_index(where, "member offsets overlap, go backwards or pass the end of "
+                                    f"the {size}-byte shard")
+        if int(self.member_ext.max()) >= len(self.exts):
+            raise _bad_index(where, "member_ext refers to an extension it does not list")
+
+    def _validate_names(self, where: str) -> None:
+        blob, ko = self.key_blob, self.key_offset
+        if int(ko[0]) != 0 or int(ko.max()) > len(blob) or int(ko[-1]) != len(blob) or \
+                not bool(np.all(np.diff(ko.astype(np.int64)) >= 0)):
+            raise _bad_index(where, "key_offset is not increasing from 0 to the key bytes")
+        try:
+            text = blob.decode("utf-8")
+        except UnicodeDecodeError:
+            raise _bad_index(where, "the keys are not UTF-8") from None
+        inner = ko[1:-1][ko[1:-1] < len(blob)].astype(np.int64)
+        raw = np.frombuffer(blob, np.uint8)
+        if _NAME_BAD.search(text) or bool(np.any(raw[inner] & 0xC0 == 0x80)):
+            raise _bad_index(where, "a key holds a control character or splits a character")
+        if len(set(self.exts)) != len(self.exts) or \
+                any("/" in e or _NAME_BAD.search(e) for e in self.exts):
+            raise _bad_index(where, "the extensions repeat or hold '/' or control characters")
+
+
+_INDEX_FIELDS = ("num_samples", "shard_bytes", "shard_sha256", "exts", "key_blob",
+                 "key_offset", "member_first", "member_offset", "member_size", "member_ext")
+_ARRAY_FIELDS = ("key_offset", "member_first", "member_offset", "member_size", "member_ext")
+_SHA256 = re.compile(r"[0-9a-f]{64}")
+_NAME_BAD = re.compile(r"[\x00-\x1f\x7f-\x9f]")
+
+
+def _bad_index(where: str, what: str) -> CorruptShardError:
+    return CorruptShardError(f"{where}: damaged webdataset index: {what}; rebuild it with "
+                             "`shardstream index`")
+
+
+def _int_field(d: dict, name: str, where: str) -> int:
+    value = d[name]
+    if type(value) is not int or not 0 <= value < 1 << 63:
+        raise _bad_index(where, f"{name} {value!r} is not a non-negative int")
+    return value
+
+
+def _array_field(d: dict, name: str, where: str) -> np.ndarray:
+    """An index array as unsigned ints (signed ones must hold no negatives)."""
+    a = d[name]
+    if not isinstance(a, np.ndarray) or a.ndim != 1 or a.dtype.kind not in "ui":
+        raise _bad_index(where, f"{name} is not a 1-d integer array")
+    if a.dtype.kind == "i":
+        if a.size and int(a.min()) < 0:
+            raise _bad_index(where, f"{name} holds negative values")
+        a = a.astype(a.dtype.newbyteorder("=").str.replace("i", "u"))
+    return a
 
 
 def _fit(a: np.ndarray, small: str, big: str) -> str:
@@ -146,13 +234,35 @@ def load_any_index(path: str) -> ShardIndex | ForeignIndex:
 
 def _read_index_dict(path: str) -> dict:
     data = read_index_file(path)
+    d = _decode_index(data, path)
+    d["__raw__"] = data
+    return d
+
+
+def _decode_index(data: bytes, where: str) -> dict:
     try:
         d = decode_sample(data)
     except DecodeError as exc:
-        raise CorruptShardError(f"{path}: unreadable index ({exc}); rebuild it with "
+        raise CorruptShardError(f"{where}: unreadable index ({exc}); rebuild it with "
                                 "`shardstream index`") from exc
-    d["__raw__"] = data
+    if not isinstance(d, dict):
+        raise _bad_index(where, "it is not a map")
     return d
+
+
+def is_foreign_index(data: bytes) -> bool:
+    """Whether index bytes hold a webdataset-layout index (its ``format`` comes first)."""
+    return WDS_INDEX_FORMAT.encode() in data[:64]
+
+
+def index_from_bytes(data: bytes, where: str) -> ShardIndex | ForeignIndex:
+    """Either kind of index from its bytes (for readers that fetched them)."""
+    if not is_foreign_index(data):
+        return ShardIndex.from_bytes(data, where=where)
+    d = _decode_index(data, where)
+    if d.get("format") != WDS_INDEX_FORMAT:
+        raise _bad_index(where, f"format {d.get('format')!r} is not {WDS_INDEX_FORMAT!r}")
+    return ForeignIndex.from_dict(d, where=where)
 
 
 def decode_foreign_sample(buf: Any, index: ForeignIndex, j: int, *, base: int = 0,
@@ -213,6 +323,107 @@ def iter_foreign_samples(shard_path: str, foreign_index: ForeignIndex, start: in
         yield s
 
 
+# ---------------------------------------------------------------- the stream reader
+#: bytes of tar the stream reader reads (and caches) at once: a run of whole samples
+STREAM_BLOCK_BYTES = 64 << 10
+
+
+class ForeignBlocks:
+    """A webdataset tar as :class:`~shardstream.pipeline.BlockReader` reads it.
+
+    Set as ``ShardRef.codec`` by :func:`set_stream_index`, which cuts the tar into
+    *blocks*: runs of consecutive samples spanning about
+    :data:`STREAM_BLOCK_BYTES` (tar headers between members included). The reader
+    reads, caches and block-shuffles them as it does a shardstream shard's blocks;
+    :meth:`decode_run` decodes their members by extension, never by msgpack.
+    """
+
+    foreign = True
+
+    def __init__(self, index: ForeignIndex) -> None:
+        self.index = index
+
+    def decode(self, block: int, data: bytes, label: str) -> bytes:
+        """Blocks are stored raw."""
+        return data
+
+    def decode_run(self, ref: Any, block: int, data: bytes, i0: int, i1: int, out: list,
+                   k0: int, fail: Callable[[int, Exception], None]) -> int:
+        """Decode samples ``[i0, i1)`` of ``block`` (its bytes: ``data``) into
+        ``out[k0:]``; on damage call ``fail(sample, error)``. Returns samples decoded."""
+        base = int(ref.block_offset[block])
+        for j in range(i0, i1):
+            try:
+                out[k0 + j - i0] = decode_foreign_sample(data, self.index, j, base=base,
+                                                         where=ref.path)
+            except CorruptShardError as exc:
+                fail(j, CorruptShardError(f"{exc} ({ref.label(j)})"))
+                return j - i0
+        return i1 - i0
+
+
+def set_stream_index(ref: Any, index: ForeignIndex, size: int) -> None:
+    """Fill a :class:`~shardstream.pipeline.ShardRef`'s block arrays from a webdataset
+    tar's index (``size``: the tar's bytes now); see :class:`ForeignBlocks`."""
+    if size > index.shard_bytes:
+        raise IndexMismatchError(f"shard {ref.path} is {size} bytes, its index says "
+                                 f"{index.shard_bytes}: the tar was replaced; rebuild the "
+                                 f"index with `shardstream index {ref.path}`")
+    n = index.num_samples
+    first = index.member_first.astype(np.int64)
+    off = index.member_offset.astype(np.int64)
+    start = off[first[:-1]]
+    end = off[first[1:] - 1] + index.member_size.astype(np.int64)[first[1:] - 1]
+    if n:
+        change = np.flatnonzero(np.diff((start - start[0]) // STREAM_BLOCK_BYTES)) + 1
+        block_first = np.concatenate([[0], change]).astype(np.int64)
+    else:
+        block_first = np.zeros(0, np.int64)
+    counts = np.diff(np.append(block_first, n))
+    block_of = np.repeat(np.arange(len(block_first)), counts)
+    ref.block_first, ref.block_of = block_first, block_of
+    ref.block_offset = start[block_first]
+    ref.block_size = end[np.append(block_first[1:], n) - 1] - ref.block_offset
+    ref.rel_start = start - ref.block_offset[block_of]
+    ref.rel_end = end - ref.block_offset[block_of]
+    ref.size = size
+    ref.codec = ForeignBlocks(index)
+    ref.index = None  # no block checksums in a foreign tar's index
+    if size < index.shard_bytes:
+        short = np.flatnonzero(end > size)
+        ref.trunc_from = int(short[0]) if len(short) else None
+
+
+def list_manifest(tars: list[str]) -> Manifest | None:
+    """An in-memory manifest for local webdataset tars each indexed in place
+    (``<tar>.idx`` written by ``shardstream index``), so a list of them streams with
+    exact epochs; None unless every tar has such an index."""
+    if not tars:
+        return None
+    for tar in tars:
+        try:
+            with open(tar + INDEX_SUFFIX, "rb") as f:
+                if not is_foreign_index(f.read(64)):
+                    return None
+        except OSError:
+            return None
+    infos = []
+    for tar in tars:
+        idx_path = tar + INDEX_SUFFIX
+        data = read_index_file(idx_path, tar)
+        idx = index_from_bytes(data, idx_path)
+        if not isinstance(idx, ForeignIndex):
+            raise CorruptShardError(f"{idx_path}: not a webdataset-layout index; rebuild it "
+                                    f"with `shardstream index {tar}`")
+        infos.append(ShardInfo(name=os.path.abspath(tar), num_samples=idx.num_samples,
+                               bytes=idx.shard_bytes, sha256=idx.shard_sha256,
+                               num_blocks=idx.num_members, index=os.path.abspath(idx_path),
+                               index_bytes=len(data),
+                               index_sha256=hashlib.sha256(data).hexdigest()))
+    return Manifest(shards=infos, block_bytes=0, layout=LAYOUT_WEBDATASET,
+                    created_by=f"shardstream {__version__} (indexed webdataset tars, in memory)")
+
+
 # ---------------------------------------------------------------- scanning tars
 def scan_foreign_tar(path: str, *, checksum: bool = True) -> ForeignIndex:
     """Group a tar's members into samples as webdataset does and index them."""
@@ -263,8 +474,11 @@ def scan_block_tar(path: str) -> ShardIndex:
     Compressed blocks (``NNNNNN.ssb.zst``) are decompressed to find them:
     frame by frame with the shard's ``zstd.dict`` member (format v3: always
     present, empty when no dictionary was trained), or as one frame (format v2).
+    Raw and framed shards get an xxh3_64 checksum of every stored block (index v4;
+    format-v2 shards keep their v2 index, which has none).
     """
     size = os.path.getsize(path)
+    checksums: list[int] = []
     offsets: list[int] = []
     sizes: list[int] = []
     raw_sizes: list[int] = []
@@ -292,6 +506,7 @@ def scan_block_tar(path: str) -> ShardIndex:
             check_member_size(path, info, size)
             f.seek(info.offset_data)
             data = f.read(info.size)
+            checksums.append(block_checksum(data))
             firsts.append(len(sample_offsets))
             if framed:
                 parts = split_frames(data, dictionary or b"", where=f"shard {path}: block {b}")
@@ -313,7 +528,8 @@ def scan_block_tar(path: str) -> ShardIndex:
                       codec, np.array(raw_sizes, np.uint64) if codec else None,
                       np.packbits(np.array(frame_starts, bool)) if framed else None,
                       np.array(frame_offsets, np.uint32) if framed else None,
-                      (dictionary or b"") if framed else None)
+                      (dictionary or b"") if framed else None,
+                      np.array(checksums, np.uint64) if framed or not codec else None)
 
 
 def _block_codec(name: str) -> str | None:

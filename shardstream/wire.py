@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import os
 import weakref
+from multiprocessing.reduction import DupFd
 from typing import Any
 
 import numpy as np
@@ -71,22 +72,46 @@ def from_wire(batch: Any) -> Any:
 
 # ------------------------------------------------ shared-memory hand-over of batches
 # A worker keeps a ring of shared uint8 buffers ("slots"). To send a batch it
-# picks a free slot, copies the batch's numeric arrays into it (64-byte aligned)
-# and sends a _Wire: the slot's key, the slot tensor itself only the first time
-# (torch shares it by file descriptor, once), and the batch with each array
-# replaced by an _Ref(offset, dtype, shape). Unpickling a _Wire in the main
+# takes a slot it owns, copies the batch's numeric arrays into it (64-byte
+# aligned) and sends a _Wire: the slot's key, the slot tensor itself only the
+# first time (torch shares it by file descriptor, once), the write end of the
+# ring's return pipe only in the ring's first _Wire, and the batch with each
+# array replaced by an _Ref(offset, dtype, shape). Unpickling a _Wire in the main
 # process builds numpy views on the slot; a weakref finalizer on their common
-# base marks the slot free again (a flag in the slot's first 8 bytes) once every
-# view, and every tensor made from one, is gone -- so batches the user keeps stay
-# valid. When no slot is free (the consumer holds many batches) or shared memory
-# cannot be had, the batch goes through the pipe as before.
+# base writes the slot's number into the return pipe once every view, and every
+# tensor made from one, is gone -- so batches the user keeps stay valid. The
+# worker takes a slot back only after reading its number from that pipe (without
+# blocking, before it picks a slot): ownership passes through the kernel, whose
+# pipe lock orders the main process's last reads of the batch before the worker's
+# first writes on every CPU (a flag in shared memory would not: aarch64 may let
+# the worker see the flag's store before those reads are done). When the worker
+# owns no slot (the consumer holds many batches) or shared memory cannot be had,
+# the batch goes through the pipe as before; a slot is never overwritten early.
+# The slot's first 8 bytes mirror its state (1 handed out, 0 let go) for
+# inspection only: no decision is made on them.
 
 _SHM_ENABLED = os.environ.get("SHARDSTREAM_SHM", "1") != "0"
 _SHM_MIN_BYTES = 16 << 10  # smaller batches are cheaper to pipe
-_SHM_MAX_SLOTS = 8  # per worker
+_SHM_MAX_SLOTS = 8  # per worker (below 256: a slot number is one byte in the return pipe)
 _SHM_MAX_BYTES = 512 << 20  # per worker, all slots together
 _HEADER = 64
 _ALIGN = 64
+
+# tests and debugging: a list here records the hand-over as (worker pid, slot, event),
+# event "take" (worker fills the slot), "free" (main process lets go), "back" (worker
+# reads the number from its return pipe); None (the default) records nothing
+_trace: list | None = None
+
+
+_pid = os.getpid()  # this process's, kept current across forks (no syscall per batch)
+
+
+def _after_fork() -> None:
+    global _pid
+    _pid = os.getpid()
+
+
+os.register_at_fork(after_in_child=_after_fork)
 
 
 def _in_worker() -> bool:
@@ -108,23 +133,86 @@ class _Ref:
 class _Wire:
     """A batch whose arrays wait in a worker's shared slot (see above)."""
 
-    __slots__ = ("key", "slot", "tree")
+    __slots__ = ("key", "slot", "tree", "back")
 
-    def __init__(self, key: tuple, slot: torch.Tensor | None, tree: Any) -> None:
-        self.key, self.slot, self.tree = key, slot, tree
+    def __init__(self, key: tuple, slot: torch.Tensor | None, tree: Any,
+                 back: _BackEnd | None = None) -> None:
+        self.key, self.slot, self.tree, self.back = key, slot, tree, back
 
     def __reduce__(self) -> tuple:
-        return (_rebuild, (self.key, self.slot, self.tree))
+        return (_rebuild, (self.key, self.slot, self.tree, self.back))
+
+
+class _BackEnd:
+    """Worker side: the write end of the ring's return pipe, as it travels (its
+    descriptor is passed to the main process when the _Wire is pickled)."""
+
+    __slots__ = ("fd",)
+
+    def __init__(self, fd: int) -> None:
+        self.fd = fd
+
+    def __reduce__(self) -> tuple:
+        return (_returns_from, (DupFd(self.fd),))
+
+
+class _Returns:
+    """Main process: where freed slot numbers of one worker go (the pipe's write end).
+
+    Kept alive by the finalizers of the batches still held, so the descriptor
+    outlives ``forget_workers`` until the last of them is gone."""
+
+    __slots__ = ("fd", "pid", "owner")
+
+    def __init__(self, fd: int, pid: int) -> None:
+        self.fd, self.pid, self.owner = fd, pid, _pid
+
+    def give(self, i: int) -> None:
+        """Hand slot ``i`` back to the worker (a no-op once it is gone)."""
+        if _trace is not None:
+            _trace.append((self.pid, i, "free"))
+        try:
+            os.write(self.fd, bytes((i,)))
+        except OSError:  # the worker exited (EPIPE): nothing to hand back to
+            pass
+
+    def __del__(self) -> None:
+        try:
+            os.close(self.fd)
+        except OSError:
+            pass
+
+
+def _returns_from(fd: Any) -> _Returns:
+    """Unpickling a _BackEnd (in the main process); the worker's pid follows in _rebuild."""
+    return _Returns(fd.detach(), 0)
 
 
 class _Ring:
-    """A worker's slots: [tensor, uint8 numpy view, int64 flag view, sent?]."""
+    """A worker's slots: [tensor, uint8 numpy view, int64 state view, sent?, owned?]."""
 
     def __init__(self) -> None:
-        self.pid = os.getpid()
+        self.pid = _pid
         self.slots: list[list] = []
         self.next = 0
         self.disabled = False
+        self.back_sent = False
+        try:
+            self.rfd, self.wfd = os.pipe()
+        except OSError:  # out of descriptors: pipe every batch
+            self.rfd = self.wfd = -1
+            self.disabled = True
+            return
+        os.set_blocking(self.rfd, False)
+        os.set_blocking(self.wfd, False)  # the main process never waits on a full pipe
+
+    def __del__(self) -> None:
+        for fd in (self.rfd, self.wfd):
+            if fd >= 0:
+                try:
+                    os.close(fd)
+                except OSError:
+                    pass
 
     def _layout(self, tree: Any, arrays: list) -> Any:
         t = type(tree)
@@ -156,32 +244,64 @@ class _Ring:
         if i is None:
             return None
         slot = self.slots[i]
+        slot[4] = False  # the main process's until its number comes back
+        if _trace is not None:
+            _trace.append((self.pid, i, "take"))
         buf = slot[1]
         for a, off, ref in zip(arrays, offsets, refs):
             np.ndarray(a.shape, a.dtype, buffer=buf, offset=off)[...] = a
             ref.offset = off
-        slot[2][0] = 1  # busy until the main process lets go of the batch
+        slot[2][0] = 1
         first = not slot[3]
         slot[3] = True
-        return _Wire((self.pid, i), slot[0] if first else None, skeleton)
+        back = None
+        if not self.back_sent:
+            back, self.back_sent = _BackEnd(self.wfd), True
+        return _Wire((self.pid, i), slot[0] if first else None, skeleton, back)
+
+    def _drain(self) -> None:
+        """Take back the slots whose numbers the main process wrote into the return pipe."""
+        while True:
+            try:
+                data = os.read(self.rfd, 256)
+            except BlockingIOError:
+                return
+            for i in data:
+                if i < len(self.slots) and not self.slots[i][4]:  # else a stray number
+                    self.slots[i][4] = True
+                    if _trace is not None:
+                        _trace.append((self.pid, i, "back"))
+            if len(data) < 256:
+                return
 
     def _slot(self, size: int) -> int | None:
+        """A slot this worker owns with room for ``size`` bytes, or None (pipe the batch).
+
+        The return pipe is read only when no owned slot is left (one syscall, not one
+        per batch); a new slot is made only when none came back either."""
+        i = self._owned(size)
+        if i is None:
+            self._drain()
+            i = self._owned(size)
+        n = len(self.slots)
+        if i is None and n < _SHM_MAX_SLOTS and self._grow(n, size):
+            self.next, i = 0, n
+        return i
+
+    def _owned(self, size: int) -> int | None:
         n = len(self.slots)
         for k in range(n):
             i = (self.next + k) % n
             s = self.slots[i]
-            if s[2][0] == 0:
+            if s[4]:
                 if len(s[1]) < size and not self._grow(i, size):
                     continue
                 self.next = (i + 1) % n
                 return i
-        if n < _SHM_MAX_SLOTS and self._grow(n, size):
-            self.next = 0
-            return n
         return None
 
     def _grow(self, i: int, size: int) -> bool:
-        """(Re)allocate slot ``i`` with room for ``size`` bytes (plus headroom)."""
+        """(Re)allocate slot ``i`` (owned by this worker) with room for ``size`` bytes."""
         cap = -(-(size + size // 8) // 65536) * 65536
         have = sum(len(s[1]) for k, s in enumerate(self.slots) if k != i)
         if have + cap > _SHM_MAX_BYTES:
@@ -192,9 +312,9 @@ class _Ring:
             self.disabled = True
             return False
         buf = t.numpy()
-        flag = buf[:8].view(np.int64)
-        flag[0] = 0
-        entry = [t, buf, flag, False]
+        state = buf[:8].view(np.int64)
+        state[0] = 0
+        entry = [t, buf, state, False, True]
         if i == len(self.slots):
             self.slots.append(entry)
         else:
@@ -207,7 +327,7 @@ _ring: _Ring | None = None
 
 def _worker_ring() -> _Ring:
     global _ring
-    if _ring is None or _ring.pid != os.getpid():
+    if _ring is None or _ring.pid != _pid:
         _ring = _Ring()
     return _ring
 
@@ -228,27 +348,45 @@ def _collect_refs(skeleton: Any, out: list) -> None:
             _collect_refs(v, out)
 
 
-# main process: slots received so far, (worker pid, slot) -> (tensor, flag view)
-_slots: dict[tuple[int, int], tuple[torch.Tensor, np.ndarray]] = {}
+# main process: each worker's return pipe, by pid, and the slots received so far,
+# (worker pid, slot) -> (tensor, state view, return pipe)
+_returns: dict[int, _Returns] = {}
+_slots: dict[tuple[int, int], tuple[torch.Tensor, np.ndarray, _Returns]] = {}
 
 
-def _release(flag: np.ndarray) -> None:
-    flag[0] = 0
+def _release(state: np.ndarray, returns: _Returns, i: int) -> None:
+    """The finalizer of a batch's views: its slot goes back to the worker."""
+    if _pid == returns.owner:  # not a fork of this process dropping an inherited batch
+        state[0] = 0
+        returns.give(i)
 
 
-def _rebuild(key: tuple, slot: torch.Tensor | None, tree: Any) -> Any:
-    """Unpickling a _Wire: numpy views on the slot, freed together."""
-    if slot is not None:
-        if key[0] not in {k[0] for k in _slots}:
+def _rebuild(key: tuple, slot: torch.Tensor | None, tree: Any,
+             back: _Returns | _BackEnd | None = None) -> Any:
+    """Unpickling a _Wire: numpy views on the slot, handed back together."""
+    pid, i = key
+    if back is not None:
+        if type(back) is _BackEnd:  # not unpickled (same process)
+            back = _Returns(os.dup(back.fd), pid)
+        back.pid = pid
+        if pid not in _returns:
             _prune()
-        _slots[key] = entry = (slot, slot.numpy()[:8].view(np.int64))
+        _returns[pid] = back
+    if slot is not None:
+        returns = _returns.get(pid)
+        if returns is None:
+            raise RuntimeError(f"batch from worker {pid} brought shared slot {i} but not the "
+                               "worker's return pipe, which this process never received (or "
+                               "forgot); set SHARDSTREAM_SHM=0 to send batches through the pipe")
+        _slots[key] = entry = (slot, slot.numpy()[:8].view(np.int64), returns)
     else:
         entry = _slots.get(key)
         if entry is None:
-            raise RuntimeError(f"batch from worker {key[0]} refers to shared slot {key[1]}, "
-                               "which this process never received (or forgot)")
+            raise RuntimeError(f"batch from worker {pid} refers to shared slot {i}, which this "
+                               "process never received (or forgot); set SHARDSTREAM_SHM=0 to "
+                               "send batches through the pipe")
     base = entry[0].numpy()  # the one base every view of this batch keeps alive
-    weakref.finalize(base, _release, entry[1]).atexit = False
+    weakref.finalize(base, _release, entry[1], entry[2], i).atexit = False
     return _views(tree, base)
 
 
@@ -265,7 +403,7 @@ def _views(tree: Any, base: np.ndarray) -> Any:
 
 def _prune() -> None:
     """Forget the slots of workers that have exited."""
-    for pid in {k[0] for k in _slots}:
+    for pid in list(_returns):
         try:
             os.kill(pid, 0)
         except ProcessLookupError:
@@ -276,7 +414,9 @@ def _prune() -> None:
 
 def forget_workers(pids: Any) -> None:
     """Drop this process's handles on the slots of workers ``pids`` (batches still
-    held keep their own slot alive)."""
+    held keep their own slot, and the pipe to hand it back, alive)."""
     gone = set(pids)
     for k in [k for k in _slots if k[0] in gone]:
         del _slots[k]
+    for pid in gone:
+        _returns.pop(pid, None)

@@ -3,11 +3,16 @@
 :class:`ShardSink` packs samples into blocks and shards inside one directory;
 :class:`ShardWriter` adds the dataset around it (:mod:`shardstream.publish`).
 
-Shards are written into a hidden staging folder inside the output directory
-and only moved to their final names (``<prefix>-000000.tar``) when the writer
-closes cleanly; ``manifest.json`` is written last. A crash, an exception or
-Ctrl-C therefore never leaves a shard that a manifest lists but that is
-incomplete, and an existing dataset survives a failed overwrite or append.
+The writer locks the output directory while it lives (``.shardstream.lock``;
+a second writer gets :class:`~shardstream.errors.DatasetLockedError`). Shards
+are written into a hidden staging folder inside the output directory and only
+moved in when the writer closes cleanly, under names no file there uses
+(``<prefix>-NNNNNN.tar``; an overwrite skips the old dataset's numbers); one
+``os.replace`` of ``manifest.json`` then switches readers to the new dataset,
+and only after it are the old files removed. A crash, an exception or Ctrl-C
+therefore leaves the old dataset whole or the new one whole, never a mix (see
+:mod:`shardstream.publish`). A failed write removes the output directory
+again if it made it and nothing was published.
 
 Remote outputs (``s3://bucket/prefix``, ``gs://``... see :mod:`.storage`) are
 staged in a local temporary directory; each shard and index is uploaded
@@ -29,7 +34,8 @@ from .codec import encode_sample, repack
 from .compression import DICT_MEMBER, Compression, FrameCompressor, parse_compression, \
     train_dictionary
 from .errors import EncodeError
-from .index import INDEX_SUFFIX, TAR_END, ShardIndex, member_name, padded, tar_header
+from .index import INDEX_SUFFIX, MAX_BLOCK_RAW_BYTES, TAR_END, ShardIndex, block_checksum, \
+    member_name, padded, tar_header
 from .manifest import Manifest, SchemaBuilder, ShardInfo
 from .publish import _storage_error, make_staging, prepare_output, publish
 
@@ -68,7 +74,9 @@ class ShardSink:
     ``frame_bytes`` of samples (format v3). The first ``TRAIN_BYTES`` of
     samples are held back to train the zstd dictionary every shard then
     carries. Shards roll on the uncompressed block sizes, so compressed shards
-    stay under ``max_bytes`` by about the compression ratio.
+    stay under ``max_bytes`` by about the compression ratio. Every index
+    records an xxh3_64 checksum of each block's stored bytes (format v4); a
+    compressed sample larger than ``MAX_BLOCK_RAW_BYTES`` (1 GiB) is refused.
     """
 
     def __init__(self, directory: str, *, max_samples: int | None = None,
@@ -130,6 +138,10 @@ class ShardSink:
         """
         if packed != self._pack:
             data = repack(data, self._pack)
+        if self.compression is not None and len(data) > MAX_BLOCK_RAW_BYTES:
+            raise EncodeError(f"sample {self._ordinal}: {len(data)} encoded bytes, more than "
+                              f"the {MAX_BLOCK_RAW_BYTES} a compressed block may hold; split "
+                              "it or write without compression", sample=self._ordinal)
         self._ordinal += 1
         self.num_samples += 1
         if self._warm is not None:  # still collecting samples to train the dictionary on
@@ -183,6 +195,7 @@ class ShardSink:
         self._sample_offsets = array("I")  # < block_bytes <= 2**31
         self._frame_starts = bytearray()  # 1 where a sample starts a frame (compressed)
         self._frame_offsets = array("I")
+        self._checksums = array("Q")  # xxh3_64 of every block's stored bytes
 
     def _path(self, n: int) -> str:
         return os.path.join(self.directory, self.name_format.format(n))
@@ -224,6 +237,7 @@ class ShardSink:
         self._emit(tar_header(member_name(len(self._offsets), suffix), len(payload)))
         self._offsets.append(self._shard_bytes)
         self._sizes.append(len(payload))
+        self._checksums.append(block_checksum(payload))
         self._firsts.append(self._shard_samples)
         self._emit(payload)
         if len(payload) % 512:
@@ -258,7 +272,8 @@ class ShardSink:
                            np.frombuffer(self._sample_offsets, np.uint32),
                            self.compression.codec if self.compression else None,
                            np.frombuffer(self._raw_sizes, np.uint64) if self.compression else None,
-                           *self._frame_fields())
+                           *self._frame_fields(),
+                           block_checksum=np.frombuffer(self._checksums, np.uint64))
         idx_bytes = index.to_bytes()
         idx_path = f.name + INDEX_SUFFIX
         try:
@@ -309,11 +324,15 @@ class ShardWriter:
     counted) or ``max_samples`` samples, whichever comes first. Small samples
     are packed into blocks of about ``block_bytes``; a larger sample is a
     block of its own. An existing dataset is refused unless ``overwrite=True``
-    (replaced only when this writer succeeds) or ``append=True``.
+    (replaced in one atomic step when this writer succeeds; only files the old
+    manifest lists or named like this writer's shards are removed) or
+    ``append=True``. The output directory is locked from here until
+    :meth:`close` or :meth:`abort`; use the writer as a context manager.
 
     ``output_dir`` may be a URL (``s3://bucket/prefix``, ``gs://...``, any
     fsspec URL); ``storage_options`` go to the filesystem (``endpoint_url``,
-    ``key``, ``secret``...). Shards are staged locally and uploaded on close.
+    ``key``, ``secret``...). Shards are staged locally and uploaded on close;
+    remote outputs are not locked, so keep writers of one prefix apart yourself.
 
     ``compression="zstd"`` (``level=3`` by default, or ``"zstd:19"``) stores
     every block (``NNNNNN.ssb.zst``) as zstd frames of about 256 bytes of samples
@@ -335,17 +354,22 @@ class ShardWriter:
         self.block_bytes = block_bytes
         self.storage_options = storage_options
         self.compression = parse_compression(compression, level)
-        self._base, self._replace = prepare_output(self.output_dir, prefix=prefix,
-                                                   overwrite=overwrite, append=append,
-                                                   key_field=key_field,
-                                                   storage_options=storage_options,
-                                                   compression=self.compression)
-        self._staging = make_staging(self.output_dir)
-        first = self._base.num_samples if self._base else 0
-        self._sink = ShardSink(self._staging, max_samples=max_samples, max_bytes=max_bytes,
-                               block_bytes=block_bytes, key_field=key_field,
-                               first_ordinal=first, fsync=fsync,
-                               compression=self.compression)
+        self._target = prepare_output(self.output_dir, prefix=prefix, overwrite=overwrite,
+                                      append=append, key_field=key_field,
+                                      storage_options=storage_options,
+                                      compression=self.compression)  # locked from here
+        self._base, self._replace = self._target.base, self._target.replace
+        self._staging = ""
+        try:
+            self._staging = make_staging(self.output_dir)
+            first = self._base.num_samples if self._base else 0
+            self._sink = ShardSink(self._staging, max_samples=max_samples, max_bytes=max_bytes,
+                                   block_bytes=block_bytes, key_field=key_field,
+                                   first_ordinal=first, fsync=fsync,
+                                   compression=self.compression)
+        except BaseException:
+            self._drop_staging()
+            raise
         self.manifest: Manifest | None = None
         self._closed = False
 
@@ -396,24 +420,33 @@ class ShardWriter:
             return self.manifest
         try:
             infos = self._sink.finish()
-            self.manifest = publish(self.output_dir, [(self._staging, i) for i in infos],
-                                    self._sink.schema, prefix=self.prefix, base=self._base,
-                                    replace=self._replace, key_field=self.key_field,
+            self.manifest = publish(self._target, [(self._staging, i) for i in infos],
+                                    self._sink.schema, key_field=self.key_field,
                                     block_bytes=self.block_bytes,
-                                    storage_options=self.storage_options,
                                     compression=self.compression)
         except BaseException:
             self.abort()
             raise
         self._closed = True
-        shutil.rmtree(self._staging, ignore_errors=True)
+        self._drop_staging()
         return self.manifest
 
     def abort(self) -> None:
-        """Drop everything this writer wrote; an existing dataset stays as it was."""
+        """Drop everything this writer wrote; an existing dataset stays as it was.
+
+        Also releases the output's lock, and removes the output directory if this
+        writer created it and it is empty again."""
         self._closed = True
         self._sink.close_files()
-        shutil.rmtree(self._staging, ignore_errors=True)
+        self._drop_staging()
+
+    def _drop_staging(self) -> None:
+        """Remove the staging folder, then release the lock (see :class:`PreparedOutput`)."""
+        try:
+            if self._staging:
+                shutil.rmtree(self._staging, ignore_errors=True)
+        finally:
+            self._target.release()
 
     def __enter__(self) -> "ShardWriter":
         return self

@@ -53,12 +53,12 @@ def pair(make_dataset) -> tuple[str, str]:
 def test_format_records_compression(pair) -> None:
     raw, zst = pair
     doc = json.load(open(os.path.join(zst, "manifest.json")))
-    assert doc["version"] == 3 and doc["compression"] == {
+    assert doc["version"] == 4 and doc["compression"] == {
         "codec": "zstd", "level": 5, "checksum": True, "frame_bytes": DEFAULT_FRAME_BYTES,
         "dict_bytes": DEFAULT_DICT_BYTES, "packed_ints": True}
     assert doc["codec"] == {"name": "msgpack", "ndarray_ext": 1, "packed_ext": PACKED_EXT}
     doc_raw = json.load(open(os.path.join(raw, "manifest.json")))
-    assert doc_raw["version"] == 1 and "compression" not in doc_raw  # v1 stays as it was
+    assert doc_raw["version"] == 4 and "compression" not in doc_raw  # v4: block checksums
     assert doc_raw["codec"] == {"name": "msgpack", "ndarray_ext": 1}
     m = load_manifest(zst)
     assert m.compression == Compression("zstd", 5) and len(m.shards) > 2
@@ -384,7 +384,7 @@ def test_v2_upgrade_by_convert(v2, tmp_path) -> None:
     out = str(tmp_path / "v3")
     assert main(["convert", v2, out, "--compress", "zstd", "-q"]) == 0
     m = load_manifest(out)
-    assert m.version == 3 and m.compression.framed and verify(out).ok
+    assert m.version == 4 and m.compression.framed and verify(out).ok
     for i, got in enumerate(iter_dataset(out)):
         _same(got, _v2_sample(i))
     assert m.schema == load_manifest(v2).schema

@@ -163,8 +163,7 @@ def test_permanent_failure_leaves_no_manifest(tmp_path):
     with pytest.raises(Exception, match="bad row"):
         ssray.write(ray.data.range(N, override_num_blocks=4).map_batches(boom), out,
                     fsync=False)
-    assert not os.path.exists(os.path.join(out, "manifest.json"))
-    assert leftovers(out) == []
+    assert not os.path.exists(out)  # the write made the directory, so it removed it again
 
     ssray.write(ray.data.range(100), out, overwrite=True, fsync=False)  # an old dataset
     before = load_manifest(out)
@@ -183,11 +182,12 @@ def test_overwrite_and_append(tmp_path):
     ssray.write(ray.data.range(500), out, overwrite=True, fsync=False)
     assert [r["id"] for r in iter_dataset(out)] == list(range(500))
     assert leftovers(out) == []
+    kept = [s.name for s in load_manifest(out).shards]  # fresh names: the old ones skipped
     m = ssray.write(ray.data.range(300).map_batches(lambda b: {"id": b["id"] + 500}), out,
                     append=True, max_bytes=8192, fsync=False)
     assert [r["id"] for r in iter_dataset(out)] == list(range(800))
     assert m.num_samples == 800 and shardstream.verify(out).ok
-    assert [s.name for s in m.shards][:2] == ["shard-000000.tar", "shard-000001.tar"]
+    assert [s.name for s in m.shards][:len(kept)] == kept
 
 
 def test_remote_output_refused(tmp_path):

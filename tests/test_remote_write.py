@@ -83,17 +83,17 @@ def test_overwrite_and_append_on_s3(s3_server, s3_bucket, tmp_path):
     _write(url, 130, opts)  # 4 shards
     with pytest.raises(DatasetExistsError, match="overwrite"):
         _write(url, 10, opts)
-    _write(url, 30, opts, overwrite=True)  # 1 shard: the old 3 others must go
+    _write(url, 30, opts, overwrite=True)  # 1 shard, under a name the old 4 do not use
     m = load_manifest(url, opts)
     assert m.num_samples == 30
     assert storage.list_prefix(url, storage_options=opts) == sorted(
-        [MANIFEST_NAME, "shard-000000.tar", "shard-000000.tar.idx"])
-    first = storage.read_bytes(storage.join(url, "shard-000000.tar"), storage_options=opts)
+        [MANIFEST_NAME, "shard-000004.tar", "shard-000004.tar.idx"])
+    first = storage.read_bytes(storage.join(url, "shard-000004.tar"), storage_options=opts)
     _write(url, 50, opts, append=True)
     m = load_manifest(url, opts)
     assert m.num_samples == 80 and [s.name for s in m.shards] == [
-        "shard-000000.tar", "shard-000001.tar", "shard-000002.tar"]
-    assert storage.read_bytes(storage.join(url, "shard-000000.tar"),
+        "shard-000004.tar", "shard-000005.tar", "shard-000006.tar"]
+    assert storage.read_bytes(storage.join(url, "shard-000004.tar"),
                               storage_options=opts) == first  # appended, old untouched
     local = storage.fetch_to_cache(url, str(tmp_path / "c"), storage_options=opts)
     assert verify(local).ok

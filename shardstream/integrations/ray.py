@@ -9,6 +9,8 @@ retried attempt gets a fresh folder). The driver then moves the shards of the
 successful attempts to their final names in task order, writes
 ``manifest.json`` last (:func:`shardstream.publish.publish`) and removes every
 staging folder of the job, so a dataset is complete or has no new manifest.
+The driver holds the output's lock (:func:`shardstream.publish.prepare_output`)
+from ``prepare`` until the commit or the failure; the tasks write under it.
 
 The output must be a path that the driver and every worker node see (a local
 disk on one machine, a shared filesystem on a cluster). Object storage URLs are
@@ -40,7 +42,7 @@ from ..errors import EncodeError, InputError, StorageError
 from ..inputs import InputTask, group_tasks, iter_task, plan_tasks
 from ..compression import Compression, parse_compression
 from ..manifest import Manifest, SchemaBuilder, ShardInfo
-from ..publish import STAGING_PREFIX, prepare_output, publish
+from ..publish import STAGING_PREFIX, PreparedOutput, prepare_output, publish
 from ..writer import DEFAULT_BLOCK_BYTES, DEFAULT_MAX_BYTES, ShardSink
 
 __all__ = ["ShardstreamDatasink", "write", "write_inputs_with_ray", "block_rows",
@@ -117,7 +119,7 @@ def pack_rows(output_dir: str, job: str, order: int, rows: Iterable[dict],
                            "mounts at the same place") from None
     except OSError as exc:
         raise StorageError(f"cannot create a staging folder in {output_dir} on Ray node "
-                           f"{_node()}: {exc.strerror or exc}") from exc
+                           f"{_node()}: {exc.strerror or exc}", errno=exc.errno) from exc
     sink = ShardSink(staging, **sink_kw)
     try:
         for row in rows:
@@ -155,10 +157,13 @@ def remove_staging(output_dir: str, job: str) -> None:
             shutil.rmtree(os.path.join(output_dir, e), ignore_errors=True)
 
 
-def commit(output_dir: str, parts: list[StagedPart], *, base: Manifest | None,
-           replace: Manifest | None, prefix: str, key_field: str,
+def commit(target: PreparedOutput, parts: list[StagedPart], *, key_field: str,
            block_bytes: int, compression: Compression | None = None) -> Manifest:
-    """Publish the staged parts in ``order`` and write ``manifest.json`` last."""
+    """Publish the staged parts in ``order`` and write ``manifest.json`` last.
+
+    ``target``: from :func:`~shardstream.publish.prepare_output`, whose lock the
+    driver holds from ``prepare`` until the job is committed or failed."""
+    output_dir = target.output_dir
     parts = sorted(parts, key=lambda p: p.order)
     for a, b in zip(parts, parts[1:]):
         if a.order == b.order:
@@ -168,8 +173,8 @@ def commit(output_dir: str, parts: list[StagedPart], *, base: Manifest | None,
     for p in parts:
         schema.merge(p.schema)
     staged = [(os.path.join(output_dir, p.staging), info) for p in parts for info in p.shards]
-    return publish(output_dir, staged, schema, prefix=prefix, base=base, replace=replace,
-                   key_field=key_field, block_bytes=block_bytes, compression=compression)
+    return publish(target, staged, schema, key_field=key_field, block_bytes=block_bytes,
+                   compression=compression)
 
 
 _PREFIX = re.compile(r"[A-Za-z0-9_.][A-Za-z0-9_.-]*")
@@ -216,14 +221,15 @@ class ShardstreamDatasink(Datasink):
         self._min_bytes = min_bytes_per_write
         self.job = uuid.uuid4().hex[:12]
         self.manifest: Manifest | None = None
-        self._prepared: tuple[Manifest | None, Manifest | None] | None = None
+        self._prepared: PreparedOutput | None = None
 
     def __getstate__(self) -> dict[str, Any]:
         return {**self.__dict__, "_prepared": None, "manifest": None}  # tasks need neither
 
     # -- driver ---------------------------------------------------------------
     def prepare(self) -> None:
-        """Check the output (exists? overwrite? append?) once, before any task writes."""
+        """Lock and check the output (exists? overwrite? append?) once, before any task
+        writes; the lock is held until :meth:`release` (after the commit or a failure)."""
         if self._prepared is None:
             self._prepared = prepare_output(self.output_dir, prefix=self.prefix,
                                             overwrite=self.overwrite, append=self.append,
@@ -233,11 +239,17 @@ class ShardstreamDatasink(Datasink):
     def commit(self, parts: list[StagedPart]) -> Manifest:
         """Publish the parts of a finished job; ``manifest.json`` last."""
         self.prepare()  # an empty dataset may never start a write task
-        base, replace = self._prepared  # type: ignore[misc]
-        self.manifest = commit(self.output_dir, parts, base=base, replace=replace,
-                               prefix=self.prefix, key_field=self.key_field,
+        assert self._prepared is not None
+        self.manifest = commit(self._prepared, parts, key_field=self.key_field,
                                block_bytes=self.block_bytes, compression=self.compression)
         return self.manifest
+
+    def release(self) -> None:
+        """Remove this job's staging folders, then release the output's lock."""
+        remove_staging(self.output_dir, self.job)
+        prepared, self._prepared = self._prepared, None
+        if prepared is not None:
+            prepared.release()
 
     def pack(self, order: int, rows: Iterable[dict], where: str) -> StagedPart:
         """In a task: pack ``rows`` as part ``order`` into a fresh staging folder."""
@@ -251,12 +263,10 @@ class ShardstreamDatasink(Datasink):
         try:
             self.commit([p for ret in returns if ret for p in ret])
         finally:
-            self._prepared = None
-            remove_staging(self.output_dir, self.job)
+            self.release()
 
     def on_write_failed(self, error: Exception) -> None:
-        self._prepared = None
-        remove_staging(self.output_dir, self.job)
+        self.release()
 
     # -- workers --------------------------------------------------------------
     def write(self, blocks: Iterable[Any], ctx: Any) -> list[StagedPart]:
@@ -292,6 +302,7 @@ def write(ray_ds: Any, output: str | os.PathLike, *, preserve_order: bool = True
         ray_ds.write_datasink(sink, ray_remote_args=ray_remote_args, concurrency=concurrency)
     finally:
         options.preserve_order = before
+        sink.release()  # in case Ray called neither on_write_complete nor on_write_failed
     if sink.manifest is None:  # pragma: no cover - Ray skipped on_write_complete
         raise RuntimeError("Ray finished the write without committing it")
     return sink.manifest
@@ -346,7 +357,7 @@ def write_inputs_with_ray(inputs: list[str], output: str, *, address: str | None
             raise (cause.cause if isinstance(getattr(cause, "cause", None), Exception)
                    else cause) from None
         finally:
-            remove_staging(sink.output_dir, sink.job)
+            sink.release()
     finally:
         if started:
             ray.shutdown()
