@@ -412,7 +412,7 @@ class BlockReader:
     def _set_index(self, ref: ShardRef, index: ShardIndex, size: int) -> None:
         """Check ``index`` against the shard's ``size``; keep it."""
         if not isinstance(index, ShardIndex):  # a webdataset tar indexed in place
-            return _set_foreign_index(ref, index, size)
+            return _set_foreign_index(ref, index, size, self.verify_blocks)
         if size > index.shard_bytes:
             raise IndexMismatchError(f"shard {ref.path} is {size} bytes, its index says "
                                      f"{index.shard_bytes}: the shard was replaced; rebuild the "
@@ -580,7 +580,8 @@ def _any_index(data: bytes, where: str) -> Any:
     return index_from_bytes(data, where)
 
 
-def _set_foreign_index(ref: ShardRef, index: Any, size: int) -> None:
+def _set_foreign_index(ref: ShardRef, index: Any, size: int, verify: bool = True) -> None:
+    """Read a webdataset tar through its index; ``verify``: check member checksums."""
     from .wdsindex import set_stream_index
 
-    set_stream_index(ref, index, size)
+    set_stream_index(ref, index, size, verify)

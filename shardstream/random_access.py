@@ -263,13 +263,19 @@ class _FramedShard:
 
 
 class _ForeignShard:
-    """One mapped webdataset-layout tar with its :class:`ForeignIndex`."""
+    """One mapped webdataset-layout tar with its :class:`ForeignIndex`.
 
-    __slots__ = ("mm", "index", "path")
+    ``done`` (indexes with member checksums, unless verification is off): one
+    byte per sample, set once its members passed their checksums in this process.
+    """
+
+    __slots__ = ("mm", "index", "path", "done")
     foreign = True
 
-    def __init__(self, mm: mmap.mmap, index: ForeignIndex, path: str) -> None:
+    def __init__(self, mm: mmap.mmap, index: ForeignIndex, path: str,
+                 verify: bool = False) -> None:
         self.mm, self.index, self.path = mm, index, path
+        self.done = bytearray(index.num_samples) if verify and index.checksummed else None
 
 
 class ShardDataset(_TorchDataset):
@@ -289,6 +295,9 @@ class ShardDataset(_TorchDataset):
     the first ``ds[i]`` touching a block in this process compares the block
     with its checksum (index v4); a damaged block raises
     :class:`CorruptShardError` naming shard, block, byte offset and first sample.
+    For an indexed webdataset tar (index version 2) the first ``ds[i]`` of each
+    sample compares each of its members with its checksum; a mismatch names the
+    tar, the sample's key, the member and its byte offset.
     """
 
     def __init__(self, source: str | os.PathLike | Dataset, *,
@@ -344,6 +353,7 @@ class ShardDataset(_TorchDataset):
                 total += sum(a.nbytes for a in (ix.key_offset, ix.member_first, ix.member_offset,
                                                 ix.member_size, ix.member_ext))
                 total += len(ix.key_blob)
+                total += 0 if ix.member_checksum is None else ix.member_checksum.nbytes
             elif isinstance(sh, _CompressedShard):
                 total += sh.block_of.nbytes + sh.rel_start.nbytes + sh.rel_end.nbytes
             elif isinstance(sh, _FramedShard):
@@ -408,10 +418,15 @@ class ShardDataset(_TorchDataset):
         return sample if self.transform is None else self.transform(sample)
 
     def _foreign(self, sh: _ForeignShard, j: int, i: int) -> dict:
+        done = sh.done
+        check = done is not None and not done[j]
         try:
-            return decode_foreign_sample(sh.mm, sh.index, j, where=sh.path)
+            sample = decode_foreign_sample(sh.mm, sh.index, j, where=sh.path, check=check)
         except CorruptShardError as exc:
             raise CorruptShardError(f"{exc} (global sample {i})") from exc
+        if check:
+            done[j] = 1  # type: ignore[index]
+        return sample
 
     def _corrupt(self, s: int, j: int, i: int, exc: BaseException) -> CorruptShardError:
         path = self._ds.shard_path(self._infos[s])
@@ -443,7 +458,7 @@ class ShardDataset(_TorchDataset):
         check = self.verify_blocks
         if foreign:
             sh: _BlockShard | _CompressedShard | _FramedShard | _ForeignShard = \
-                _ForeignShard(mm, index, path)
+                _ForeignShard(mm, index, path, check)
         elif index.framed:
             sh = _FramedShard(mm, index, path, self._starts[s], check)
         elif index.compression is not None:

@@ -9,6 +9,12 @@ without being rewritten. :func:`build_index` (``shardstream index``) writes
 these indexes plus a ``manifest.json`` marked ``"layout": "webdataset"``,
 and also rebuilds a missing or stale ``.idx`` of a shardstream shard by
 scanning its tar. The byte layout is in ``docs/random_access.md``.
+
+Index version 2 also records the xxh3_64 of every member's data bytes, which
+readers compare on every read (``ShardDataset``: once per sample per process;
+streaming: every run of samples read from disk) unless block verification is
+off (``verify_blocks=False``, ``$SHARDSTREAM_VERIFY_BLOCKS=0``). Version 1
+indexes (no member checksums) are read exactly as before.
 """
 
 from __future__ import annotations
@@ -18,20 +24,24 @@ import hashlib
 import json
 import os
 import re
+import warnings
 from dataclasses import dataclass
 from typing import Any, Callable, Iterator
 
 import msgpack
 import numpy as np
+import xxhash
+from xxhash import xxh3_64_intdigest as xxh3
 
 from . import __version__
 from .codec import decode_sample, encode_sample
 from .compression import CODECS, DICT_MEMBER, Compression, decompress_block, split_frames
 from .errors import CorruptShardError, DatasetExistsError, DecodeError, IndexMismatchError, \
-    ManifestError, ShardNotFoundError, StorageError
+    InputError, ManifestError, ShardNotFoundError, StorageError
 from .members import _DECODERS, _msgpack, _npy, _npz, decode_member
 from .index import BLOCK_EXT, INDEX_SUFFIX, ShardIndex, block_checksum
 from .manifest import MANIFEST_NAME, Manifest, ShardInfo, atomic_write, load_manifest
+from .pipeline import verify_blocks_default
 from .shard import read_index_file, sha256_file
 from .tarscan import check_member_size, list_members
 
@@ -40,7 +50,9 @@ __all__ = ["WDS_INDEX_FORMAT", "LAYOUT_WEBDATASET", "ForeignIndex", "scan_foreig
            "decode_foreign_sample", "iter_foreign_samples", "build_index", "manifest_layout"]
 
 WDS_INDEX_FORMAT = "shardstream-wds-index"
-WDS_INDEX_VERSION = 1
+#: version 2 adds ``member_checksum``; version 1 indexes (without it) are still read
+WDS_INDEX_VERSION = 2
+_READ_VERSIONS = (1, 2)
 LAYOUT_WEBDATASET = "webdataset"
 LAYOUT_SHARDSTREAM = "shardstream"
 _META = re.compile(r"__[^/]*__($|/)")  # webdataset skips these members
@@ -57,7 +69,8 @@ class ForeignIndex:
     Sample ``j`` has key ``key_blob[key_offset[j]:key_offset[j+1]]`` (UTF-8)
     and members ``member_first[j] .. member_first[j+1]-1``; member ``m``'s data
     is ``member_size[m]`` bytes at ``member_offset[m]``, its extension
-    ``exts[member_ext[m]]``.
+    ``exts[member_ext[m]]``, the xxh3_64 of those bytes ``member_checksum[m]``
+    (None: a version-1 index, which has no checksums).
     """
 
     num_samples: int
@@ -70,17 +83,56 @@ class ForeignIndex:
     member_offset: np.ndarray
     member_size: np.ndarray
     member_ext: np.ndarray
+    member_checksum: np.ndarray | None = None
 
     @property
     def num_members(self) -> int:
         return len(self.member_offset)
 
+    @property
+    def checksummed(self) -> bool:
+        """Whether the index records each member's checksum (version 2)."""
+        return self.member_checksum is not None
+
     def key(self, j: int) -> str:
         return self.key_blob[int(self.key_offset[j]):int(self.key_offset[j + 1])].decode()
 
+    def sample_of(self, m: int) -> int:
+        """The sample member ``m`` belongs to."""
+        return int(np.searchsorted(self.member_first, m, side="right")) - 1
+
+    def bad_member(self, buf: Any, m0: int, m1: int, base: int = 0) -> tuple[int, int] | None:
+        """The first member of ``[m0, m1)`` whose bytes in ``buf`` (the shard's bytes
+        from offset ``base``) fail their checksum, as (member, xxh3_64 found); else None.
+        A member cut short by the end of ``buf`` is left to the caller (truncation)."""
+        view = memoryview(buf)
+        want = self.member_checksum[m0:m1].tolist()  # type: ignore[index]
+        offs = self.member_offset[m0:m1].tolist()
+        sizes = self.member_size[m0:m1].tolist()
+        for k, (off, size, expect) in enumerate(zip(offs, sizes, want)):
+            part = view[off - base:off - base + size]
+            got = xxh3(part)
+            if got != expect and len(part) == size:
+                return m0 + k, got
+        return None
+
+    def checksum_error(self, m: int, got: int, path: str, label: str = "") -> CorruptShardError:
+        """How a member failing its checksum is reported: tar, sample key, member, offset."""
+        j = self.sample_of(m)
+        key, ext = self.key(j), self.exts[int(self.member_ext[m])]
+        want = int(self.member_checksum[m])  # type: ignore[index]
+        return CorruptShardError(
+            f"shard {path}: sample {key!r} ({label or f'shard-local sample {j}'}) member "
+            f"{key}.{ext} at byte offset {int(self.member_offset[m])} fails its checksum "
+            f"(xxh3_64 {got:016x}, the index says {want:016x}): the tar is damaged or was "
+            "replaced; restore it (`shardstream verify` checks every tar), or if it was "
+            "rewritten on purpose rebuild its index with `shardstream index`")
+
     def to_bytes(self) -> bytes:
+        extra = {} if self.member_checksum is None else \
+            {"member_checksum": self.member_checksum.astype("<u8")}
         return encode_sample({
-            "format": WDS_INDEX_FORMAT, "version": WDS_INDEX_VERSION,
+            "format": WDS_INDEX_FORMAT, "version": 1 if self.member_checksum is None else 2,
             "num_samples": self.num_samples, "shard_bytes": self.shard_bytes,
             "shard_sha256": self.shard_sha256, "exts": list(self.exts),
             "key_blob": bytes(self.key_blob),
@@ -89,6 +141,7 @@ class ForeignIndex:
             "member_offset": self.member_offset.astype("<u8"),
             "member_size": self.member_size.astype(_fit(self.member_size, "<u4", "<u8")),
             "member_ext": self.member_ext.astype(_fit(self.member_ext, "<u2", "<u4")),
+            **extra,
         }, check=False)
 
     @classmethod
@@ -97,11 +150,14 @@ class ForeignIndex:
         crafted value raises :class:`CorruptShardError` naming ``where``."""
         if not isinstance(d, dict):
             raise _bad_index(where, "it is not a map")
-        if d.get("version") != WDS_INDEX_VERSION:
-            raise CorruptShardError(f"{where}: webdataset index version {d.get('version')!r} "
+        version = d.get("version")
+        if type(version) is not int or version not in _READ_VERSIONS:
+            raise CorruptShardError(f"{where}: webdataset index version {version!r} "
                                     f"is not supported (this shardstream reads "
-                                    f"{WDS_INDEX_VERSION}); rebuild it with `shardstream index`")
-        missing = [f for f in _INDEX_FIELDS if f not in d]
+                                    f"{_READ_VERSIONS[0]} to {_READ_VERSIONS[-1]}); rebuild it "
+                                    "with `shardstream index`")
+        fields = _INDEX_FIELDS + (("member_checksum",) if version >= 2 else ())
+        missing = [f for f in fields if f not in d]
         if missing:
             raise _bad_index(where, f"field {missing[0]!r} is missing")
         exts, blob, sha = d["exts"], d["key_blob"], d["shard_sha256"]
@@ -113,7 +169,8 @@ class ForeignIndex:
             raise _bad_index(where, "shard_sha256 is not a string")
         idx = cls(_int_field(d, "num_samples", where), _int_field(d, "shard_bytes", where),
                   sha, list(exts), blob,
-                  *(_array_field(d, f, where) for f in _ARRAY_FIELDS))
+                  *(_array_field(d, f, where) for f in _ARRAY_FIELDS),
+                  _checksum_field(d, where) if version >= 2 else None)
         idx.validate(where)
         return idx
 
@@ -136,6 +193,12 @@ class ForeignIndex:
         if m > size // 512 or n > m:  # every member follows a 512-byte header
             raise _bad_index(where, f"{n} samples / {m} members cannot fit {size} bytes")
         want = {"key_offset": n + 1, "member_first": n + 1, "member_size": m, "member_ext": m}
+        if self.member_checksum is not None:
+            c = self.member_checksum
+            if not isinstance(c, np.ndarray) or c.ndim != 1 or c.dtype.kind != "u" or \
+                    c.dtype.itemsize != 8:
+                raise _bad_index(where, "member_checksum is not a 1-d array of uint64")
+            want["member_checksum"] = m
         for name, length in want.items():
             if len(getattr(self, name)) != length:
                 raise _bad_index(where, f"{name} has {len(getattr(self, name))} entries, "
@@ -211,6 +274,15 @@ def _array_field(d: dict, name: str, where: str) -> np.ndarray:
     return a
 
 
+def _checksum_field(d: dict, where: str) -> np.ndarray:
+    """``member_checksum``: xxh3_64 values, any 64 bits, so stored unsigned."""
+    a = d["member_checksum"]
+    if not isinstance(a, np.ndarray) or a.ndim != 1 or a.dtype.kind != "u" or \
+            a.dtype.itemsize != 8:
+        raise _bad_index(where, "member_checksum is not a 1-d array of uint64")
+    return a
+
+
 def _fit(a: np.ndarray, small: str, big: str) -> str:
     return small if a.size == 0 or int(a.max()) < 1 << (8 * np.dtype(small).itemsize) else big
 
@@ -266,9 +338,16 @@ def index_from_bytes(data: bytes, where: str) -> ShardIndex | ForeignIndex:
 
 
 def decode_foreign_sample(buf: Any, index: ForeignIndex, j: int, *, base: int = 0,
-                          decode: bool = True, where: str = "") -> dict:
-    """Sample ``j`` of a shard whose bytes from offset ``base`` are in ``buf``."""
+                          decode: bool = True, where: str = "", check: bool = False,
+                          label: str = "") -> dict:
+    """Sample ``j`` of a shard whose bytes from offset ``base`` are in ``buf``.
+
+    ``check``: compare each member's bytes with its checksum first (indexes with
+    checksums); a mismatch raises :class:`CorruptShardError` (``label`` names the sample).
+    """
     m0, m1 = int(index.member_first[j]), int(index.member_first[j + 1])
+    if check and index.member_checksum is not None:
+        _check_members(buf, index, m0, m1, base, where, label)
     sample: dict[str, Any] = {"__key__": index.key(j)}
     for m in range(m0, m1):
         a = int(index.member_offset[m]) - base
@@ -288,13 +367,25 @@ def decode_foreign_sample(buf: Any, index: ForeignIndex, j: int, *, base: int = 
     return sample
 
 
+def _check_members(buf: Any, index: ForeignIndex, m0: int, m1: int, base: int, where: str,
+                   label: str = "") -> None:
+    """Raise if a member of ``[m0, m1)`` fails its checksum (see :meth:`ForeignIndex.bad_member`)."""
+    bad = index.bad_member(buf, m0, m1, base)
+    if bad is not None:
+        raise index.checksum_error(bad[0], bad[1], where, label)
+
+
 def iter_foreign_samples(shard_path: str, foreign_index: ForeignIndex, start: int = 0,
-                         stop: int | None = None, *, decode: bool = True) -> Iterator[dict]:
+                         stop: int | None = None, *, decode: bool = True,
+                         verify: bool | None = None) -> Iterator[dict]:
     """Yield samples ``[start, stop)`` (shard-local) of a webdataset-layout tar.
 
     Reads the byte span covering those samples with one read, then decodes by
-    extension (``decode=False`` yields raw bytes). For the streaming reader.
+    extension (``decode=False`` yields raw bytes). Each sample's members are
+    compared with their checksums (version-2 indexes) unless ``verify`` is False
+    (default: :func:`~shardstream.pipeline.verify_blocks_default`).
     """
+    check = verify_blocks_default() if verify is None else verify
     n = foreign_index.num_samples
     stop = n if stop is None else min(stop, n)
     if not 0 <= start <= stop:
@@ -315,7 +406,7 @@ def iter_foreign_samples(shard_path: str, foreign_index: ForeignIndex, start: in
     view = memoryview(buf)
     for j in range(start, stop):
         s = decode_foreign_sample(view, foreign_index, j, base=base, decode=False,
-                                  where=shard_path)
+                                  where=shard_path, check=check)
         if decode:
             s = {k: v if k == "__key__" else decode_member(k, bytes(v)) for k, v in s.items()}
         else:
@@ -336,15 +427,28 @@ class ForeignBlocks:
     :data:`STREAM_BLOCK_BYTES` (tar headers between members included). The reader
     reads, caches and block-shuffles them as it does a shardstream shard's blocks;
     :meth:`decode_run` decodes their members by extension, never by msgpack.
+    ``ref`` given (and the index has checksums): :meth:`decode` compares every
+    member of a block read from disk with its checksum.
     """
 
     foreign = True
 
-    def __init__(self, index: ForeignIndex) -> None:
+    def __init__(self, index: ForeignIndex, ref: Any = None) -> None:
         self.index = index
+        self.ref = ref if index.checksummed else None
 
     def decode(self, block: int, data: bytes, label: str) -> bytes:
-        """Blocks are stored raw."""
+        """Blocks are stored raw; their members are checked when verifying (see above)."""
+        ref = self.ref
+        if ref is not None:
+            first = ref.block_first
+            j0 = int(first[block])
+            j1 = int(first[block + 1]) if block + 1 < len(first) else self.index.num_samples
+            m0, m1 = int(self.index.member_first[j0]), int(self.index.member_first[j1])
+            bad = self.index.bad_member(data, m0, m1, int(ref.block_offset[block]))
+            if bad is not None:
+                raise self.index.checksum_error(bad[0], bad[1], ref.path,
+                                                ref.label(self.index.sample_of(bad[0])))
         return data
 
     def decode_run(self, ref: Any, block: int, data: bytes, i0: int, i1: int, out: list,
@@ -362,9 +466,10 @@ class ForeignBlocks:
         return i1 - i0
 
 
-def set_stream_index(ref: Any, index: ForeignIndex, size: int) -> None:
+def set_stream_index(ref: Any, index: ForeignIndex, size: int, verify: bool = True) -> None:
     """Fill a :class:`~shardstream.pipeline.ShardRef`'s block arrays from a webdataset
-    tar's index (``size``: the tar's bytes now); see :class:`ForeignBlocks`."""
+    tar's index (``size``: the tar's bytes now); see :class:`ForeignBlocks`.
+    ``verify``: check member checksums of every block read from disk."""
     if size > index.shard_bytes:
         raise IndexMismatchError(f"shard {ref.path} is {size} bytes, its index says "
                                  f"{index.shard_bytes}: the tar was replaced; rebuild the "
@@ -387,8 +492,8 @@ def set_stream_index(ref: Any, index: ForeignIndex, size: int) -> None:
     ref.rel_start = start - ref.block_offset[block_of]
     ref.rel_end = end - ref.block_offset[block_of]
     ref.size = size
-    ref.codec = ForeignBlocks(index)
-    ref.index = None  # no block checksums in a foreign tar's index
+    ref.codec = ForeignBlocks(index, ref if verify else None)
+    ref.index = None  # no block checksums: ForeignBlocks.decode checks the members
     if size < index.shard_bytes:
         short = np.flatnonzero(end > size)
         ref.trunc_from = int(short[0]) if len(short) else None
@@ -426,7 +531,11 @@ def list_manifest(tars: list[str]) -> Manifest | None:
 
 # ---------------------------------------------------------------- scanning tars
 def scan_foreign_tar(path: str, *, checksum: bool = True) -> ForeignIndex:
-    """Group a tar's members into samples as webdataset does and index them."""
+    """Group a tar's members into samples as webdataset does and index them.
+
+    Every member's data is read once for its xxh3_64 checksum (always); with
+    ``checksum`` the same read also gives the whole tar's sha256.
+    """
     size = os.path.getsize(path)
     exts: dict[str, int] = {}
     keys: list[bytes] = []
@@ -460,10 +569,59 @@ def scan_foreign_tar(path: str, *, checksum: bool = True) -> ForeignIndex:
     firsts.append(len(offsets))
     key_offset = np.zeros(len(keys) + 1, np.uint64)
     np.cumsum([len(k) for k in keys], out=key_offset[1:])
-    return ForeignIndex(len(keys), size, sha256_file(path) if checksum else "", list(exts),
+    sums, sha = _hash_members(path, offsets, sizes, size, checksum)
+    return ForeignIndex(len(keys), size, sha, list(exts),
                         b"".join(keys), key_offset, np.array(firsts, np.uint64),
                         np.array(offsets, np.uint64), np.array(sizes, np.uint64),
-                        np.array(ext_ids, np.uint32))
+                        np.array(ext_ids, np.uint32), np.array(sums, np.uint64))
+
+
+#: bytes :func:`_hash_members` reads at once
+_SCAN_CHUNK = 1 << 20
+
+
+def _hash_members(path: str, offsets: list[int], sizes: list[int], size: int,
+                  sha256: bool) -> tuple[list[int], str]:
+    """The xxh3_64 of each member's data (members in file order, not overlapping) and,
+    if ``sha256``, the whole tar's sha256 ("" otherwise), from one sequential read."""
+    h = hashlib.sha256() if sha256 else None
+    sums: list[int] = []
+    part = None  # the hasher of a member that spans chunks
+    k, pos, n = 0, 0, len(offsets)
+    try:
+        with open(path, "rb") as f:
+            while pos < size:
+                chunk = f.read(min(_SCAN_CHUNK, size - pos))
+                if not chunk:
+                    break
+                if h is not None:
+                    h.update(chunk)
+                end = pos + len(chunk)
+                view = memoryview(chunk)
+                while k < n and offsets[k] < end:
+                    a, b = offsets[k], offsets[k] + sizes[k]
+                    piece = view[max(a - pos, 0):min(b, end) - pos]
+                    if part is None and b <= end:
+                        sums.append(xxh3(piece))
+                        k += 1
+                        continue
+                    if part is None:
+                        part = xxhash.xxh3_64()
+                    part.update(piece)
+                    if b > end:
+                        break
+                    sums.append(part.intdigest())
+                    part, k = None, k + 1
+                pos = end
+    except OSError as exc:
+        raise StorageError(f"cannot read {path}: {exc.strerror or exc}") from exc
+    while k < n and sizes[k] == 0 and offsets[k] <= pos:  # empty members at the very end
+        sums.append(xxh3(b""))
+        k += 1
+    if k < n or pos != size:
+        raise CorruptShardError(f"shard {path} changed while it was indexed (it is {pos} "
+                                f"bytes now, was {size}); index it again when it is complete")
+    return sums, h.hexdigest() if h is not None else ""
 
 
 def scan_block_tar(path: str) -> ShardIndex:
@@ -635,9 +793,13 @@ def build_index(shards: list[str], output_dir: str | None = None, *, checksum: b
     dataset directory. Webdataset-layout tars get a ``<name>.idx`` each in
     ``output_dir`` (default: the shards' directory) and a manifest there
     marked ``"layout": "webdataset"``, referencing the shards by relative
-    path; the tars are not modified. Shardstream shards get their ``.idx``
-    rebuilt next to them (byte-identical to the writer's) and the manifest
-    entries updated. ``checksum=False`` skips hashing foreign tars.
+    path; the tars are not modified. A webdataset tar holding no samples is
+    left out (no ``.idx``, not listed in the manifest) with a ``UserWarning``
+    naming it; if every tar is empty, :class:`~shardstream.errors.InputError`.
+    Each member's data gets an xxh3_64 checksum that readers compare on every
+    read; ``checksum=False`` only skips each foreign tar's whole-file sha256.
+    Shardstream shards get their ``.idx`` rebuilt next to them (byte-identical
+    to the writer's) and the manifest entries updated.
     """
     paths, home = _expand(list(shards))
     out = output_dir or home or _common_dir(paths)
@@ -681,9 +843,12 @@ def _index_foreign(paths: list[str], out: str, checksum: bool, overwrite: bool) 
     names = [os.path.basename(p) for p in paths]
     if len(set(names)) != len(names):
         raise ValueError("two shards share a file name; their indexes would collide")
-    infos, counts = [], {}
+    infos, counts, empty = [], {}, []
     for p in paths:
         idx = scan_foreign_tar(p, checksum=checksum)
+        if idx.num_samples == 0:
+            empty.append(p)
+            continue
         data = idx.to_bytes()
         idx_path = os.path.join(out, os.path.basename(p) + INDEX_SUFFIX)
         _write(idx_path, data)
@@ -691,12 +856,24 @@ def _index_foreign(paths: list[str], out: str, checksum: bool, overwrite: bool) 
                            idx.shard_sha256, idx.num_members))
         for e, c in zip(idx.exts, np.bincount(idx.member_ext, minlength=len(idx.exts))):
             counts[e] = counts.get(e, 0) + int(c)
+    if empty:
+        _skip_empty(empty, paths)
     schema = {e: {"count": c, "types": [_ext_type(e)]} for e, c in sorted(counts.items())}
     manifest = Manifest(shards=infos, schema=schema, block_bytes=0,
                         created_by=f"shardstream {__version__} index (webdataset tars)",
                         layout=LAYOUT_WEBDATASET)
     _write(os.path.join(out, MANIFEST_NAME), manifest.to_json().encode())
     return manifest
+
+
+def _skip_empty(empty: list[str], paths: list[str]) -> None:
+    """Warn about tars without samples (a manifest cannot list them); refuse if all are."""
+    names = ", ".join(empty)
+    if len(empty) == len(paths):
+        raise InputError(f"{names}: no samples to index (every tar is empty or holds only "
+                         "metadata members); check the paths")
+    warnings.warn(f"{names}: no samples (empty, or only metadata members); left out of the "
+                  "manifest", UserWarning, stacklevel=4)
 
 
 def _ext_type(ext: str) -> str:

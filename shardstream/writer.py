@@ -101,6 +101,9 @@ class ShardSink:
         if self.compression is not None and not self.compression.framed:
             raise ValueError("format v2 compression (one zstd frame per block) is read only; "
                              "write with frame_bytes > 0")
+        if self.compression is not None and block_bytes > MAX_BLOCK_RAW_BYTES:
+            raise ValueError(f"block_bytes must be at most {MAX_BLOCK_RAW_BYTES} (1 GiB) when "
+                             f"compressing (readers refuse larger blocks), got {block_bytes}")
         self._pack = self.compression is not None  # narrowed int arrays inside frames
         self._compressor: FrameCompressor | None = None
         self._warm: list[bytes] | None = [] if self.compression else None

@@ -186,6 +186,30 @@ def test_damaged_dictionary_is_a_corrupt_shard(tmp_path) -> None:
         FrameDecoder(index, "s.tar")
 
 
+def _stub_index(frames: list[bytes], raw_end: list[int]) -> SimpleNamespace:
+    """A one-block framed index whose frames hold one sample each (raw_end from the test)."""
+    ends = np.cumsum([len(f) for f in frames])
+    t = SimpleNamespace(first=np.arange(len(frames)), block=np.zeros(len(frames), np.int64),
+                        rel_start=ends - [len(f) for f in frames], rel_end=ends,
+                        raw_start=np.array([0] + raw_end[:-1]), raw_end=np.array(raw_end),
+                        block_frame=np.array([0, len(frames)]))
+    return SimpleNamespace(frame_table=lambda: t, num_samples=len(frames), dictionary=b"")
+
+
+def test_block_sizes_a_lying_index_declares_are_bounded_before_allocating() -> None:
+    f = _frame(BLOCK)
+    ok = FrameDecoder(_stub_index([f, f], [len(BLOCK), 2 * len(BLOCK)]), "s.tar")
+    assert ok.decode(0, f + f) == BLOCK * 2
+    lying = FrameDecoder(_stub_index([f, f], [len(BLOCK), 200 << 20]), "s.tar")
+    assert _peak(lambda: lying.decode(0, f + f), CorruptShardError,
+                 rf"^shard s.tar: block 0, frame 1 .*: the zstd frame declares {len(BLOCK)} "
+                 rf"bytes, the index {(200 << 20) - len(BLOCK)}") < SMALL
+    huge = FrameDecoder(_stub_index([f, f], [len(BLOCK), 2 * GiB]), "s.tar")
+    assert _peak(lambda: huge.decode(0, f + f), CorruptShardError,
+                 f"^shard s.tar: block 0: {2 * GiB} uncompressed bytes declared, more than "
+                 f"the {GiB}") < SMALL
+
+
 def test_legit_highly_compressible_samples_never_trip_the_bounds(make_dataset) -> None:
     """zstd's best ratio (zeros) stays under MAX_ZSTD_RATIO: such data reads back."""
     path = make_dataset(3, "zeros", make=lambda i: {"id": i, "z": np.zeros(1 << 20)},
@@ -404,3 +428,15 @@ def test_hostile_msgpack_samples(data: bytes, match: str) -> None:
     with pytest.raises(DecodeError, match=f"not a valid block: .*{match}|block ends inside"):
         list(iter_samples(data + encode_sample({"b": 1})))
 
+
+
+def test_writer_refuses_compressed_blocks_readers_would_refuse(tmp_path) -> None:
+    """A compressed block over the readers' 1 GiB bound is refused when writing, not reading."""
+    from shardstream import ShardWriter
+    from shardstream.index import MAX_BLOCK_RAW_BYTES
+
+    with pytest.raises(ValueError, match="at most .* when compressing"):
+        ShardWriter(str(tmp_path / "big"), block_bytes=MAX_BLOCK_RAW_BYTES + 1, compression="zstd")
+    assert not (tmp_path / "big").exists()
+    with ShardWriter(str(tmp_path / "raw"), block_bytes=MAX_BLOCK_RAW_BYTES + 1) as w:
+        w.write({"a": 1})  # raw blocks carry no declared raw size: any block_bytes <= 2**31
