@@ -109,6 +109,7 @@ class ShardLoader:
         else:
             self.dataset.set_epoch(epoch)
         self._ended_at = None
+
     def _batches(self) -> Iterator[Any]:
         """Batches as tensors: workers send numpy (cheap to pass), made tensors here.
 

@@ -6,8 +6,9 @@ a manifest for exact epochs, or ``resampled=True`` with ``epoch_size``).
 Our own shards (``<shard>.tar.idx`` next to them) are still read block by
 block through their index, as are webdataset tars indexed in place
 (``shardstream index``; a list of local tars that all are streams with exact
-epochs, see :func:`shardstream.wdsindex.list_manifest`). Un-indexed webdataset
-tars are read with webdataset's tar iterators. Members are decoded by
+epochs, see :func:`shardstream.wdsindex.list_manifest`), their members checked
+against the index's checksums. Un-indexed webdataset tars are read with
+webdataset's tar iterators (nothing to check them against). Members are decoded by
 extension by :func:`shardstream.members.decode_member` -- never unpickled.
 
 Remote URLs (``s3://``, ``http://``...): an indexed shard (its ``.idx`` object

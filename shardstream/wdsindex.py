@@ -97,35 +97,27 @@ class ForeignIndex:
     def key(self, j: int) -> str:
         return self.key_blob[int(self.key_offset[j]):int(self.key_offset[j + 1])].decode()
 
-    def sample_of(self, m: int) -> int:
-        """The sample member ``m`` belongs to."""
-        return int(np.searchsorted(self.member_first, m, side="right")) - 1
+    def checksums(self) -> memoryview:
+        """``member_checksum`` as a memoryview (indexing gives Python ints); made once."""
+        view = self.__dict__.get("_checksums")
+        if view is None:
+            a = self.member_checksum.astype("=u8", copy=False)  # type: ignore[union-attr]
+            view = self.__dict__["_checksums"] = memoryview(a).cast("B").cast("Q")
+        return view
 
-    def bad_member(self, buf: Any, m0: int, m1: int, base: int = 0) -> tuple[int, int] | None:
-        """The first member of ``[m0, m1)`` whose bytes in ``buf`` (the shard's bytes
-        from offset ``base``) fail their checksum, as (member, xxh3_64 found); else None.
-        A member cut short by the end of ``buf`` is left to the caller (truncation)."""
-        view = memoryview(buf)
-        want = self.member_checksum[m0:m1].tolist()  # type: ignore[index]
-        offs = self.member_offset[m0:m1].tolist()
-        sizes = self.member_size[m0:m1].tolist()
-        for k, (off, size, expect) in enumerate(zip(offs, sizes, want)):
-            part = view[off - base:off - base + size]
-            got = xxh3(part)
-            if got != expect and len(part) == size:
-                return m0 + k, got
-        return None
+    def __getstate__(self) -> dict:  # pickling (spawn workers): the view is rebuilt
+        state = self.__dict__.copy()
+        state.pop("_checksums", None)
+        return state
 
-    def checksum_error(self, m: int, got: int, path: str, label: str = "") -> CorruptShardError:
-        """How a member failing its checksum is reported: tar, sample key, member, offset."""
-        j = self.sample_of(m)
+    def checksum_error(self, j: int, m: int, got: int, path: str) -> CorruptShardError:
+        """How member ``m`` of sample ``j`` failing its checksum is reported."""
         key, ext = self.key(j), self.exts[int(self.member_ext[m])]
-        want = int(self.member_checksum[m])  # type: ignore[index]
         return CorruptShardError(
-            f"shard {path}: sample {key!r} ({label or f'shard-local sample {j}'}) member "
-            f"{key}.{ext} at byte offset {int(self.member_offset[m])} fails its checksum "
-            f"(xxh3_64 {got:016x}, the index says {want:016x}): the tar is damaged or was "
-            "replaced; restore it (`shardstream verify` checks every tar), or if it was "
+            f"shard {path}: sample {key!r} (shard-local sample {j}) member {key}.{ext} at "
+            f"byte offset {int(self.member_offset[m])} fails its checksum (xxh3_64 "
+            f"{got:016x}, the index says {self.checksums()[m]:016x}): the tar is damaged or "
+            "was replaced; restore it (`shardstream verify` checks every tar), or if it was "
             "rewritten on purpose rebuild its index with `shardstream index`")
 
     def to_bytes(self) -> bytes:
@@ -338,16 +330,14 @@ def index_from_bytes(data: bytes, where: str) -> ShardIndex | ForeignIndex:
 
 
 def decode_foreign_sample(buf: Any, index: ForeignIndex, j: int, *, base: int = 0,
-                          decode: bool = True, where: str = "", check: bool = False,
-                          label: str = "") -> dict:
+                          decode: bool = True, where: str = "", check: bool = False) -> dict:
     """Sample ``j`` of a shard whose bytes from offset ``base`` are in ``buf``.
 
-    ``check``: compare each member's bytes with its checksum first (indexes with
-    checksums); a mismatch raises :class:`CorruptShardError` (``label`` names the sample).
+    ``check``: compare each member's bytes with its checksum before decoding it
+    (indexes with checksums); a mismatch raises :class:`CorruptShardError`.
     """
     m0, m1 = int(index.member_first[j]), int(index.member_first[j + 1])
-    if check and index.member_checksum is not None:
-        _check_members(buf, index, m0, m1, base, where, label)
+    sums = index.checksums() if check and index.member_checksum is not None else None
     sample: dict[str, Any] = {"__key__": index.key(j)}
     for m in range(m0, m1):
         a = int(index.member_offset[m]) - base
@@ -358,6 +348,8 @@ def decode_foreign_sample(buf: Any, index: ForeignIndex, j: int, *, base: int = 
             raise CorruptShardError(f"shard {where}: sample {j} ({sample['__key__']!r}) member "
                                     f".{ext} is truncated; restore the shard or rebuild the "
                                     "index with `shardstream index`")
+        if sums is not None and xxh3(data) != sums[m]:
+            raise index.checksum_error(j, m, xxh3(data), where)
         try:
             sample[ext] = decode_member(ext, data) if decode else data
         except Exception as exc:  # int(), json, npy and msgpack raise different types
@@ -365,14 +357,6 @@ def decode_foreign_sample(buf: Any, index: ForeignIndex, j: int, *, base: int = 
                                     f".{ext} cannot be decoded: {type(exc).__name__}: {exc}"
                                     ) from exc
     return sample
-
-
-def _check_members(buf: Any, index: ForeignIndex, m0: int, m1: int, base: int, where: str,
-                   label: str = "") -> None:
-    """Raise if a member of ``[m0, m1)`` fails its checksum (see :meth:`ForeignIndex.bad_member`)."""
-    bad = index.bad_member(buf, m0, m1, base)
-    if bad is not None:
-        raise index.checksum_error(bad[0], bad[1], where, label)
 
 
 def iter_foreign_samples(shard_path: str, foreign_index: ForeignIndex, start: int = 0,
@@ -408,7 +392,10 @@ def iter_foreign_samples(shard_path: str, foreign_index: ForeignIndex, start: in
         s = decode_foreign_sample(view, foreign_index, j, base=base, decode=False,
                                   where=shard_path, check=check)
         if decode:
-            s = {k: v if k == "__key__" else decode_member(k, bytes(v)) for k, v in s.items()}
+            key = s["__key__"]
+            s = {k: v if k == "__key__" else
+                 decode_member(k, bytes(v), where=f"{shard_path}: sample {j} ({key!r}) member")
+                 for k, v in s.items()}
         else:
             s = {k: v if k == "__key__" else bytes(v) for k, v in s.items()}
         yield s
@@ -427,28 +414,27 @@ class ForeignBlocks:
     :data:`STREAM_BLOCK_BYTES` (tar headers between members included). The reader
     reads, caches and block-shuffles them as it does a shardstream shard's blocks;
     :meth:`decode_run` decodes their members by extension, never by msgpack.
-    ``ref`` given (and the index has checksums): :meth:`decode` compares every
-    member of a block read from disk with its checksum.
+
+    With ``verify`` (and an index with checksums), ``fresh`` has a byte per sample:
+    :meth:`decode` sets those of a block just read from disk, and :meth:`decode_run`
+    compares such a sample's members with their checksums before decoding them, once.
     """
 
     foreign = True
 
-    def __init__(self, index: ForeignIndex, ref: Any = None) -> None:
+    def __init__(self, index: ForeignIndex, block_first: np.ndarray | None = None,
+                 verify: bool = False) -> None:
         self.index = index
-        self.ref = ref if index.checksummed else None
+        self.block_first = block_first
+        self.fresh = bytearray(index.num_samples) if verify and index.checksummed else None
 
     def decode(self, block: int, data: bytes, label: str) -> bytes:
-        """Blocks are stored raw; their members are checked when verifying (see above)."""
-        ref = self.ref
-        if ref is not None:
-            first = ref.block_first
-            j0 = int(first[block])
+        """Blocks are stored raw; mark the block's samples as not checked yet."""
+        if self.fresh is not None:
+            first = self.block_first
+            j0 = int(first[block])  # type: ignore[index]
             j1 = int(first[block + 1]) if block + 1 < len(first) else self.index.num_samples
-            m0, m1 = int(self.index.member_first[j0]), int(self.index.member_first[j1])
-            bad = self.index.bad_member(data, m0, m1, int(ref.block_offset[block]))
-            if bad is not None:
-                raise self.index.checksum_error(bad[0], bad[1], ref.path,
-                                                ref.label(self.index.sample_of(bad[0])))
+            self.fresh[j0:j1] = b"\x01" * (j1 - j0)
         return data
 
     def decode_run(self, ref: Any, block: int, data: bytes, i0: int, i1: int, out: list,
@@ -456,13 +442,17 @@ class ForeignBlocks:
         """Decode samples ``[i0, i1)`` of ``block`` (its bytes: ``data``) into
         ``out[k0:]``; on damage call ``fail(sample, error)``. Returns samples decoded."""
         base = int(ref.block_offset[block])
+        fresh = self.fresh
         for j in range(i0, i1):
+            check = fresh is not None and fresh[j] == 1
             try:
                 out[k0 + j - i0] = decode_foreign_sample(data, self.index, j, base=base,
-                                                         where=ref.path)
+                                                         where=ref.path, check=check)
             except CorruptShardError as exc:
                 fail(j, CorruptShardError(f"{exc} ({ref.label(j)})"))
                 return j - i0
+            if check:
+                fresh[j] = 0  # type: ignore[index]
         return i1 - i0
 
 
@@ -492,8 +482,8 @@ def set_stream_index(ref: Any, index: ForeignIndex, size: int, verify: bool = Tr
     ref.rel_start = start - ref.block_offset[block_of]
     ref.rel_end = end - ref.block_offset[block_of]
     ref.size = size
-    ref.codec = ForeignBlocks(index, ref if verify else None)
-    ref.index = None  # no block checksums: ForeignBlocks.decode checks the members
+    ref.codec = ForeignBlocks(index, block_first, verify)
+    ref.index = None  # no block checksums: ForeignBlocks.decode_run checks the members
     if size < index.shard_bytes:
         short = np.flatnonzero(end > size)
         ref.trunc_from = int(short[0]) if len(short) else None
@@ -713,12 +703,26 @@ def _frame_size(data: bytes, path: str, block: int) -> int:
     return n
 
 
+#: first bytes of a msgpack map: every sample the writer stores is one
+_MAP_MARKERS = frozenset(range(0x80, 0x90)) | {0xDE, 0xDF}
+
+
 def _sample_offsets(data: bytes, path: str, block: int) -> list[int]:
+    """Where each sample (a msgpack map) starts in a decompressed block.
+
+    A byte that does not start a map is refused at once, so a block of zeros (which
+    would otherwise count as one "sample" per byte) cannot make the rebuild record
+    an offset per byte."""
     unpacker = msgpack.Unpacker(max_buffer_size=max(len(data), 1))
     unpacker.feed(data)
     out: list[int] = []
     while unpacker.tell() < len(data):
-        out.append(unpacker.tell())
+        pos = unpacker.tell()
+        if data[pos] not in _MAP_MARKERS:
+            raise CorruptShardError(f"shard {path}: block {block} is damaged: byte {pos} "
+                                    f"(0x{data[pos]:02x}) does not start a sample (a msgpack "
+                                    "map); restore the shard from a good copy")
+        out.append(pos)
         try:
             unpacker.skip()
         except msgpack.OutOfData:

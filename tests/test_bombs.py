@@ -440,3 +440,15 @@ def test_writer_refuses_compressed_blocks_readers_would_refuse(tmp_path) -> None
     assert not (tmp_path / "big").exists()
     with ShardWriter(str(tmp_path / "raw"), block_bytes=MAX_BLOCK_RAW_BYTES + 1) as w:
         w.write({"a": 1})  # raw blocks carry no declared raw size: any block_bytes <= 2**31
+
+
+def test_rebuilding_a_block_of_zeros_refuses_the_first_byte(tmp_path) -> None:
+    """A compressed block of zeros passes every size bound; the rebuild must not then
+    record one 'sample' per zero byte (each byte is a valid msgpack int)."""
+    from shardstream.errors import CorruptShardError
+    from shardstream.wdsindex import _sample_offsets
+
+    with pytest.raises(CorruptShardError, match=r"block 3 is damaged: byte 0 \(0x00\)"):
+        _sample_offsets(b"\0" * (1 << 20), "x.tar", 3)
+    good = b"".join(msgpack.packb({"a": i}) for i in range(3))
+    assert _sample_offsets(good, "x.tar", 0) == [0, 4, 8]

@@ -2,10 +2,12 @@
 
 from __future__ import annotations
 
+import hashlib
 import io
 import json
 import logging
 import os
+import pickle
 import shutil
 import tarfile
 
@@ -18,6 +20,7 @@ from shardstream.codec import decode_sample, encode_sample
 from shardstream.errors import CorruptShardError, InputError
 from shardstream.index import INDEX_SUFFIX
 from shardstream.manifest import MANIFEST_NAME, load_manifest
+from shardstream.pipeline import BlockReader, ShardRef
 from shardstream.random_access import ShardDataset
 from shardstream.stream import ShardStream
 from shardstream.verify import verify
@@ -90,6 +93,8 @@ def test_index_v2_records_xxh3_of_every_member(clean):
     with tarfile.open(tar) as tf:
         want = [xxh3(tf.extractfile(m).read()) for m in tf.getmembers()]
     assert idx.member_checksum.tolist() == want
+    assert idx.checksums()[1] == want[1]  # cached view; pickling (spawn workers) drops it
+    assert pickle.loads(pickle.dumps(idx)).checksums().tolist() == want
 
 
 def test_members_spanning_read_chunks_hash_the_same(clean, monkeypatch):
@@ -133,7 +138,6 @@ def test_version_1_indexes_read_as_before(damaged):
         f.write(data)
     doc = json.load(open(os.path.join(d, MANIFEST_NAME)))
     entry = next(s for s in doc["shards"] if s["name"] == "wds-001.tar")
-    import hashlib
     entry["index_bytes"], entry["index_sha256"] = len(data), hashlib.sha256(data).hexdigest()
     with open(os.path.join(d, MANIFEST_NAME), "w") as f:
         json.dump(doc, f)
@@ -167,6 +171,27 @@ def test_streaming_raises_or_skips_never_wrong_data(damaged, caplog):
     tars = sorted(os.path.join(d, f) for f in os.listdir(d) if f.endswith(".tar"))
     with pytest.raises(CorruptShardError, match=_message(tar, off)):
         list(ShardStream(tars, rank=0, world_size=1))  # a list of indexed tars, too
+
+
+def test_stream_reader_checks_every_run_read_from_disk(clean, tmp_path):
+    """A run hashed once is hashed again when read from disk again (cache evicted)."""
+    tar = str(shutil.copy(os.path.join(clean, "wds-000.tar"), tmp_path / "a.tar"))
+    build_index([tar])
+    reader = BlockReader([ShardRef(tar, tar + INDEX_SUFFIX)], cache_bytes=1)
+    ref = reader.open(0)
+    last = int(ref.block_first[-1])
+    assert last > 0  # two runs at least: reading the last evicts the first
+    one = lambda j: reader.read(np.zeros(1, np.int64), np.array([j]))[0]  # noqa: E731
+    assert one(0)["txt"] == "review 0" and one(last)["__key__"] == f"k{last:04d}"
+    idx = load_foreign_index(tar + INDEX_SUFFIX)
+    off = int(idx.member_offset[int(idx.member_first[0]) + 2])  # k0000.txt
+    with open(tar, "r+b") as f:
+        f.seek(off)
+        f.write(b"s")
+    with pytest.raises(CorruptShardError, match=f"{tar}: sample 'k0000'.*k0000.txt at byte "
+                                                f"offset {off} fails its checksum"):
+        one(0)
+    reader.close()
 
 
 def test_streaming_opt_out_by_environment(damaged, monkeypatch):
