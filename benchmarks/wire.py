@@ -1,6 +1,6 @@
 """Shared-memory hand-over benchmark: two versions of ``shardstream/wire.py``, same run.
 
-usage: python benchmarks/wire.py --old PATH [--new PATH] [--workload tokens]
+usage: python benchmarks/wire.py --old PATH|REV [--new PATH] [--workload tokens]
                                  [--rounds 4] [--workers 2] [--batch 256] [--out DIR]
                                  [--micro 2000]
 
@@ -28,6 +28,7 @@ import os
 import statistics
 import subprocess
 import sys
+import tempfile
 
 HERE = os.path.dirname(os.path.abspath(__file__))
 sys.path.insert(0, HERE)
@@ -97,9 +98,25 @@ def _run(code: str) -> dict:
     return json.loads(proc.stdout.strip().splitlines()[-1])
 
 
+def _wire_file(old: str) -> str:
+    """``old`` itself when it is a file, else ``shardstream/wire.py`` at that git revision."""
+    if os.path.isfile(old):
+        return os.path.abspath(old)
+    src = subprocess.run(["git", "-C", HERE, "show", f"{old}:shardstream/wire.py"],
+                         capture_output=True, text=True)
+    if src.returncode:
+        sys.exit(f"--old {old}: neither a file nor a git revision ({src.stderr.strip()})")
+    fd, path = tempfile.mkstemp(prefix="wire-old-", suffix=".py")
+    with os.fdopen(fd, "w") as f:
+        f.write(src.stdout)
+    return path
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    ap.add_argument("--old", required=True, help="the wire.py to compare against")
+    ap.add_argument("--old", required=True,
+                    help="the wire.py to compare against: a path, or a git revision of this "
+                         "checkout (e.g. 9b2b5be, the pipe-less flag hand-over)")
     ap.add_argument("--new", default=os.path.join(HERE, "..", "shardstream", "wire.py"))
     ap.add_argument("--workload", default="tokens")
     ap.add_argument("--out", default="/tmp/shardstream-bench")
@@ -108,7 +125,7 @@ def main() -> None:
     ap.add_argument("--batch", type=int, default=256)
     ap.add_argument("--micro", type=int, default=0, help="batches per in-process timing")
     args = ap.parse_args()
-    paths = {"old": os.path.abspath(args.old), "new": os.path.abspath(args.new)}
+    paths = {"old": _wire_file(args.old), "new": os.path.abspath(args.new)}
     if args.micro:
         print(json.dumps(_run("import importlib.util\n" + MICRO.format(
             bench=os.path.abspath(BENCH), old=paths["old"], new=paths["new"],

@@ -29,6 +29,8 @@ from shardstream.random_access import ShardDataset
 from shardstream.shard import iter_dataset
 from shardstream.wdsindex import scan_block_tar
 
+pytestmark = pytest.mark.fuzz
+
 GiB = 1 << 30
 SMALL = 4 << 20  # the most a refused input may make the reader allocate
 

@@ -24,6 +24,8 @@ from shardstream.stream import ShardStream
 from shardstream.verify import verify
 from shardstream.wdsindex import build_index
 
+pytestmark = pytest.mark.fuzz
+
 N = 240
 V2 = os.path.join(os.path.dirname(__file__), "data", "v2-zstd")  # written by shardstream 0.1.0
 

@@ -20,6 +20,8 @@ from shardstream.shard import iter_dataset, open_dataset
 from shardstream.stream import ShardStream
 from shardstream.writer import ShardWriter
 
+pytestmark = pytest.mark.fuzz
+
 N = 200
 
 

@@ -12,6 +12,8 @@ from shardstream import ManifestError, ShardWriter, StorageError, build_index, l
 from shardstream.manifest import Manifest
 from shardstream.publish import _storage_error
 
+pytestmark = pytest.mark.fuzz
+
 SHA = "ab" * 32
 
 

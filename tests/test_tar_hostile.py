@@ -22,6 +22,8 @@ from shardstream.tarscan import list_members, list_members_tarfile
 from shardstream.wdsindex import build_index, load_any_index, load_foreign_index, \
     scan_foreign_tar
 
+pytestmark = pytest.mark.fuzz
+
 END = bytes(1024)
 
 

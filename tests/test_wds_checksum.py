@@ -27,6 +27,8 @@ from shardstream.verify import verify
 from shardstream.wdsindex import ForeignIndex, build_index, iter_foreign_samples, \
     load_foreign_index, scan_foreign_tar
 
+pytestmark = pytest.mark.fuzz
+
 N, PER_TAR = 60, 25
 VICTIM = 31  # sample whose .txt member gets a flipped bit (second tar)
 
