@@ -8,7 +8,7 @@ imported on first use.
 
 import importlib as _importlib
 
-__version__ = "0.2.1"
+__version__ = "0.3.0"
 
 from .convert import convert
 from .codec import decode_sample, encode_sample, iter_samples, unpack_blocks
