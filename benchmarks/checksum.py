@@ -34,7 +34,7 @@ WRITE = r"""
 import sys, time, json
 sys.path.insert(0, {bench!r})
 from workloads import WORKLOADS
-from shardstream.writer import ShardWriter
+from shardstream.write.writer import ShardWriter
 t = time.perf_counter()
 with ShardWriter({out!r}, overwrite=True, fsync=False, compression={comp!r}) as w:
     for s in WORKLOADS["tokens"]({n}, seed=0):
@@ -48,7 +48,7 @@ import json, sys
 import numpy as np
 sys.path.insert(0, {here!r})
 from common import best_getitem_rate
-from shardstream.random_access import ShardDataset
+from shardstream.pytorch.random_access import ShardDataset
 ds = ShardDataset({out!r})
 idx = np.random.default_rng(1).integers(0, len(ds), 20000).tolist()
 print(json.dumps({{"mode": "getitem", "verify": ds.verify_blocks,
@@ -59,8 +59,8 @@ print(json.dumps({{"mode": "getitem", "verify": ds.verify_blocks,
 INPROC = r"""
 import json, time
 import numpy as np
-from shardstream.pipeline import BlockReader, shard_refs
-from shardstream.shard import open_dataset
+from shardstream.read.blocks import BlockReader, shard_refs
+from shardstream.read.dataset import open_dataset
 ds = open_dataset({out!r})
 shards = np.concatenate([np.full(s.num_samples, k) for k, s in enumerate(ds.manifest.shards)])
 local = np.concatenate([np.arange(s.num_samples) for s in ds.manifest.shards])
@@ -73,7 +73,7 @@ for rnd in range({rounds}):
             r.read(shards[a:a + 256], local[a:a + 256])
         best[verify] = min(best.get(verify, 1e9), time.process_time() - t)
         r.close()
-from shardstream.random_access import ShardDataset
+from shardstream.pytorch.random_access import ShardDataset
 idx = np.random.default_rng(1).integers(0, len(local), 20000).tolist()
 get = {{}}
 sets = {{v: ShardDataset({out!r}, verify_blocks=v) for v in (True, False)}}

@@ -55,12 +55,12 @@ def tokens_zipf(n: int, seed: int = 0):
 
 
 def disk_bytes(path: str) -> int:
-    from shardstream.manifest import load_manifest
+    from shardstream.storage.io import load_manifest
     return load_manifest(path).total_bytes
 
 
 def write(path: str, samples, **kw) -> float:
-    from shardstream.writer import ShardWriter
+    from shardstream.write.writer import ShardWriter
     t = time.perf_counter()
     with ShardWriter(path, overwrite=True, fsync=False, **kw) as w:
         for s in samples:
@@ -92,7 +92,7 @@ def stream_rate(path: str) -> dict:
 
 
 def getitem_rate(path: str) -> float:
-    from shardstream.random_access import ShardDataset
+    from shardstream.pytorch.random_access import ShardDataset
     ds = ShardDataset(path)
     idx = np.random.default_rng(1).integers(0, len(ds), 20000).tolist()
     return best_getitem_rate(ds, idx)
@@ -108,7 +108,7 @@ def main() -> None:
     a = ap.parse_args()
     from workloads import tokens
 
-    from shardstream.convert import convert
+    from shardstream.write.convert import convert
     spec = f"zstd:{a.level}"
     paths = {}
     for name, gen in (("tokens", tokens), ("tokens_zipf", tokens_zipf)):
@@ -163,8 +163,8 @@ def frame_variants(a: argparse.Namespace, raw_tokens: str, spec: str) -> None:
     """The frame size trades ``ds[i]`` speed for size; the dictionary buys size."""
     from workloads import tabular, tokens
 
-    from shardstream.compression import Compression, parse_compression
-    from shardstream.convert import convert
+    from shardstream.format.compression import Compression, parse_compression
+    from shardstream.write.convert import convert
     base = parse_compression(spec)
     raw_tab = os.path.join(a.dir, "tabular")
     write(raw_tab, tabular(a.n * 4))

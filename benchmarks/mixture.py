@@ -34,7 +34,7 @@ WRITE = r"""
 import sys, time, json
 sys.path.insert(0, {bench!r})
 from workloads import tokens
-from shardstream.writer import ShardWriter
+from shardstream.write.writer import ShardWriter
 t = time.perf_counter()
 with ShardWriter({out!r}, overwrite=True, fsync=False) as w:
     for s in tokens({n}, seed={seed}):
@@ -48,8 +48,8 @@ import json, sys, time
 t0 = time.perf_counter()
 sys.path.insert(0, {here!r})
 from common import epoch
-import shardstream.dataloader as L
-from shardstream.stream import ShardStream
+import shardstream.pytorch.loader as L
+from shardstream.pytorch.stream import ShardStream
 kind = {kind!r}
 if kind == "single":
     ds = ShardStream({single!r}, batch_size={batch}, shuffle={shuffle})

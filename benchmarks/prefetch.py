@@ -28,10 +28,10 @@ from typing import Any
 import torch
 
 try:
-    from shardstream.prefetch import CUDAPrefetcher, to_device
+    from shardstream.pytorch.prefetch import CUDAPrefetcher, to_device
 except ImportError:  # run from a checkout without installing
     sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
-    from shardstream.prefetch import CUDAPrefetcher, to_device
+    from shardstream.pytorch.prefetch import CUDAPrefetcher, to_device
 
 MB = 1 << 20
 

@@ -30,8 +30,8 @@ from common import best_getitem_rate  # noqa: E402
 
 
 def write(directory: str, workload: str, n: int) -> None:
-    from shardstream.manifest import load_manifest
-    from shardstream.writer import ShardWriter
+    from shardstream.storage.io import load_manifest
+    from shardstream.write.writer import ShardWriter
     try:
         if load_manifest(directory).num_samples == n:
             return
@@ -71,7 +71,7 @@ def pad_collate(samples: list[dict]) -> dict:
 
 
 def bench_getitem(directory: str, workload: str) -> dict:
-    from shardstream.random_access import ShardDataset
+    from shardstream.pytorch.random_access import ShardDataset
     t = time.perf_counter()
     ds = ShardDataset(directory)
     n = len(ds)
@@ -87,9 +87,9 @@ def bench_getitem(directory: str, workload: str) -> dict:
 def bench_dataloader(directory: str, workload: str, batch: int, workers: int) -> dict:
     import torch
     from torch.utils.data import DataLoader
-    from shardstream.random_access import ShardDataset
+    from shardstream.pytorch.random_access import ShardDataset
     try:
-        from shardstream.collation import collate  # type: ignore[attr-defined]
+        from shardstream.pytorch.collation import collate  # type: ignore[attr-defined]
         which = "shardstream.collate"
     except ImportError:
         collate, which = pad_collate, "local pad_collate"

@@ -31,7 +31,7 @@ def main() -> None:
     import ray
     import ray.data
 
-    from shardstream.cli import main as cli
+    from shardstream.cli.commands import main as cli
     from shardstream.integrations.ray import write_inputs_with_ray
 
     root = tempfile.mkdtemp(prefix="ss-ray-cli-")

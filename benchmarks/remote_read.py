@@ -26,6 +26,8 @@ import statistics
 import subprocess
 import sys
 import tempfile
+from shardstream.storage import io
+from shardstream.storage import urls
 
 HERE = os.path.dirname(os.path.abspath(__file__))
 ROOT = os.path.dirname(HERE)
@@ -52,7 +54,7 @@ def _write(n: int, out: str, shard_mb: int) -> int:
     sys.path.insert(0, os.path.abspath(BENCH))
     from workloads import WORKLOADS
 
-    from shardstream.writer import ShardWriter
+    from shardstream.write.writer import ShardWriter
 
     if os.path.exists(os.path.join(out, "manifest.json")):
         with open(os.path.join(out, "manifest.json")) as f:
@@ -72,11 +74,9 @@ def _bytes(out: str) -> int:
 
 
 def _upload(local: str, url: str, opts: dict) -> None:
-    from shardstream import storage
-
     names = sorted(n for n in os.listdir(local) if n != "manifest.json")
     for name in names + ["manifest.json"]:  # the manifest last, as the writer does
-        storage.put_file(os.path.join(local, name), storage.join(url, name), storage_options=opts)
+        io.put_file(os.path.join(local, name), urls.join(url, name), storage_options=opts)
 
 
 def _read(src: str, args: argparse.Namespace, cache: str, opts: dict | None) -> dict:

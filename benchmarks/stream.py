@@ -30,7 +30,7 @@ WRITE = r"""
 import sys, time, json
 sys.path.insert(0, {bench!r})
 from workloads import WORKLOADS
-from shardstream.writer import ShardWriter
+from shardstream.write.writer import ShardWriter
 t = time.perf_counter()
 with ShardWriter({out!r}, overwrite=True, fsync=False) as w:
     for s in WORKLOADS[{name!r}]({n}, seed=0):
@@ -42,8 +42,8 @@ print(json.dumps({{"mode": "write", "workload": {name!r}, "n": {n},
 READ = r"""
 import json, os, time
 t0 = time.perf_counter()
-import shardstream.dataloader as L
-from shardstream.stream import ShardStream
+import shardstream.pytorch.loader as L
+from shardstream.pytorch.stream import ShardStream
 ds = ShardStream({out!r}, batch_size={batch}, shuffle={shuffle})
 dl = L.loader(ds, num_workers={workers})
 def cpu_s(pid):

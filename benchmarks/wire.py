@@ -6,7 +6,7 @@ usage: python benchmarks/wire.py --old PATH|REV [--new PATH] [--workload tokens]
 
 Writes the workload as ``benchmarks/stream.py`` does (into ``DIR/<workload>``
 unless it is there), then reads one epoch per run through ``shardstream.loader``
-in a fresh process whose ``shardstream.wire`` is loaded from ``--old`` or
+in a fresh process whose ``shardstream.pytorch.wire`` is loaded from ``--old`` or
 ``--new`` (default: this checkout's), alternating old/new and which goes first,
 ``--rounds`` times. Prints one JSON line per run (as ``benchmarks/stream.py``)
 and a summary line: the median of each variant and the ratio new/old of
@@ -38,9 +38,9 @@ from stream import BENCH, READ, SIZES, ensure_written  # noqa: E402
 LOAD = r"""
 import importlib.util, sys
 import shardstream
-spec = importlib.util.spec_from_file_location("shardstream.wire", {path!r})
+spec = importlib.util.spec_from_file_location("shardstream.pytorch.wire", {path!r})
 mod = importlib.util.module_from_spec(spec)
-sys.modules["shardstream.wire"] = mod
+sys.modules["shardstream.pytorch.wire"] = mod
 spec.loader.exec_module(mod)
 """
 
@@ -51,18 +51,18 @@ import numpy as np
 import torch.multiprocessing  # registers the tensor reductions
 from multiprocessing.reduction import ForkingPickler
 from workloads import WORKLOADS
-from shardstream.collation import collate
+from shardstream.pytorch.collation import collate
 mods = {{}}
 for name, path in (("old", {old!r}), ("new", {new!r})):
-    spec = importlib.util.spec_from_file_location("shardstream.wire", path)
+    spec = importlib.util.spec_from_file_location("shardstream.pytorch.wire", path)
     mods[name] = mod = importlib.util.module_from_spec(spec)
-    sys.modules["shardstream.wire"] = mod
+    sys.modules["shardstream.pytorch.wire"] = mod
     spec.loader.exec_module(mod)
     mod._in_worker = lambda: True
 samples = list(WORKLOADS[{name!r}]({batch}, seed=0))
 tree = mods["new"]._numpy_tree(collate(samples))
 def run(mod, n):
-    sys.modules["shardstream.wire"] = mod  # what the pickles name
+    sys.modules["shardstream.pytorch.wire"] = mod  # what the pickles name
     t, c = time.perf_counter(), time.process_time()
     for _ in range(n):
         b = mod.from_wire(ForkingPickler.loads(ForkingPickler.dumps(mod.to_wire(tree))))

@@ -33,14 +33,14 @@ import shardstream
 mode, name, n, out, workers = {mode!r}, {name!r}, {n}, {out!r}, {workers}
 gen = WORKLOADS[name](n, seed=0)
 if mode == "raw":
-    from shardstream.codec import encode_sample
+    from shardstream.format.encode import encode_sample
     t = time.perf_counter()
     nbytes = sum(len(encode_sample(s)) for s in gen)
     print(json.dumps({{"raw_msgpack_bytes": nbytes, "encode_s": time.perf_counter() - t}}))
     sys.exit()
 if mode == "cli":
     # the CLI path: workers read their own byte range of a JSONL file
-    from shardstream.cli import main
+    from shardstream.cli.commands import main
     t = time.perf_counter()
     rc = main(["write", {src!r}, "-o", out, "--workers", str(workers), "-q", "--overwrite"])
     dt = time.perf_counter() - t

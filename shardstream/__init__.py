@@ -10,23 +10,27 @@ import importlib as _importlib
 
 __version__ = "0.3.0"
 
-from .convert import convert
-from .codec import decode_sample, encode_sample, iter_samples, unpack_blocks
+from .write.convert import convert
+from .format.codec import decode_sample, iter_samples, unpack_blocks
+from .format.encode import encode_sample
 from .errors import (CorruptShardError, DatasetExistsError, DatasetLockedError, DecodeError,
                      EncodeError, IndexMismatchError, InputError, ManifestError,
                      ShardNotFoundError, ShardstreamError, StorageError, UsageError)
-from .manifest import Manifest, ShardInfo, load_manifest
-from .parallel import write_shards
-from .verify import verify
-from .wdsindex import build_index
-from .writer import ShardWriter
+from .format.manifest import Manifest, ShardInfo
+from .read.dataset import load_manifest
+from .write.parallel import write_shards
+from .read.verify import verify
+from .write.reindex import build_index
+from .write.writer import ShardWriter
 
 #: names that need torch, and the module each lives in
 _LAZY = {
-    "ShardStream": "stream", "ShardDataset": "random_access", "loader": "dataloader",
-    "ShardLoader": "dataloader", "Collate": "collation", "collate": "collation",
-    "World": "world", "get_world": "world", "Mixture": "mixture", "Source": "mixture", "CUDAPrefetcher": "prefetch",
-    "PrefetchStats": "prefetch", "to_device": "prefetch",
+    "ShardStream": "pytorch.stream", "ShardDataset": "pytorch.random_access",
+    "loader": "pytorch.loader", "ShardLoader": "pytorch.loader",
+    "Collate": "pytorch.collation", "collate": "pytorch.collation",
+    "World": "read.world", "get_world": "read.world", "Mixture": "read.mixture",
+    "Source": "read.mixture", "CUDAPrefetcher": "pytorch.prefetch",
+    "PrefetchStats": "pytorch.prefetch", "to_device": "pytorch.prefetch",
 }
 
 __all__ = [

@@ -8,7 +8,7 @@ from typing import Callable
 import numpy as np
 import pytest
 
-from shardstream.writer import ShardWriter
+from shardstream.write.writer import ShardWriter
 
 
 def sample(i: int) -> dict:

@@ -17,17 +17,19 @@ import numpy as np
 import pytest
 import zstandard
 
-import shardstream.index as index_mod
-import shardstream.members as members
-from shardstream.codec import NDARRAY_EXT, PACKED_EXT, decode_sample, encode_sample, \
-    iter_samples
-from shardstream.compression import FrameDecoder, checked_decompress, \
-    decompress_block, split_frames
+
+
+from shardstream.format.codec import NDARRAY_EXT, PACKED_EXT, decode_sample, iter_samples
+from shardstream.format.encode import encode_sample
+from shardstream.format.frames import (FrameDecoder, checked_decompress, decompress_block,
+                                       split_frames)
 from shardstream.errors import CorruptShardError, DecodeError
-from shardstream.members import decode_member
-from shardstream.random_access import ShardDataset
-from shardstream.shard import iter_dataset
-from shardstream.wdsindex import scan_block_tar
+from shardstream.format.members import decode_member
+from shardstream.pytorch.random_access import ShardDataset
+from shardstream.read.dataset import iter_dataset
+from shardstream.write.scan import scan_block_tar
+from shardstream.format import index as index_mod
+from shardstream.format import members
 
 pytestmark = pytest.mark.fuzz
 
@@ -435,7 +437,7 @@ def test_hostile_msgpack_samples(data: bytes, match: str) -> None:
 def test_writer_refuses_compressed_blocks_readers_would_refuse(tmp_path) -> None:
     """A compressed block over the readers' 1 GiB bound is refused when writing, not reading."""
     from shardstream import ShardWriter
-    from shardstream.index import MAX_BLOCK_RAW_BYTES
+    from shardstream.format.limits import MAX_BLOCK_RAW_BYTES
 
     with pytest.raises(ValueError, match="at most .* when compressing"):
         ShardWriter(str(tmp_path / "big"), block_bytes=MAX_BLOCK_RAW_BYTES + 1, compression="zstd")
@@ -448,7 +450,7 @@ def test_rebuilding_a_block_of_zeros_refuses_the_first_byte(tmp_path) -> None:
     """A compressed block of zeros passes every size bound; the rebuild must not then
     record one 'sample' per zero byte (each byte is a valid msgpack int)."""
     from shardstream.errors import CorruptShardError
-    from shardstream.wdsindex import _sample_offsets
+    from shardstream.write.scan import _sample_offsets
 
     with pytest.raises(CorruptShardError, match=r"block 3 is damaged: byte 0 \(0x00\)"):
         _sample_offsets(b"\0" * (1 << 20), "x.tar", 3)

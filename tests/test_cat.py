@@ -9,9 +9,9 @@ import numpy as np
 import pytest
 import webdataset as wds
 
-from shardstream.inspect import cat_lines, to_jsonable
-from shardstream.wdsindex import build_index
-from shardstream.writer import ShardWriter
+from shardstream.cli.inspect import cat_lines, to_jsonable
+from shardstream.write.reindex import build_index
+from shardstream.write.writer import ShardWriter
 
 
 @pytest.fixture(scope="module")

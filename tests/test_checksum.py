@@ -13,16 +13,20 @@ import shutil
 import numpy as np
 import pytest
 
-import shardstream.index as index_module
-from shardstream.convert import convert
+
+from shardstream.write.convert import convert
 from shardstream.errors import CorruptShardError, ManifestError
-from shardstream.index import INDEX_VERSION_CHECKSUMS, ShardIndex, block_checksum
-from shardstream.manifest import Manifest, load_manifest
-from shardstream.random_access import ShardDataset
-from shardstream.shard import iter_dataset, open_dataset, read_block
-from shardstream.stream import ShardStream
-from shardstream.verify import verify
-from shardstream.wdsindex import build_index
+from shardstream.format.index import INDEX_VERSION_CHECKSUMS, ShardIndex, block_checksum
+from shardstream.format.manifest import Manifest
+from shardstream.storage.io import load_manifest
+from shardstream.pytorch.random_access import ShardDataset
+from shardstream.read.dataset import iter_dataset, open_dataset, read_block
+from shardstream.pytorch.stream import ShardStream
+from shardstream.read.verify import verify
+from shardstream.write.reindex import build_index
+from shardstream.format import codec
+from shardstream.format import index as format_index
+from shardstream.format import encode
 
 pytestmark = pytest.mark.fuzz
 
@@ -80,7 +84,7 @@ def test_v4_indexes_carry_block_checksums(raw, zst) -> None:
         ds = open_dataset(path)
         for info in ds.manifest.shards:
             data = open(ds.index_path(info), "rb").read()
-            assert index_module.decode_sample(data)["version"] == INDEX_VERSION_CHECKSUMS
+            assert codec.decode_sample(data)["version"] == INDEX_VERSION_CHECKSUMS
             idx = ShardIndex.from_bytes(data)
             assert idx.checksummed and idx.block_checksum.dtype == np.uint64
             shard = open(ds.shard_path(info), "rb").read()
@@ -91,17 +95,17 @@ def test_v4_indexes_carry_block_checksums(raw, zst) -> None:
 
 
 def test_v4_index_without_checksums_is_corrupt(raw) -> None:
-    doc = index_module.decode_sample(ShardIndex.to_bytes(_index(raw)))
+    doc = codec.decode_sample(ShardIndex.to_bytes(_index(raw)))
     del doc["block_checksum"]
     with pytest.raises(CorruptShardError, match=r"my\.idx: .*'block_checksum' is missing"):
-        ShardIndex.from_bytes(index_module.encode_sample(doc, check=False), where="my.idx")
+        ShardIndex.from_bytes(encode.encode_sample(doc, check=False), where="my.idx")
 
 
 def test_newer_versions_are_refused_with_upgrade(raw) -> None:
-    doc = index_module.decode_sample(_index(raw).to_bytes())
+    doc = codec.decode_sample(_index(raw).to_bytes())
     doc["version"] = 5
     with pytest.raises(CorruptShardError, match="upgrade shardstream"):
-        ShardIndex.from_bytes(index_module.encode_sample(doc, check=False))
+        ShardIndex.from_bytes(encode.encode_sample(doc, check=False))
     text = json.load(open(os.path.join(raw, "manifest.json")))
     text["version"] = 5
     with pytest.raises(ManifestError, match="upgrade shardstream"):
@@ -132,7 +136,7 @@ def test_old_versions_still_read(kind, version, request, tmp_path) -> None:
     _downgrade(path, version)
     ds = open_dataset(path)
     data = open(ds.index_path(ds.manifest.shards[0]), "rb").read()
-    assert index_module.decode_sample(data)["version"] == version
+    assert codec.decode_sample(data)["version"] == version
     assert ds.manifest.version == version and not _index(path).checksummed
     assert [plain(s) for s in iter_dataset(path)] == EXPECTED
     assert [plain(s) for s in ShardStream(path)] == EXPECTED
@@ -266,8 +270,8 @@ def test_opt_out_skips_the_check(raw, monkeypatch) -> None:
 
 def test_random_access_hashes_each_block_once(raw, zst, monkeypatch) -> None:
     calls = []
-    real = index_module.xxhash.xxh3_64_intdigest
-    monkeypatch.setattr(index_module.xxhash, "xxh3_64_intdigest",
+    real = format_index.xxhash.xxh3_64_intdigest
+    monkeypatch.setattr(format_index.xxhash, "xxh3_64_intdigest",
                         lambda data: calls.append(len(data)) or real(data))
     for path in (raw, zst):
         calls.clear()

@@ -15,8 +15,9 @@ import numpy as np
 import pytest
 
 from shardstream import load_manifest
-from shardstream.cli import main, parse_size, write_main
-from shardstream.shard import iter_dataset
+from shardstream.cli.commands import main, write_main
+from shardstream.cli.args import parse_size
+from shardstream.read.dataset import iter_dataset
 
 ROWS = [{"id": i, "text": "t" * (i % 50), "ids": list(range(i % 9)), "y": i * 0.5}
         for i in range(2000)]
@@ -181,7 +182,7 @@ def test_verify_names_the_sample_of_an_undecodable_block(tmp_path, capsys):
     """Bytes damaged after writing, with checksums refreshed: decoding still catches it."""
     import hashlib
 
-    from shardstream.index import ShardIndex
+    from shardstream.format.index import ShardIndex
 
     out = tmp_path / "out"
     assert main(["write", write_jsonl(tmp_path / "a.jsonl", ROWS[:100]), "-o", str(out),

@@ -16,13 +16,16 @@ import numpy as np
 import pytest
 
 import shardstream
-from shardstream.cli import _Progress, main, write_main
-from shardstream.index import ShardIndex
-from shardstream.inputs import InputTask, iter_task
-from shardstream.text import escape, escape_json
-from shardstream.verify import verify
+from shardstream.cli.write import _Progress
+from shardstream.cli.commands import main, write_main
+from shardstream.format.index import ShardIndex
+from shardstream.write.plan import InputTask
+from shardstream.write.inputs import iter_task
+from shardstream.cli.text import escape, escape_json
+from shardstream.read.verify import verify
+from shardstream.cli import inspect as inspect_mod
 
-verify_mod = importlib.import_module("shardstream.verify")
+verify_mod = importlib.import_module("shardstream.read.verify")
 
 EVIL = "f\x1b[31mred\u202eevil\x9b\x7f\u2066\u200b"  # CSI, RLO, C1 CSI, DEL, LRI, ZWSP
 UNSAFE = {"Cc", "Cf", "Cs", "Zl", "Zp"}
@@ -131,7 +134,7 @@ def test_input_error_with_crafted_field_name_is_escaped(tmp_path, capsys):
 
 
 def test_unexpected_error_prints_an_escaped_traceback(crafted, monkeypatch, capsys):
-    import shardstream.inspect as inspect_mod
+    
 
     def boom(*a, **kw):
         raise RuntimeError("bug near \x1b[31m\u202e")

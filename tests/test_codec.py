@@ -13,7 +13,8 @@ from hypothesis import strategies as st
 from hypothesis.extra import numpy as hnp
 
 from shardstream import DecodeError, EncodeError, decode_sample, encode_sample, iter_samples
-from shardstream.codec import NDARRAY_EXT, PACKED_EXT, repack
+from shardstream.format.codec import NDARRAY_EXT, PACKED_EXT
+from shardstream.format.encode import repack
 
 INT64 = st.integers(min_value=-(2**63), max_value=2**64 - 1)
 scalars = st.one_of(st.none(), st.booleans(), INT64, st.floats(allow_nan=True),

@@ -6,7 +6,9 @@ import numpy as np
 import pytest
 import torch
 
-from shardstream.collation import Collate, collate
+from shardstream.pytorch.collation import Collate, collate
+from shardstream.pytorch import wire as C
+from shardstream.pytorch import wire as pytorch_wire
 
 
 def test_scalars_default_dtypes():
@@ -79,8 +81,8 @@ def test_errors():
 
 
 def test_wire_round_trip():
-    from shardstream.collation import Ragged
-    from shardstream.wire import from_wire, to_wire
+    from shardstream.pytorch.collation import Ragged
+    from shardstream.pytorch.wire import from_wire, to_wire
 
     vals = [{"t": np.arange(n, dtype=np.int16), "s": "x"} for n in (2, 4)]
     packed = collate(vals, ragged=True)
@@ -94,7 +96,7 @@ def test_wire_round_trip():
 
 def _as_worker(monkeypatch):
     """Make to_wire behave as in a DataLoader worker, with a fresh slot ring."""
-    import shardstream.wire as C
+    
 
     monkeypatch.setattr(C, "_in_worker", lambda: True)
     monkeypatch.setattr(C, "_ring", None)
@@ -117,11 +119,11 @@ def test_shm_wire_round_trip_and_release(monkeypatch):
     vals = [{"t": np.arange(n, dtype=np.int32), "f": 0.5 * n, "s": "x" * n,
              "m": {"a": np.ones(3, np.uint8)}} for n in (3, 1, 0, 5)]
     expect = collate(vals)
-    wire = C.to_wire(collate(vals))
-    assert type(wire) is C._Wire and wire.slot is not None
-    ring = C._ring
+    wire = pytorch_wire.to_wire(collate(vals))
+    assert type(wire) is pytorch_wire._Wire and wire.slot is not None
+    ring = pytorch_wire._ring
     assert ring.slots[0][2][0] == 1  # busy
-    back = C.from_wire(_ship(wire))
+    back = pytorch_wire.from_wire(_ship(wire))
     for k in ("t", "t_lengths", "f"):
         assert torch.equal(back[k], expect[k]) and back[k].dtype == expect[k].dtype
     assert torch.equal(back["m"]["a"], expect["m"]["a"]) and back["s"] == expect["s"]
@@ -135,9 +137,9 @@ def test_shm_wire_round_trip_and_release(monkeypatch):
     gc.collect()
     assert ring.slots[0][2][0] == 0  # free again once nothing refers to the batch
     # the slot is reused, sent only once
-    again = C.to_wire(collate(vals))
-    assert type(again) is C._Wire and again.slot is None and again.key == wire.key
-    assert torch.equal(C.from_wire(_ship(again))["t"], expect["t"])
+    again = pytorch_wire.to_wire(collate(vals))
+    assert type(again) is pytorch_wire._Wire and again.slot is None and again.key == wire.key
+    assert torch.equal(pytorch_wire.from_wire(_ship(again))["t"], expect["t"])
 
 
 def test_shm_ring_full_falls_back_to_pipe_and_kept_batches_stay(monkeypatch):
@@ -147,26 +149,26 @@ def test_shm_ring_full_falls_back_to_pipe_and_kept_batches_stay(monkeypatch):
     for i in range(5):
         vals = [{"t": np.full(n, i, dtype=np.int64)} for n in (i + 3, 2)]
         expect.append(collate(vals))
-        wire = C.to_wire(collate(vals))
-        assert (type(wire) is C._Wire) == (i < 2)  # two slots, both held below
-        kept.append(C.from_wire(_ship(wire)))
+        wire = pytorch_wire.to_wire(collate(vals))
+        assert (type(wire) is pytorch_wire._Wire) == (i < 2)  # two slots, both held below
+        kept.append(pytorch_wire.from_wire(_ship(wire)))
     for got, exp in zip(kept, expect):
         assert torch.equal(got["t"], exp["t"]) and torch.equal(got["t_lengths"], exp["t_lengths"])
     # a bigger batch grows a free slot in place
     del kept[0]
     big = [{"t": np.arange(100_000, dtype=np.int64)}]
-    wire = C.to_wire(collate(big))
-    assert type(wire) is C._Wire and wire.slot is not None
-    assert torch.equal(C.from_wire(_ship(wire))["t"][0], torch.arange(100_000))
+    wire = pytorch_wire.to_wire(collate(big))
+    assert type(wire) is pytorch_wire._Wire and wire.slot is not None
+    assert torch.equal(pytorch_wire.from_wire(_ship(wire))["t"][0], torch.arange(100_000))
 
 
 def test_shm_small_batches_and_switch_off(monkeypatch):
     C = _as_worker(monkeypatch)
     monkeypatch.setattr(C, "_SHM_MIN_BYTES", 1 << 20)
-    assert type(C.to_wire(collate([{"i": 1}]))) is dict  # small: through the pipe
+    assert type(pytorch_wire.to_wire(collate([{"i": 1}]))) is dict  # small: through the pipe
     monkeypatch.setattr(C, "_SHM_MIN_BYTES", 0)
     monkeypatch.setattr(C, "_SHM_ENABLED", False)
-    assert type(C.to_wire(collate([{"t": np.ones(10)}]))) is dict
+    assert type(pytorch_wire.to_wire(collate([{"t": np.ones(10)}]))) is dict
 
 
 def test_pad_value_the_dtype_cannot_hold_names_the_field():

@@ -14,22 +14,24 @@ import tarfile
 import numpy as np
 import pytest
 
-import shardstream.compression as compression
-from shardstream.cli import main
-from shardstream.codec import PACKED_EXT, decode_sample, encode_sample, repack
-from shardstream.compression import DEFAULT_DICT_BYTES, DEFAULT_FRAME_BYTES, Compression, \
-    FrameDecoder, parse_compression
-from shardstream.convert import convert
+
+from shardstream.cli.commands import main
+from shardstream.format.codec import PACKED_EXT, decode_sample
+from shardstream.format.encode import encode_sample, repack
+from shardstream.format.compression import (DEFAULT_DICT_BYTES, DEFAULT_FRAME_BYTES,
+                                            Compression, parse_compression)
+from shardstream.format.frames import FrameDecoder
+from shardstream.write.convert import convert
 from shardstream.errors import CorruptShardError, ManifestError
-from shardstream.index import ShardIndex
-from shardstream.inspect import cat_lines
-from shardstream.manifest import load_manifest
-from shardstream.parallel import write_shards
-from shardstream.random_access import ShardDataset
-from shardstream.shard import iter_dataset, open_dataset
-from shardstream.stream import ShardStream
-from shardstream.verify import verify
-from shardstream.wdsindex import build_index
+from shardstream.format.index import ShardIndex
+from shardstream.cli.inspect import cat_lines
+from shardstream.storage.io import load_manifest
+from shardstream.write.parallel import write_shards
+from shardstream.pytorch.random_access import ShardDataset
+from shardstream.read.dataset import iter_dataset, open_dataset
+from shardstream.pytorch.stream import ShardStream
+from shardstream.read.verify import verify
+from shardstream.write.reindex import build_index
 
 N = 400
 V2 = os.path.join(os.path.dirname(__file__), "data", "v2-zstd")  # written by shardstream 0.1.0
@@ -175,7 +177,7 @@ def test_convert_keeps_key_field(tmp_path) -> None:
 
 
 def ShardWriterKeyed(path: str):
-    from shardstream.writer import ShardWriter
+    from shardstream.write.writer import ShardWriter
     return ShardWriter(path, key_field="name", block_bytes=256, fsync=False)
 
 
@@ -279,7 +281,7 @@ def test_wrong_declared_size_and_truncation(make_dataset) -> None:
     raw[1] += 1  # the index and the frame disagree
     fake = dataclasses.replace(idx, block_raw_size=raw)
     with pytest.raises(CorruptShardError, match="block 1.*declares"):
-        from shardstream.shard import read_block
+        from shardstream.read.dataset import read_block
         with open(ds.shard_path(info), "rb") as f:
             read_block(f, fake, 1, where=info.name)
     p = ds.shard_path(info)
@@ -304,7 +306,7 @@ def test_index_rebuild_is_identical(pair) -> None:
 
 
 def test_append_needs_same_compression(make_dataset, pair) -> None:
-    from shardstream.writer import ShardWriter
+    from shardstream.write.writer import ShardWriter
     raw, zst = pair
     with pytest.raises(ManifestError, match="zstd:5"):
         ShardWriter(zst, append=True)
@@ -378,7 +380,7 @@ def test_info_describes_the_compression(v2, pair, capsys) -> None:
 
 
 def test_v2_upgrade_by_convert(v2, tmp_path) -> None:
-    from shardstream.writer import ShardWriter
+    from shardstream.write.writer import ShardWriter
     with pytest.raises(ManifestError, match="shardstream convert"):
         ShardWriter(v2, append=True, compression="zstd")
     out = str(tmp_path / "v3")
@@ -394,7 +396,7 @@ def test_v2_upgrade_by_convert(v2, tmp_path) -> None:
 
 
 def test_append_with_other_frame_settings_is_refused(pair) -> None:
-    from shardstream.writer import ShardWriter
+    from shardstream.write.writer import ShardWriter
     _, zst = pair
     with pytest.raises(ManifestError, match="frame_bytes=4096"):
         ShardWriter(zst, append=True, compression=Compression("zstd", 5, frame_bytes=4096))
@@ -433,14 +435,14 @@ def test_compressed_dataset_on_s3(s3_server, s3_bucket, tmp_path, monkeypatch) -
     access from the node cache: every sample, exact dtypes."""
     import torch
 
-    from shardstream.dataloader import loader
+    from shardstream.pytorch.loader import loader
     url = f"{s3_bucket}/zst"
     opts = s3_server.storage_options
 
     def make(i: int) -> dict:
         return {"id": i, "ids": np.arange(i, i + 64, dtype=np.int64), "t": f"text {i}" * 5}
 
-    from shardstream.writer import ShardWriter
+    from shardstream.write.writer import ShardWriter
     with ShardWriter(url, compression="zstd", fsync=False, block_bytes=2048, max_samples=300,
                      storage_options=opts) as w:
         for i in range(1000):

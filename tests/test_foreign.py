@@ -10,9 +10,9 @@ import pytest
 import webdataset as wds
 
 from shardstream.errors import CorruptShardError
-from shardstream.members import decode_member
-from shardstream.dataloader import loader
-from shardstream.stream import ShardStream
+from shardstream.format.members import decode_member
+from shardstream.pytorch.loader import loader
+from shardstream.pytorch.stream import ShardStream
 
 N = 60
 
@@ -100,7 +100,7 @@ def test_member_decoding_is_shared_and_safe():
 
     import msgpack
 
-    from shardstream.codec import encode_sample
+    from shardstream.format.encode import encode_sample
 
     assert decode_member("a.MSGPACK", msgpack.packb({1: "int keys from other writers"})) == \
         {1: "int keys from other writers"}

@@ -17,7 +17,7 @@ import pytest
 import torch
 
 from shardstream import ShardStream
-from shardstream.dataloader import loader
+from shardstream.pytorch.loader import loader
 from shardstream.errors import UsageError
 from test_distributed import torchrun
 

@@ -12,13 +12,15 @@ import shutil
 import numpy as np
 import pytest
 
-from shardstream.codec import decode_sample, encode_sample
+from shardstream.format.codec import decode_sample
+from shardstream.format.encode import encode_sample
 from shardstream.errors import CorruptShardError, IndexMismatchError
-from shardstream.index import MAX_BLOCK_RAW_BYTES, ShardIndex
-from shardstream.random_access import ShardDataset
-from shardstream.shard import iter_dataset, open_dataset
-from shardstream.stream import ShardStream
-from shardstream.writer import ShardWriter
+from shardstream.format.limits import MAX_BLOCK_RAW_BYTES
+from shardstream.format.index import ShardIndex
+from shardstream.pytorch.random_access import ShardDataset
+from shardstream.read.dataset import iter_dataset, open_dataset
+from shardstream.pytorch.stream import ShardStream
+from shardstream.write.writer import ShardWriter
 
 pytestmark = pytest.mark.fuzz
 

@@ -1,4 +1,4 @@
-"""Tests for shardstream.inputs: every input kind, splitting, and error messages."""
+"""Tests for shardstream.write.inputs: every input kind, splitting, and error messages."""
 
 from __future__ import annotations
 
@@ -15,10 +15,11 @@ import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from shardstream import inputs
 from shardstream.errors import InputError
-from shardstream.inputs import (InputTask, detect_kind, estimate_total, group_tasks, iter_inputs,
-                                iter_task, plan_tasks, task_bytes)
+from shardstream.write.plan import (InputTask, detect_kind, estimate_total, group_tasks,
+                                    plan_tasks, task_bytes)
+from shardstream.write.inputs import iter_inputs, iter_task
+from shardstream.write import plan
 
 ROWS = [{"id": i, "text": "x" * i, "tags": ["a", "b"][: i % 3], "meta": {"k": i / 2}} for i in range(7)]
 
@@ -349,6 +350,6 @@ def test_parquet_bad_file_and_missing_pyarrow(tmp_path, monkeypatch):
     with pytest.raises(InputError, match=r"bad\.parquet"):
         list(iter_inputs([str(p)]))
     monkeypatch.setitem(sys.modules, "pyarrow.parquet", None)
-    inputs._row_groups.cache_clear()
+    plan._row_groups.cache_clear()
     with pytest.raises(InputError, match=r"pip install 'shardstream\[parquet\]'"):
         list(iter_task(InputTask(str(p), "parquet")))

@@ -10,10 +10,11 @@ import msgpack
 import numpy as np
 import pytest
 
-from shardstream.cli import write_main
+from shardstream.cli.commands import write_main
 from shardstream.errors import InputError
-from shardstream.inputs import InputTask, iter_inputs, iter_task
-from shardstream.shard import iter_dataset
+from shardstream.write.plan import InputTask
+from shardstream.write.inputs import iter_inputs, iter_task
+from shardstream.read.dataset import iter_dataset
 
 BIG = 123456789012345678901234567890
 

@@ -9,8 +9,9 @@ import os
 import pytest
 
 from shardstream import ManifestError, ShardWriter, StorageError, build_index, load_manifest
-from shardstream.manifest import Manifest
-from shardstream.publish import _storage_error
+from shardstream.format.manifest import Manifest
+from shardstream.write.lock import storage_error
+from shardstream.storage import io as storage_io
 
 pytestmark = pytest.mark.fuzz
 
@@ -118,10 +119,8 @@ def test_a_manifest_that_is_not_utf8_names_the_file(tmp_path):
 
 
 def test_a_remote_manifest_that_is_not_utf8_names_the_url():
-    from shardstream import storage
-
     url = "memory://manifest-safety/utf8"
-    storage.put_bytes(b'{"format": "shardstream\xfe"}', url + "/manifest.json")
+    storage_io.put_bytes(b'{"format": "shardstream\xfe"}', url + "/manifest.json")
     with pytest.raises(ManifestError, match=f"{url}/manifest.json: not UTF-8"):
         load_manifest(url)
 
@@ -152,7 +151,7 @@ def test_manifests_the_writers_make_load(tmp_path):
 
 
 def test_storage_error_prints_its_message_and_carries_errno(tmp_path):
-    err = _storage_error("write", "/d/x", OSError(errno.ENOSPC, os.strerror(errno.ENOSPC)))
+    err = storage_error("write", "/d/x", OSError(errno.ENOSPC, os.strerror(errno.ENOSPC)))
     assert str(err) == "cannot write /d/x: No space left on device"
     assert err.errno == errno.ENOSPC and isinstance(err, OSError)
     assert str(StorageError("plain")) == "plain" and StorageError("plain").errno is None

@@ -11,11 +11,11 @@ import pytest
 import torch
 from hypothesis import given, settings, strategies as st
 
-from shardstream.collation import Collate
-from shardstream.dataloader import loader
-from shardstream.mixture import Mixture, MixOrder, Source, epoch_counts
-from shardstream.stream import ShardStream
-from shardstream.writer import ShardWriter
+from shardstream.pytorch.collation import Collate
+from shardstream.pytorch.loader import loader
+from shardstream.read.mixture import Mixture, MixOrder, Source, epoch_counts
+from shardstream.pytorch.stream import ShardStream
+from shardstream.write.writer import ShardWriter
 
 SIZES = {"small": 50, "mid": 2000, "big": 10000}
 WEIGHTS = [0.7, 0.2, 0.1]

@@ -9,9 +9,11 @@ import torch
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from shardstream.codec import decode_sample, encode_sample, iter_samples, narrowed, widen
-from shardstream.collation import Collate, Ragged, collate
-from shardstream.stream import ShardStream
+from shardstream.format.codec import decode_sample, iter_samples, narrowed, widen
+from shardstream.format.encode import encode_sample
+from shardstream.pytorch.collation import Collate, Ragged, collate
+from shardstream.pytorch.stream import ShardStream
+from shardstream.pytorch import collation as pytorch_collation
 
 INT_DTYPES = ["int8", "uint8", "int16", "uint16", "int32", "uint32", "int64", "uint64"]
 
@@ -157,14 +159,14 @@ def test_stream_reads_narrow_only_for_its_own_collation(make_dataset, monkeypatc
     assert list(s) == [10] * 10
     assert seen[0]["ids"].dtype == np.int32  # a user's collate sees the written dtype
     calls = []
-    import shardstream.collation as collation
-    real = collation.Collate._arrays
+    
+    real = pytorch_collation.Collate._arrays
 
     def spy(self, out, key, vals, ragged, narrow=False):
         calls.append(narrow and any(narrowed(v) is not None for v in vals))
         return real(self, out, key, vals, ragged, narrow)
 
-    monkeypatch.setattr(collation.Collate, "_arrays", spy)
+    monkeypatch.setattr(pytorch_collation.Collate, "_arrays", spy)
     list(ShardStream(zst, batch_size=10))
     assert calls and all(calls)
 
@@ -172,7 +174,7 @@ def test_stream_reads_narrow_only_for_its_own_collation(make_dataset, monkeypatc
 def test_padding_from_an_earlier_batch_is_widened(make_dataset):
     zst = make_dataset(40, "zst", make=_tokens, compression="zstd")
     s = ShardStream(zst, batch_size=4)
-    from shardstream.shard import iter_dataset
+    from shardstream.read.dataset import iter_dataset
     first = next(iter_dataset(zst))
     kept = decode_sample(encode_sample(first, pack=True), narrow=True)
     assert kept["ids"].dtype == np.uint16
@@ -183,7 +185,7 @@ def test_padding_from_an_earlier_batch_is_widened(make_dataset):
 
 
 def test_loader_workers_send_widened_batches(make_dataset):
-    from shardstream.dataloader import loader
+    from shardstream.pytorch.loader import loader
     raw = make_dataset(300, "raw", make=_tokens)
     zst = make_dataset(300, "zst", make=_tokens, compression="zstd")
     a = list(loader(ShardStream(raw, batch_size=32), num_workers=2))

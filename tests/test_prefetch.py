@@ -1,4 +1,4 @@
-"""Tests for shardstream.prefetch (CPU semantics here; GPU tests marked ``cuda``).
+"""Tests for shardstream.pytorch.prefetch (CPU semantics here; GPU tests marked ``cuda``).
 
 Run ``python tests/test_prefetch.py race-check DEPTH`` to run the GPU race
 check standalone (used by the PYTORCH_NO_CUDA_MEMORY_CACHING test).
@@ -20,8 +20,9 @@ import numpy as np
 import pytest
 import torch
 
-import shardstream.prefetch as prefetch_module
-from shardstream.prefetch import CUDAPrefetcher, PrefetchStats, to_device
+
+from shardstream.pytorch.prefetch import CUDAPrefetcher, PrefetchStats, to_device
+from shardstream.pytorch import prefetch as prefetch_module
 
 HAS_CUDA = torch.cuda.is_available()
 cuda_only = [pytest.mark.cuda, pytest.mark.skipif(not HAS_CUDA, reason="needs a CUDA GPU")]

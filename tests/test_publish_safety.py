@@ -16,13 +16,16 @@ from typing import Any, Callable
 import pytest
 
 import shardstream
-from shardstream import DatasetLockedError, EncodeError, ManifestError, ShardWriter, \
-    load_manifest, storage, verify, write_shards
-from shardstream import publish as pub
-from shardstream.convert import convert
+from shardstream import (DatasetLockedError, EncodeError, ManifestError, ShardWriter,
+                         load_manifest, verify, write_shards)
+from shardstream.write.convert import convert
 from shardstream.errors import ShardNotFoundError
-from shardstream.manifest import LOCK_NAME
-from shardstream.shard import iter_dataset
+from shardstream.format.manifest import LOCK_NAME
+from shardstream.read.dataset import iter_dataset
+from shardstream.write import publish as pub
+from shardstream.write import publish
+from shardstream.storage import io as storage_io
+from shardstream.storage import urls
 
 ENV = {**os.environ, "PYTHONPATH": os.pathsep.join(
     [os.path.dirname(os.path.dirname(os.path.abspath(shardstream.__file__)))]
@@ -292,7 +295,7 @@ MODES = ["fresh", "overwrite", "append", "convert"]
 
 
 @pytest.mark.parametrize("mode", MODES)
-@pytest.mark.parametrize("step", pub.FAULT_STEPS)
+@pytest.mark.parametrize("step", publish.FAULT_STEPS)
 def test_a_crash_at_each_publish_step_leaves_old_or_new_whole(tmp_path, monkeypatch, mode,
                                                               step):
     root = tmp_path / "root"
@@ -303,7 +306,7 @@ def test_a_crash_at_each_publish_step_leaves_old_or_new_whole(tmp_path, monkeypa
     monkeypatch.setattr(pub, "_fault", crash_at(step))
     with pytest.raises(Crash):
         do_write(mode, out, src)
-    switched = pub.FAULT_STEPS.index(step) >= pub.FAULT_STEPS.index("manifest")
+    switched = publish.FAULT_STEPS.index(step) >= publish.FAULT_STEPS.index("manifest")
     check_whole(out, expected(mode, old) if switched else old)
     after_outside = {k: v for k, v in tree(root).items() if not k.startswith("out" + os.sep)}
     assert after_outside == before_outside
@@ -333,7 +336,7 @@ def test_an_old_reader_sees_missing_shards_never_a_mix(tmp_path, monkeypatch):
 
 
 def iter_dataset_with(root: str, manifest: Any) -> Any:
-    from shardstream.shard import Dataset
+    from shardstream.read.dataset import Dataset
 
     ds = Dataset(root, manifest)
     for info in manifest.shards:
@@ -370,7 +373,7 @@ def test_sigkill_at_a_publish_step_leaves_old_or_new_whole(tmp_path, mode, step)
     proc = subprocess.run([sys.executable, "-c", KILL_SCRIPT, mode, step, str(out), str(src)],
                           env=ENV, capture_output=True, text=True, timeout=120)
     assert proc.returncode == -signal.SIGKILL, proc.stderr
-    switched = pub.FAULT_STEPS.index(step) >= pub.FAULT_STEPS.index("manifest")
+    switched = publish.FAULT_STEPS.index(step) >= publish.FAULT_STEPS.index("manifest")
     check_whole(out, expected(mode, old) if switched else old)
     if mode == "fresh":  # orphans but no manifest: a plain rerun is refused, --overwrite works
         with pytest.raises(shardstream.DatasetExistsError):
@@ -383,15 +386,15 @@ def test_sigkill_at_a_publish_step_leaves_old_or_new_whole(tmp_path, mode, step)
 # ---------------------------------------------------------------- object storage
 def remote_state(url: str) -> tuple[list[int], set[str]]:
     """(ids via a verified local copy, object names) of the dataset at ``url``."""
-    names = set(storage.list_prefix(url))
+    names = set(storage_io.list_prefix(url))
     m = load_manifest(url)
     for s in m.shards:
-        data = storage.read_bytes(storage.join(url, s.name))
+        data = storage_io.read_bytes(urls.join(url, s.name))
         assert hashlib.sha256(data).hexdigest() == s.sha256
     return [int(s.num_samples) for s in m.shards], names
 
 
-@pytest.mark.parametrize("step", pub.FAULT_STEPS)
+@pytest.mark.parametrize("step", publish.FAULT_STEPS)
 def test_remote_overwrite_crash_at_each_step(monkeypatch, step):
     url = f"memory://publish-safety/{step}"
     with ShardWriter(url, max_samples=2, fsync=False) as w:
@@ -405,7 +408,7 @@ def test_remote_overwrite_crash_at_each_step(monkeypatch, step):
                 w.write(r)
     counts, names = remote_state(url)
     m = load_manifest(url)
-    switched = pub.FAULT_STEPS.index(step) >= pub.FAULT_STEPS.index("manifest")
+    switched = publish.FAULT_STEPS.index(step) >= publish.FAULT_STEPS.index("manifest")
     assert (m.num_samples, counts) == ((7, [3, 3, 1]) if switched else (5, [2, 2, 1]))
     if not switched:
         assert m == old and names == {"manifest.json"} | {

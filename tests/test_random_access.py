@@ -11,9 +11,9 @@ import torch
 from torch.utils.data import DataLoader, DistributedSampler
 
 from shardstream.errors import CorruptShardError, IndexMismatchError, ShardNotFoundError
-from shardstream.random_access import ShardDataset
-from shardstream.shard import iter_block_samples, load_index, open_dataset, read_block
-from shardstream.writer import ShardWriter
+from shardstream.pytorch.random_access import ShardDataset
+from shardstream.read.dataset import iter_block_samples, load_index, open_dataset, read_block
+from shardstream.write.writer import ShardWriter
 
 N = 257
 

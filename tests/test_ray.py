@@ -17,10 +17,10 @@ import pyarrow.parquet as pq  # noqa: E402
 
 import shardstream  # noqa: E402
 from shardstream.errors import DatasetExistsError, InputError  # noqa: E402
-from shardstream.inputs import iter_inputs  # noqa: E402
+from shardstream.write.inputs import iter_inputs  # noqa: E402
 from shardstream.integrations import ray as ssray  # noqa: E402
-from shardstream.manifest import load_manifest  # noqa: E402
-from shardstream.shard import iter_dataset  # noqa: E402
+from shardstream.storage.io import load_manifest  # noqa: E402
+from shardstream.read.dataset import iter_dataset  # noqa: E402
 
 N = 50_000
 pytestmark = [pytest.mark.slow,  # starts a Ray runtime
@@ -233,7 +233,7 @@ def test_write_inputs_with_ray(tmp_path):
 
 
 def test_cli_engine_ray_with_compression(tmp_path, capsys):
-    from shardstream.cli import main
+    from shardstream.cli.commands import main
 
     src = tmp_path / "in.jsonl"
     src.write_text("".join(json.dumps({"id": i, "t": "x" * (i % 40)}) + "\n"

@@ -13,14 +13,16 @@ import pytest
 
 from conftest import sample
 from servers import HTTPTestServer
-from shardstream import storage
-from shardstream.cli import write_main
-from shardstream.dataloader import loader
+from shardstream.cli.commands import write_main
+from shardstream.pytorch.loader import loader
 from shardstream.errors import StorageError
-from shardstream.manifest import MANIFEST_NAME, load_manifest
-from shardstream.retry import RetryPolicy
-from shardstream.stream import ShardStream
-from shardstream.writer import ShardWriter
+from shardstream.format.manifest import MANIFEST_NAME
+from shardstream.storage.io import load_manifest
+from shardstream.storage.retry import RetryPolicy
+from shardstream.pytorch.stream import ShardStream
+from shardstream.write.writer import ShardWriter
+from shardstream.storage import io as storage_io
+from shardstream.storage import urls
 
 pytestmark = pytest.mark.storage
 
@@ -116,7 +118,7 @@ def test_foreign_tars_stream_through_faults_without_gopen(tmp_path, monkeypatch)
 def test_prefix_listing_without_manifest(s3_server, s3_bucket, tmp_path):
     opts = s3_server.storage_options
     url = _write(f"{s3_bucket}/loose", opts=opts)
-    storage.remove(storage.join(url, MANIFEST_NAME), storage_options=opts)
+    storage_io.remove(urls.join(url, MANIFEST_NAME), storage_options=opts)
     ds = ShardStream(url + "/", storage_options=opts, cache_dir=str(tmp_path / "c"))
     assert not ds.exact and len(ds.urls) == 7 and ds.urls == sorted(ds.urls)
     assert sorted(_ids(ds)) == list(range(N))
@@ -269,7 +271,7 @@ def test_read_ahead_skips_shards_another_process_fetches():
     reader to get there."""
     import threading
 
-    from shardstream.remote import Prefetcher
+    from shardstream.storage.cache import Prefetcher
     fetched, release = [], threading.Event()
 
     def fetch(key):

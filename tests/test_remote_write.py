@@ -8,14 +8,18 @@ import os
 import pytest
 
 from conftest import sample
-from shardstream import storage
-from shardstream.cli import main, write_main
+from shardstream.cli.commands import main, write_main
 from shardstream.errors import DatasetExistsError, StorageError
-from shardstream.manifest import MANIFEST_NAME, load_manifest
-from shardstream.parallel import write_shards
-from shardstream.shard import open_dataset
-from shardstream.verify import verify
-from shardstream.writer import ShardWriter
+from shardstream.format.manifest import MANIFEST_NAME
+from shardstream.storage.io import load_manifest
+from shardstream.write.parallel import write_shards
+from shardstream.read.dataset import open_dataset
+from shardstream.read.verify import verify
+from shardstream.write.writer import ShardWriter
+from shardstream.storage import io as storage
+from shardstream.storage import io
+from shardstream.storage import download
+from shardstream.storage import urls
 
 pytestmark = pytest.mark.storage
 
@@ -29,7 +33,7 @@ def _write(url: str, n: int, opts: dict, **kw) -> ShardWriter:
 
 
 def _decoded_ids(local: str) -> list[int]:
-    from shardstream.inspect import cat_lines
+    from shardstream.cli.inspect import cat_lines
 
     ds = open_dataset(local)
     out = [json.loads(line)["id"] for line in cat_lines(local)]
@@ -42,11 +46,11 @@ def test_shard_writer_to_s3_then_verify_a_local_copy(s3_server, s3_bucket, tmp_p
     opts = s3_server.storage_options
     w = _write(url, 150, opts)
     assert not os.path.exists(w._staging)  # the local staging dir is gone
-    names = storage.list_prefix(url, storage_options=opts)
+    names = io.list_prefix(url, storage_options=opts)
     m = load_manifest(url, opts)
     assert m.num_samples == 150 and len(m.shards) == 4
     assert set(names) == {MANIFEST_NAME} | {n for s in m.shards for n in (s.name, s.index)}
-    local = storage.fetch_to_cache(url, str(tmp_path / "cache"), storage_options=opts)
+    local = download.fetch_to_cache(url, str(tmp_path / "cache"), storage_options=opts)
     report = verify(local)
     assert report.ok and report.samples == 150
     assert _decoded_ids(local) == list(range(150))
@@ -55,16 +59,16 @@ def test_shard_writer_to_s3_then_verify_a_local_copy(s3_server, s3_bucket, tmp_p
 def test_manifest_is_uploaded_last(s3_server, s3_bucket, monkeypatch):
     url = f"{s3_bucket}/ds"
     opts = s3_server.storage_options
-    murl = storage.join(url, MANIFEST_NAME)
+    murl = urls.join(url, MANIFEST_NAME)
     events = []
-    put_file, put_bytes = storage.put_file, storage.put_bytes
+    put_file, put_bytes = io.put_file, io.put_bytes
 
     def spy_file(local, dst, **kw):
-        events.append(("shard", dst, storage.exists(murl, storage_options=opts)))
+        events.append(("shard", dst, io.exists(murl, storage_options=opts)))
         put_file(local, dst, **kw)
 
     def spy_bytes(data, dst, **kw):
-        listed = storage.list_prefix(url, storage_options=opts)
+        listed = io.list_prefix(url, storage_options=opts)
         events.append(("manifest", dst, listed))
         put_bytes(data, dst, **kw)
     monkeypatch.setattr(storage, "put_file", spy_file)
@@ -86,16 +90,16 @@ def test_overwrite_and_append_on_s3(s3_server, s3_bucket, tmp_path):
     _write(url, 30, opts, overwrite=True)  # 1 shard, under a name the old 4 do not use
     m = load_manifest(url, opts)
     assert m.num_samples == 30
-    assert storage.list_prefix(url, storage_options=opts) == sorted(
+    assert io.list_prefix(url, storage_options=opts) == sorted(
         [MANIFEST_NAME, "shard-000004.tar", "shard-000004.tar.idx"])
-    first = storage.read_bytes(storage.join(url, "shard-000004.tar"), storage_options=opts)
+    first = io.read_bytes(urls.join(url, "shard-000004.tar"), storage_options=opts)
     _write(url, 50, opts, append=True)
     m = load_manifest(url, opts)
     assert m.num_samples == 80 and [s.name for s in m.shards] == [
         "shard-000004.tar", "shard-000005.tar", "shard-000006.tar"]
-    assert storage.read_bytes(storage.join(url, "shard-000004.tar"),
-                              storage_options=opts) == first  # appended, old untouched
-    local = storage.fetch_to_cache(url, str(tmp_path / "c"), storage_options=opts)
+    assert io.read_bytes(urls.join(url, "shard-000004.tar"),
+                         storage_options=opts) == first  # appended, old untouched
+    local = download.fetch_to_cache(url, str(tmp_path / "c"), storage_options=opts)
     assert verify(local).ok
     assert _decoded_ids(local) == list(range(30)) + list(range(50))
 
@@ -104,9 +108,9 @@ def test_failed_upload_leaves_no_manifest_and_no_orphans(s3_server, s3_bucket, m
     url = f"{s3_bucket}/ds"
     opts = s3_server.storage_options
     _write(url, 60, opts)  # 2 shards
-    before = storage.list_prefix(url, storage_options=opts)
+    before = io.list_prefix(url, storage_options=opts)
     old = load_manifest(url, opts)
-    real = storage.put_file
+    real = io.put_file
     calls = []
 
     def flaky(local, dst, **kw):
@@ -117,13 +121,13 @@ def test_failed_upload_leaves_no_manifest_and_no_orphans(s3_server, s3_bucket, m
     monkeypatch.setattr(storage, "put_file", flaky)
     with pytest.raises(StorageError, match="injected"):
         _write(url, 120, opts, append=True)
-    assert storage.list_prefix(url, storage_options=opts) == before  # orphans deleted
+    assert io.list_prefix(url, storage_options=opts) == before  # orphans deleted
     assert load_manifest(url, opts) == old  # the appended-to dataset is untouched
     fresh = f"{s3_bucket}/fresh"
     calls.clear()
     with pytest.raises(StorageError):
         _write(fresh, 120, opts)
-    assert storage.list_prefix(fresh, storage_options=opts) == []
+    assert io.list_prefix(fresh, storage_options=opts) == []
 
 
 def test_write_shards_with_workers_to_s3(s3_server, s3_bucket, tmp_path):
@@ -132,7 +136,7 @@ def test_write_shards_with_workers_to_s3(s3_server, s3_bucket, tmp_path):
     m = write_shards([sample(i) for i in range(200)], url, workers=2, max_samples=30,
                      fsync=False, storage_options=opts)
     assert load_manifest(url, opts) == m and m.num_samples == 200
-    local = storage.fetch_to_cache(url, str(tmp_path / "c"), storage_options=opts)
+    local = download.fetch_to_cache(url, str(tmp_path / "c"), storage_options=opts)
     assert _decoded_ids(local) == list(range(200))
 
 
@@ -159,11 +163,11 @@ def test_cli_write_info_verify_on_s3(s3_server, s3_bucket, tmp_path, monkeypatch
 
 
 def test_cli_storage_option_parsing():
-    from shardstream.cli import _options, _storage_option
+    from shardstream.cli.args import storage_options, _storage_option
 
     pairs = [_storage_option("anon=true"), _storage_option("client_kwargs.region_name=eu"),
              _storage_option("endpoint_url=http://h:1")]
-    assert _options(pairs) == {"anon": True, "client_kwargs": {"region_name": "eu"},
-                               "endpoint_url": "http://h:1"}
+    assert storage_options(pairs) == {"anon": True, "client_kwargs": {"region_name": "eu"},
+                                      "endpoint_url": "http://h:1"}
     with pytest.raises(Exception, match="key=value"):
         _storage_option("novalue")

@@ -1,4 +1,4 @@
-"""shardstream.s3read: SigV4 signing, reads without s3fs, fallback to s3fs, faults."""
+"""shardstream.storage.s3: SigV4 signing, reads without s3fs, fallback to s3fs, faults."""
 
 from __future__ import annotations
 
@@ -12,16 +12,21 @@ import time
 import pytest
 
 from servers import HTTPTestServer
-from shardstream import s3read, storage
 from shardstream.errors import ShardNotFoundError, StorageError
-from shardstream.retry import RetryPolicy
+from shardstream.storage.retry import RetryPolicy
+from shardstream.storage import s3
+from shardstream.storage import backends
+from shardstream.storage import s3config
+from shardstream.storage import download
+from shardstream.storage import streams
+from shardstream.storage import io
 
 pytestmark = pytest.mark.storage
 
 FAST = RetryPolicy(attempts=6, base_delay=0.01, max_delay=0.05, timeout=5)
 DATA = random.Random(11).randbytes(600_000)
 ODD_KEY = "dir/a b+c=d&e/ü ñ~(1)*'!$,;@.bin"
-AWS_ENV = [k for k in s3read._ENV if k.startswith("AWS_")] + ["SHARDSTREAM_S3_LITE"]
+AWS_ENV = [k for k in s3config.ENV_VARS if k.startswith("AWS_")] + ["SHARDSTREAM_S3_LITE"]
 
 
 @pytest.fixture
@@ -38,9 +43,9 @@ def clean_env(monkeypatch, tmp_path):
 def test_sigv4_matches_the_aws_documentation_example():
     """GET /test.txt with Range, from AWS's "Signature Calculations ... (AWS Signature
     Version 4)" example (empty payload hash, as the example signs it)."""
-    headers = s3read.sign_v4(
+    headers = s3.sign_v4(
         "GET", "examplebucket.s3.amazonaws.com", "/test.txt", {"range": "bytes=0-9"},
-        s3read.Credentials("AKIAIOSFODNN7EXAMPLE", "wJalrXUtnFEMI/K7MDENG/bPxRfiCYEXAMPLEKEY"),
+        s3config.Credentials("AKIAIOSFODNN7EXAMPLE", "wJalrXUtnFEMI/K7MDENG/bPxRfiCYEXAMPLEKEY"),
         "us-east-1", "20130524T000000Z",
         payload_hash="e3b0c44298fc1c149afbf4c8996fb92427ae41e4649b934ca495991b7852b855")
     assert headers["Authorization"] == (
@@ -50,20 +55,20 @@ def test_sigv4_matches_the_aws_documentation_example():
 
 
 def test_odd_keys_are_encoded_once_and_signed_like_botocore():
-    assert s3read.canonical_uri("/b/" + ODD_KEY) == \
+    assert s3.canonical_uri("/b/" + ODD_KEY) == \
         "/b/dir/a%20b%2Bc%3Dd%26e/%C3%BC%20%C3%B1~%281%29%2A%27%21%24%2C%3B%40.bin"
-    assert s3read.canonical_uri("/b/100%.bin") == "/b/100%25.bin"  # no double encoding
+    assert s3.canonical_uri("/b/100%.bin") == "/b/100%25.bin"  # no double encoding
     botocore = pytest.importorskip("botocore")
     from botocore.auth import S3SigV4Auth
     from botocore.awsrequest import AWSRequest
     from botocore.credentials import Credentials
 
-    uri = s3read.canonical_uri("/bucket/" + ODD_KEY)
+    uri = s3.canonical_uri("/bucket/" + ODD_KEY)
     req = AWSRequest(method="GET", url=f"http://127.0.0.1:9000{uri}",
                      headers={"Range": "bytes=5-99"})
     S3SigV4Auth(Credentials("AKID", "secret/+key", "tok"), "s3", "eu-west-1").add_auth(req)
-    ours = s3read.sign_v4("GET", "127.0.0.1:9000", uri, {"range": "bytes=5-99"},
-                          s3read.Credentials("AKID", "secret/+key", "tok"), "eu-west-1",
+    ours = s3.sign_v4("GET", "127.0.0.1:9000", uri, {"range": "bytes=5-99"},
+                          s3config.Credentials("AKID", "secret/+key", "tok"), "eu-west-1",
                           req.headers["X-Amz-Date"],
                           payload_hash=req.headers["X-Amz-Content-SHA256"])
     assert botocore is not None
@@ -73,14 +78,14 @@ def test_odd_keys_are_encoded_once_and_signed_like_botocore():
 
 # ---------------------------------------------------------------- configuration
 def _lite(url: str = "s3://b/k", options: dict | None = None):
-    got = s3read.reader(url, options)
+    got = s3.reader(url, options)
     return None if got is None else got[0].config
 
 
 def test_credentials_resolve_from_options_env_and_files(clean_env, monkeypatch):
     assert _lite() is None  # nothing anywhere: instance metadata etc. are s3fs's job
     c = _lite(options={"key": "K", "secret": "S", "endpoint_url": "http://h:9000"})
-    assert c.creds == s3read.Credentials("K", "S") and c.endpoint == ("h", 9000)
+    assert c.creds == s3config.Credentials("K", "S") and c.endpoint == ("h", 9000)
     assert c.scheme == "http" and c.region == "us-east-1"
     c = _lite(options={"anon": True, "client_kwargs": {"endpoint_url": "https://h",
                                                        "region_name": "eu-west-3"}})
@@ -91,7 +96,7 @@ def test_credentials_resolve_from_options_env_and_files(clean_env, monkeypatch):
     monkeypatch.setenv("AWS_ENDPOINT_URL", "http://e:1")
     monkeypatch.setenv("AWS_DEFAULT_REGION", "ap-south-1")
     c = _lite()
-    assert c.creds == s3read.Credentials("EK", "ES", "ET") and c.endpoint == ("e", 1)
+    assert c.creds == s3config.Credentials("EK", "ES", "ET") and c.endpoint == ("e", 1)
     assert c.region == "ap-south-1"
     monkeypatch.setenv("AWS_ENDPOINT_URL_S3", "http://s3e:2")
     assert _lite().endpoint == ("s3e", 2)
@@ -104,11 +109,11 @@ def test_credentials_resolve_from_options_env_and_files(clean_env, monkeypatch):
     (clean_env / "config").write_text("[default]\nregion = eu-north-1\n"
                                       "[profile other]\nregion = us-west-2\n")
     c = _lite()
-    assert c.creds == s3read.Credentials("FK", "FS") and c.region == "eu-north-1"
+    assert c.creds == s3config.Credentials("FK", "FS") and c.region == "eu-north-1"
     assert c.endpoint is None and c.scheme == "https"
     monkeypatch.setenv("AWS_PROFILE", "other")
     c = _lite()
-    assert c.creds == s3read.Credentials("OK", "OS") and c.region == "us-west-2"
+    assert c.creds == s3config.Credentials("OK", "OS") and c.region == "us-west-2"
     assert _lite(options={"profile": "nope"}) is None  # unknown profile: s3fs says so
 
 
@@ -142,18 +147,18 @@ def test_anything_not_simple_falls_back_to_s3fs(clean_env, monkeypatch, case):
         monkeypatch.setenv("SHARDSTREAM_S3_LITE", "0")
     elif case == "arn":
         url = "s3://arn:aws:s3:us-east-1:1:accesspoint/ap/k"
-    assert s3read.reader(url, opts) is None
-    fs, _ = storage._read_fs(url, opts, timeout=5)  # s3fs, as before
+    assert s3.reader(url, opts) is None
+    fs, _ = backends.read_fs(url, opts, timeout=5)  # s3fs, as before
     assert type(fs).__name__ == "S3FileSystem"
 
 
 def test_aws_addressing():
-    cfg = s3read._Config("https", None, "eu-west-1", None, None)
-    r = s3read.S3Reader(cfg, 5)
+    cfg = s3config.S3Config("https", None, "eu-west-1", None, None)
+    r = s3.S3Reader(cfg, 5)
     assert r._where("bucket", "a b.bin") == ("bucket.s3.eu-west-1.amazonaws.com", 443,
                                              "bucket.s3.eu-west-1.amazonaws.com", "/a%20b.bin")
     assert r._where("my.bucket", "k")[::3] == ("s3.eu-west-1.amazonaws.com", "/my.bucket/k")
-    r2 = s3read.S3Reader(s3read._Config("http", ("127.0.0.1", 8333), "us-east-1", None,
+    r2 = s3.S3Reader(s3config.S3Config("http", ("127.0.0.1", 8333), "us-east-1", None,
                                         None), 5)
     assert r2._where("b", "k") == ("127.0.0.1", 8333, "127.0.0.1:8333", "/b/k")
 
@@ -166,33 +171,33 @@ def test_reads_equal_s3fs_and_signatures_are_checked(s3_server, s3_bucket, tmp_p
     objects = {"plain.bin": DATA, ODD_KEY: DATA[:70_001], "empty.bin": b""}
     for key, body in objects.items():
         client.put_object(Bucket=bucket, Key=key, Body=body)
-    s3fs_fs, _ = storage.get_fs(s3_bucket, opts)
+    s3fs_fs, _ = backends.get_fs(s3_bucket, opts)
     for key, body in objects.items():
         url = f"{s3_bucket}/{key}"
-        lite, path = storage._read_fs(url, opts, timeout=5)
-        assert isinstance(lite, s3read.S3Reader) and path == f"{bucket}/{key}"
-        assert storage.read_bytes(url, storage_options=opts) == body == \
+        lite, path = backends.read_fs(url, opts, timeout=5)
+        assert isinstance(lite, s3.S3Reader) and path == f"{bucket}/{key}"
+        assert io.read_bytes(url, storage_options=opts) == body == \
             s3fs_fs.cat_file(path)
-        assert storage.size(url, storage_options=opts) == len(body) == s3fs_fs.size(path)
+        assert io.size(url, storage_options=opts) == len(body) == s3fs_fs.size(path)
         if body:
-            assert storage.read_bytes(url, 3, len(body) - 1, storage_options=opts) == \
+            assert io.read_bytes(url, 3, len(body) - 1, storage_options=opts) == \
                 s3fs_fs.cat_file(path, start=3, end=len(body) - 1) == body[3:-1]
     url = f"{s3_bucket}/plain.bin"
-    with storage.open_stream(url, start=1000, storage_options=opts, chunk_size=100_000) as f:
+    with streams.open_stream(url, start=1000, storage_options=opts, chunk_size=100_000) as f:
         assert f.read() == DATA[1000:]
     dest = str(tmp_path / "copy")
-    storage._download(url, dest, opts, FAST, None, chunk_size=64_000)
+    download.download(url, dest, opts, FAST, None, chunk_size=64_000)
     assert open(dest, "rb").read() == DATA
-    assert list(s3read._idle.values()) and all(len(p) <= 16 for p in s3read._idle.values())
+    assert list(s3._idle.values()) and all(len(p) <= 16 for p in s3._idle.values())
 
     with pytest.raises(ShardNotFoundError, match="nope.bin"):
-        storage.read_bytes(f"{s3_bucket}/nope.bin", storage_options=opts, retry=FAST)
+        io.read_bytes(f"{s3_bucket}/nope.bin", storage_options=opts, retry=FAST)
     with pytest.raises(ShardNotFoundError, match="nope.bin"):
-        storage.size(f"{s3_bucket}/nope.bin", storage_options=opts, retry=FAST)
+        io.size(f"{s3_bucket}/nope.bin", storage_options=opts, retry=FAST)
     slow = RetryPolicy(attempts=5, base_delay=2, timeout=5)
     for bad in ({**opts, "secret": "wrong-secret"}, {**opts, "key": "no-such-key"}):
-        for call in (lambda: storage.read_bytes(url, 0, 10, storage_options=bad, retry=slow),
-                     lambda: storage.size(url, storage_options=bad, retry=slow)):
+        for call in (lambda: io.read_bytes(url, 0, 10, storage_options=bad, retry=slow),
+                     lambda: io.size(url, storage_options=bad, retry=slow)):
             t0 = time.perf_counter()
             with pytest.raises(StorageError) as err:
                 call()
@@ -200,15 +205,15 @@ def test_reads_equal_s3fs_and_signatures_are_checked(s3_server, s3_bucket, tmp_p
             assert err.value.kind == "auth" and err.value.tries == 1
             assert url in str(err.value) and "credentials" in str(err.value)
     with pytest.raises(StorageError, match="SignatureDoesNotMatch"):
-        storage.read_bytes(url, storage_options={**opts, "secret": "x"}, retry=slow)
+        io.read_bytes(url, storage_options={**opts, "secret": "x"}, retry=slow)
     with pytest.raises(StorageError) as err:  # unsigned requests are refused too
-        storage.read_bytes(url, storage_options={"endpoint_url": opts["endpoint_url"],
+        io.read_bytes(url, storage_options={"endpoint_url": opts["endpoint_url"],
                                                  "anon": True}, retry=slow)
     assert err.value.kind == "auth"
 
 
 def _write_ds(url: str, opts: dict, n: int = 700) -> None:
-    from shardstream.writer import ShardWriter
+    from shardstream.write.writer import ShardWriter
 
     with ShardWriter(url, max_samples=150, block_bytes=2048, storage_options=opts) as w:
         for i in range(n):
@@ -229,7 +234,7 @@ def test_shardstream_through_the_lite_path_equals_s3fs(s3_server, s3_bucket, tmp
         return [int(s["id"]) for s in ds]
     lite = ids("lite")
     monkeypatch.setenv("SHARDSTREAM_S3_LITE", "0")
-    assert s3read.reader(url, opts) is None
+    assert s3.reader(url, opts) is None
     assert ids("s3fs") == lite and sorted(lite) == list(range(700))
 
 
@@ -272,7 +277,7 @@ def test_drop_mid_body_resumes_at_the_exact_byte():
     plan = [None, "drop", None, "drop", "drop", None, None, "drop"]
     with HTTPTestServer({"bkt/blob.bin": DATA}, plan=plan, seed=1) as srv:
         url, opts = _fake_s3(srv)
-        with storage.open_stream(url, size=len(DATA), chunk_size=chunk, retry=FAST,
+        with streams.open_stream(url, size=len(DATA), chunk_size=chunk, retry=FAST,
                                  readahead=False, storage_options=opts) as f:
             assert f.read() == DATA
             retries = f.retries
@@ -290,29 +295,29 @@ def test_throttling_5xx_stall_forbidden_missing():
         url, opts = _fake_s3(srv)
         retry = RetryPolicy(attempts=5, base_delay=0.05, jitter=False, timeout=5)
         t0 = time.perf_counter()
-        assert storage.read_bytes(url, 0, 100, storage_options=opts, retry=retry) == DATA[:100]
+        assert io.read_bytes(url, 0, 100, storage_options=opts, retry=retry) == DATA[:100]
         assert time.perf_counter() - t0 >= 0.05 + 0.1 + 0.2 - 0.01
         assert [r.status for r in srv.requests("GET")] == [503, 429, 500, 206]
     with HTTPTestServer({"bkt/blob.bin": DATA}, plan=["stall"], stall_seconds=30) as srv:
         url, opts = _fake_s3(srv)
         retry = RetryPolicy(attempts=3, base_delay=0.01, timeout=0.5)
-        assert storage.read_bytes(url, 0, len(DATA), storage_options=opts,
+        assert io.read_bytes(url, 0, len(DATA), storage_options=opts,
                                   retry=retry) == DATA
         assert [r.fault for r in srv.requests("GET")] == ["stall", None]
     with HTTPTestServer({"bkt/blob.bin": DATA}, forbidden={"bkt/blob.bin"}) as srv:
         url, opts = _fake_s3(srv)
         with pytest.raises(StorageError) as err:
-            storage.read_bytes(url, 0, 10, storage_options=opts,
+            io.read_bytes(url, 0, 10, storage_options=opts,
                                retry=RetryPolicy(attempts=10, base_delay=1))
         assert len(srv.requests("GET")) == 1 and err.value.kind == "auth"
         assert url in str(err.value) and "access denied" in str(err.value)
         with pytest.raises(ShardNotFoundError, match="nope"):
-            storage.read_bytes("s3://bkt/nope", storage_options=opts, retry=FAST)
+            io.read_bytes("s3://bkt/nope", storage_options=opts, retry=FAST)
         assert len(srv.requests("GET", "bkt/nope")) == 1
     with HTTPTestServer({"bkt/blob.bin": DATA}, plan=["503"] * 10) as srv:
         url, opts = _fake_s3(srv)
         with pytest.raises(StorageError) as err:
-            storage.read_bytes(url, 0, 10, storage_options=opts,
+            io.read_bytes(url, 0, 10, storage_options=opts,
                                retry=RetryPolicy(attempts=3, base_delay=0.01))
         assert "after 3 tries" in str(err.value) and "503" in str(err.value)
 
@@ -321,24 +326,24 @@ def test_connections_are_reused_and_not_shared_with_a_forked_child():
     with HTTPTestServer({"bkt/blob.bin": DATA}) as srv:
         url, opts = _fake_s3(srv)
         where = ("http", "127.0.0.1", srv.port)
-        s3read._idle.pop(where, None)
-        assert storage.read_bytes(url, 0, 10, storage_options=opts) == DATA[:10]
-        conn = s3read._idle[where][-1]
-        assert storage.read_bytes(url, 10, 20, storage_options=opts) == DATA[10:20]
-        assert s3read._idle[where] == [conn]  # the same keep-alive connection
+        s3._idle.pop(where, None)
+        assert io.read_bytes(url, 0, 10, storage_options=opts) == DATA[:10]
+        conn = s3._idle[where][-1]
+        assert io.read_bytes(url, 10, 20, storage_options=opts) == DATA[10:20]
+        assert s3._idle[where] == [conn]  # the same keep-alive connection
         r, w = os.pipe()
         pid = os.fork()
         if pid == 0:  # child: none of the parent's connections, and its own work
-            ok = where not in s3read._idle and \
-                storage.read_bytes(url, 0, 5, storage_options=opts) == DATA[:5] and \
-                s3read._idle[where][-1] is not conn
+            ok = where not in s3._idle and \
+                io.read_bytes(url, 0, 5, storage_options=opts) == DATA[:5] and \
+                s3._idle[where][-1] is not conn
             os.write(w, b"1" if ok else b"0")
             os._exit(0)
         os.close(w)
         assert os.read(r, 1) == b"1"
         os.waitpid(pid, 0)
-        assert storage.read_bytes(url, 20, 30, storage_options=opts) == DATA[20:30]
-        assert s3read._idle[where] == [conn]
+        assert io.read_bytes(url, 20, 30, storage_options=opts) == DATA[20:30]
+        assert s3._idle[where] == [conn]
 
 
 @pytest.mark.parametrize("start, end", [(0, 100), (100, 200)])
@@ -346,5 +351,5 @@ def test_a_server_ignoring_range_is_an_error_not_wrong_bytes(start, end):
     with HTTPTestServer({"bkt/blob.bin": DATA}, plan=["norange"] * 5) as srv:
         url, opts = _fake_s3(srv)
         with pytest.raises(StorageError, match="ignored the Range header"):
-            storage.read_bytes(url, start, end, storage_options=opts,
+            io.read_bytes(url, start, end, storage_options=opts,
                                retry=RetryPolicy(attempts=2, base_delay=0.01))

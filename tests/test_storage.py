@@ -10,9 +10,14 @@ import time
 import pytest
 
 from servers import HTTPTestServer
-from shardstream import storage
 from shardstream.errors import ShardNotFoundError, StorageError
-from shardstream.retry import RetryPolicy, classify
+from shardstream.storage.retry import RetryPolicy, classify
+from shardstream.storage import io
+from shardstream.storage import locks
+from shardstream.storage import backends
+from shardstream.storage import urls
+from shardstream.storage import streams
+from shardstream.storage import download
 
 pytestmark = pytest.mark.storage
 
@@ -28,14 +33,14 @@ def data_server():
 
 # ---------------------------------------------------------------- URLs and policy
 def test_url_helpers():
-    assert storage.is_remote("s3://b/x") and storage.is_remote("gs://b") and \
-        storage.is_remote("https://h/x") and storage.is_remote("pipe:cat x")
-    assert not storage.is_remote("/tmp/x") and not storage.is_remote("file:///tmp/x") and \
-        not storage.is_remote("rel/dir")
-    assert storage.join("s3://b/ds/", "shard-000000.tar") == "s3://b/ds/shard-000000.tar"
-    assert storage.join("/tmp/ds", "m.json") == "/tmp/ds/m.json"
-    assert storage.join("file:///tmp/ds", "m.json") == "/tmp/ds/m.json"
-    assert storage.local_path("file:///tmp/ds") == "/tmp/ds"
+    assert urls.is_remote("s3://b/x") and urls.is_remote("gs://b") and \
+        urls.is_remote("https://h/x") and urls.is_remote("pipe:cat x")
+    assert not urls.is_remote("/tmp/x") and not urls.is_remote("file:///tmp/x") and \
+        not urls.is_remote("rel/dir")
+    assert urls.join("s3://b/ds/", "shard-000000.tar") == "s3://b/ds/shard-000000.tar"
+    assert urls.join("/tmp/ds", "m.json") == "/tmp/ds/m.json"
+    assert urls.join("file:///tmp/ds", "m.json") == "/tmp/ds/m.json"
+    assert urls.local_path("file:///tmp/ds") == "/tmp/ds"
 
 
 def test_retry_policy_backoff_and_validation():
@@ -89,19 +94,19 @@ def test_classify_third_party_errors():
 # ---------------------------------------------------------------- reads over HTTP
 def test_read_bytes_ranges(data_server):
     url = data_server.url("blob.bin")
-    assert storage.read_bytes(url, retry=FAST) == DATA
-    assert storage.read_bytes(url, 1000, 5000, retry=FAST) == DATA[1000:5000]
-    assert storage.read_bytes(url, 5, 5, retry=FAST) == b""
-    assert storage.size(url, retry=FAST) == len(DATA)
+    assert io.read_bytes(url, retry=FAST) == DATA
+    assert io.read_bytes(url, 1000, 5000, retry=FAST) == DATA[1000:5000]
+    assert io.read_bytes(url, 5, 5, retry=FAST) == b""
+    assert io.size(url, retry=FAST) == len(DATA)
 
 
 def test_open_stream_whole_and_offset(data_server):
     url = data_server.url("blob.bin")
-    with storage.open_stream(url, chunk_size=100_000, retry=FAST) as f:
+    with streams.open_stream(url, chunk_size=100_000, retry=FAST) as f:
         assert f.read(10) == DATA[:10]
         assert f.read() == DATA[10:]
         assert f.read(5) == b""
-    with storage.open_stream(url, start=123_457, end=400_000, size=len(DATA),
+    with streams.open_stream(url, start=123_457, end=400_000, size=len(DATA),
                              chunk_size=50_000, retry=FAST) as f:
         assert f.read() == DATA[123_457:400_000]
 
@@ -110,7 +115,7 @@ def test_drop_mid_body_resumes_by_range_never_from_zero():
     chunk = 64 * 1024
     plan = [None, "drop", None, "drop", "drop", None, None, "drop"]
     with HTTPTestServer({"blob.bin": DATA}, plan=plan, seed=1) as srv:
-        with storage.open_stream(srv.url("blob.bin"), size=len(DATA), chunk_size=chunk,
+        with streams.open_stream(srv.url("blob.bin"), size=len(DATA), chunk_size=chunk,
                                  retry=FAST, readahead=False) as f:
             out = bytearray()
             while b := f.read(10_000):
@@ -132,7 +137,7 @@ def test_drop_mid_body_resumes_by_range_never_from_zero():
 def test_random_faults_seeded_bytes_identical(readahead):
     with HTTPTestServer({"blob.bin": DATA}, seed=42, fail_rate=0.15, drop_rate=0.2) as srv:
         retry = RetryPolicy(attempts=30, base_delay=0.001, max_delay=0.01, timeout=5)
-        with storage.open_stream(srv.url("blob.bin"), size=len(DATA), chunk_size=32 * 1024,
+        with streams.open_stream(srv.url("blob.bin"), size=len(DATA), chunk_size=32 * 1024,
                                  retry=retry, readahead=readahead) as f:
             assert f.read() == DATA
             assert f.retries > 3
@@ -145,7 +150,7 @@ def test_throttling_and_5xx_are_retried_with_backoff():
     with HTTPTestServer({"blob.bin": DATA}, plan=plan) as srv:
         t0 = time.perf_counter()
         retry = RetryPolicy(attempts=5, base_delay=0.05, jitter=False, timeout=5)
-        assert storage.read_bytes(srv.url("blob.bin"), 0, 100, retry=retry) == DATA[:100]
+        assert io.read_bytes(srv.url("blob.bin"), 0, 100, retry=retry) == DATA[:100]
         elapsed = time.perf_counter() - t0
         assert [r.status for r in srv.requests("GET")] == [503, 429, 500, 206]
     assert elapsed >= 0.05 + 0.1 + 0.2 - 0.01  # exponential waits between the tries
@@ -155,7 +160,7 @@ def test_stall_times_out_and_is_retried():
     with HTTPTestServer({"blob.bin": DATA}, plan=["stall"], stall_seconds=30) as srv:
         retry = RetryPolicy(attempts=3, base_delay=0.01, timeout=0.5)
         t0 = time.perf_counter()
-        with storage.open_stream(srv.url("blob.bin"), size=len(DATA), retry=retry) as f:
+        with streams.open_stream(srv.url("blob.bin"), size=len(DATA), retry=retry) as f:
             assert f.read() == DATA
         assert time.perf_counter() - t0 < 10
         gets = srv.requests("GET")
@@ -167,7 +172,7 @@ def test_forbidden_fails_fast_without_retry_storm():
         url = srv.url("blob.bin")
         t0 = time.perf_counter()
         with pytest.raises(StorageError) as err:
-            storage.read_bytes(url, 0, 10, retry=RetryPolicy(attempts=10, base_delay=1))
+            io.read_bytes(url, 0, 10, retry=RetryPolicy(attempts=10, base_delay=1))
         assert time.perf_counter() - t0 < 1
         assert len(srv.requests("GET")) == 1  # no retry
     msg = str(err.value)
@@ -179,7 +184,7 @@ def test_budget_exhausted_names_url_and_last_error():
     with HTTPTestServer({"blob.bin": DATA}, plan=["503"] * 10) as srv:
         url = srv.url("blob.bin")
         with pytest.raises(StorageError) as err:
-            storage.read_bytes(url, 0, 10, retry=RetryPolicy(attempts=3, base_delay=0.01))
+            io.read_bytes(url, 0, 10, retry=RetryPolicy(attempts=3, base_delay=0.01))
         assert len(srv.requests("GET")) == 3
     msg = str(err.value)
     assert url in msg and "after 3 tries" in msg and "503" in msg
@@ -189,9 +194,9 @@ def test_budget_exhausted_names_url_and_last_error():
 def test_missing_object_is_not_retried(data_server):
     url = data_server.url("nope.bin")
     with pytest.raises(ShardNotFoundError, match="nope.bin"):
-        storage.read_bytes(url, retry=FAST)
+        io.read_bytes(url, retry=FAST)
     assert len(data_server.requests("GET")) == 1
-    assert not storage.exists(url, retry=FAST) and storage.exists(data_server.url("blob.bin"))
+    assert not io.exists(url, retry=FAST) and io.exists(data_server.url("blob.bin"))
 
 
 def test_pipe_urls_need_opt_in(tmp_path):
@@ -199,31 +204,31 @@ def test_pipe_urls_need_opt_in(tmp_path):
     p.write_bytes(b"hello pipe")
     url = f"pipe:cat {p}"
     with pytest.raises(StorageError, match="allow_pipe=True"):
-        storage.open_stream(url)
+        streams.open_stream(url)
     with pytest.raises(StorageError, match="pipe"):
-        storage.read_bytes(url)
-    with storage.open_stream(url, allow_pipe=True) as f:
+        io.read_bytes(url)
+    with streams.open_stream(url, allow_pipe=True) as f:
         assert f.read() == b"hello pipe"
     with pytest.raises(StorageError, match="status"):
-        with storage.open_stream(f"pipe:{sys.executable} -c 'import sys; sys.exit(3)'",
+        with streams.open_stream(f"pipe:{sys.executable} -c 'import sys; sys.exit(3)'",
                                  allow_pipe=True) as f:
             f.read()
 
 
 def test_local_paths_and_file_urls(tmp_path):
     url = f"file://{tmp_path}/sub/a.bin"
-    storage.put_bytes(b"abcdef", url)
-    assert storage.read_bytes(url, 1, 3) == b"bc"
-    assert storage.list_prefix(f"file://{tmp_path}/sub") == ["a.bin"]
-    with storage.open_stream(str(tmp_path / "sub" / "a.bin"), start=2) as f:
+    io.put_bytes(b"abcdef", url)
+    assert io.read_bytes(url, 1, 3) == b"bc"
+    assert io.list_prefix(f"file://{tmp_path}/sub") == ["a.bin"]
+    with streams.open_stream(str(tmp_path / "sub" / "a.bin"), start=2) as f:
         assert f.read() == b"cdef"
-    storage.put_file(tmp_path / "sub" / "a.bin", str(tmp_path / "other" / "b.bin"))
-    assert storage.exists(str(tmp_path / "other" / "b.bin"))
-    storage.remove(str(tmp_path / "other" / "b.bin"))
-    storage.remove(str(tmp_path / "other" / "b.bin"))  # missing_ok
-    assert storage.list_prefix(str(tmp_path / "nowhere")) == []
+    io.put_file(tmp_path / "sub" / "a.bin", str(tmp_path / "other" / "b.bin"))
+    assert io.exists(str(tmp_path / "other" / "b.bin"))
+    io.remove(str(tmp_path / "other" / "b.bin"))
+    io.remove(str(tmp_path / "other" / "b.bin"))  # missing_ok
+    assert io.list_prefix(str(tmp_path / "nowhere")) == []
     with pytest.raises(ShardNotFoundError):
-        storage.open_stream(str(tmp_path / "nowhere.bin"))
+        streams.open_stream(str(tmp_path / "nowhere.bin"))
 
 
 def test_missing_package_names_the_extra(monkeypatch):
@@ -233,36 +238,36 @@ def test_missing_package_names_the_extra(monkeypatch):
         raise ImportError("Install gcsfs to access Google Storage")
     monkeypatch.setattr(fsspec.core, "url_to_fs", boom)
     with pytest.raises(StorageError, match=r"shardstream\[gcs\]"):
-        storage.get_fs("gs://bucket/x")
+        backends.get_fs("gs://bucket/x")
 
 
 # ---------------------------------------------------------------- cache
 def test_fetch_to_cache_dataset_reuse_and_lru(make_dataset, tmp_path):
-    from shardstream.shard import open_dataset
-    from shardstream.verify import verify
+    from shardstream.read.dataset import open_dataset
+    from shardstream.read.verify import verify
 
     a = make_dataset(300, "a")
     b = make_dataset(200, "b")
     cache = str(tmp_path / "cache")
     with HTTPTestServer(str(tmp_path)) as srv:
-        local = storage.fetch_to_cache(srv.url("a"), cache, retry=FAST)
+        local = download.fetch_to_cache(srv.url("a"), cache, retry=FAST)
         assert verify(local).ok and open_dataset(local).manifest.num_samples == 300
         n = len(srv.requests("GET"))
-        assert storage.fetch_to_cache(srv.url("a"), cache, retry=FAST) == local
+        assert download.fetch_to_cache(srv.url("a"), cache, retry=FAST) == local
         assert len(srv.requests("GET")) == n + 1  # only the manifest again
         size_a = sum(os.path.getsize(os.path.join(local, f)) for f in os.listdir(local))
         time.sleep(0.01)
-        local_b = storage.fetch_to_cache(srv.url("b"), cache, max_bytes=size_a + 10,
+        local_b = download.fetch_to_cache(srv.url("b"), cache, max_bytes=size_a + 10,
                                          retry=FAST)
         assert os.path.isdir(local_b) and not os.path.exists(local)  # LRU evicted a
-        one = storage.fetch_to_cache(srv.url("a/shard-000000.tar"), cache, retry=FAST)
+        one = download.fetch_to_cache(srv.url("a/shard-000000.tar"), cache, retry=FAST)
         with open(one, "rb") as f, open(os.path.join(a, "shard-000000.tar"), "rb") as g:
             assert f.read() == g.read()
-    assert storage.fetch_to_cache(b, cache) == b  # local: unchanged
+    assert download.fetch_to_cache(b, cache) == b  # local: unchanged
 
 
 def test_shard_dataset_over_http_uses_the_cache(make_dataset, tmp_path):
-    from shardstream.random_access import ShardDataset
+    from shardstream.pytorch.random_access import ShardDataset
 
     make_dataset(120, "ds")
     with HTTPTestServer(str(tmp_path)) as srv:
@@ -277,7 +282,7 @@ def test_forked_child_gets_a_private_selector_for_the_inherited_fsspec_loop():
 
     import fsspec.asyn
 
-    import shardstream.storage  # noqa: F401  (registers the fork handler)
+    import shardstream.storage.backends  # noqa: F401  (registers the fork handler)
 
     loop = fsspec.asyn.get_loop()
     parent_fd = loop._selector.fileno()
@@ -301,7 +306,7 @@ def test_download_parallel_ranges_resume_and_land_whole(tmp_path):
     with HTTPTestServer({"blob.bin": DATA}, seed=3, drop_rate=0.4, fail_rate=0.1) as srv:
         dest = str(tmp_path / "blob")
         retry = RetryPolicy(attempts=30, base_delay=0.001, max_delay=0.01, timeout=5)
-        storage._download(srv.url("blob.bin"), dest, None, retry, len(DATA),
+        download.download(srv.url("blob.bin"), dest, None, retry, len(DATA),
                           chunk_size=chunk, streams=4)
         gets = srv.requests("GET")
     with open(dest, "rb") as f:
@@ -325,7 +330,7 @@ def test_download_failing_midway_leaves_nothing_that_looks_complete(tmp_path):
         dest = str(tmp_path / "blob")
         retry = RetryPolicy(attempts=2, base_delay=0.001, max_delay=0.01, timeout=5)
         with pytest.raises(StorageError, match="blob.bin") as err:
-            storage._download(srv.url("blob.bin"), dest, None, retry, len(DATA),
+            download.download(srv.url("blob.bin"), dest, None, retry, len(DATA),
                               chunk_size=chunk, streams=1)
     assert "2 tries" in str(err.value)
     assert os.listdir(tmp_path) == []  # no dest, no .part- file
@@ -336,7 +341,7 @@ def test_lock_released_although_a_forked_child_holds_the_fd(tmp_path):
     unlocking must not depend on the children closing their copies of the fd."""
     lock = str(tmp_path / ".x.lock")
     r, w = os.pipe()
-    with storage._locked(lock) as got:
+    with locks.locked(lock) as got:
         assert got
         pid = os.fork()
         if pid == 0:  # keeps the inherited fd open until the parent says so
@@ -344,7 +349,7 @@ def test_lock_released_although_a_forked_child_holds_the_fd(tmp_path):
             os.read(r, 1)
             os._exit(0)
     try:
-        with storage._locked(lock, blocking=False) as got:
+        with locks.locked(lock, blocking=False) as got:
             assert got  # released while the child still holds its copy
     finally:
         os.close(w)
@@ -358,9 +363,9 @@ def test_stale_partial_downloads_are_evicted(tmp_path):
     old, fresh = cache / ".part-old", cache / ".part-fresh"
     old.write_bytes(b"x" * 10)
     fresh.write_bytes(b"x" * 10)
-    then = time.time() - storage._STALE_PART_S - 60
+    then = time.time() - locks._STALE_PART_S - 60
     os.utime(old, (then, then))
-    storage._evict(str(cache), 1 << 30, keep="")
+    locks.evict(str(cache), 1 << 30, keep="")
     assert sorted(os.listdir(cache)) == [".part-fresh"]  # a live download stays
 
 
@@ -369,17 +374,17 @@ def test_s3_sessions_share_parsed_botocore_data_across_fork():
     a forked worker reuses the parent's parsed service models instead of re-parsing."""
     pytest.importorskip("s3fs")
     opts = {"key": "k", "secret": "s", "endpoint_url": "http://127.0.0.1:9"}
-    fs, _ = storage.get_fs("s3://b/x", opts)
-    fs2, _ = storage.get_fs("s3://b/y", opts)
+    fs, _ = backends.get_fs("s3://b/x", opts)
+    fs2, _ = backends.get_fs("s3://b/y", opts)
     assert fs.session is fs2.session is not None
     loader = fs.session.get_component("data_loader")
-    assert storage.get_fs("s3://b/x", {**opts, "profile_name_unknown": 1}, timeout=None
+    assert backends.get_fs("s3://b/x", {**opts, "profile_name_unknown": 1}, timeout=None
                           )[0].session is None  # unknown session arguments: s3fs's own
     r, w = os.pipe()
     pid = os.fork()
     if pid == 0:
         try:
-            child, _ = storage.get_fs("s3://b/x", opts)
+            child, _ = backends.get_fs("s3://b/x", opts)
             ok = child.session is not fs.session and \
                 child.session.get_component("data_loader") is loader
             os.write(w, b"1" if ok else b"0")

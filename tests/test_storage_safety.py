@@ -18,11 +18,13 @@ from typing import Any
 import pytest
 
 from servers import HTTPTestServer
-from shardstream import storage
 from shardstream.errors import ManifestError, ShardstreamError, StorageError
-from shardstream.manifest import MANIFEST_NAME, Manifest, ShardInfo
-from shardstream.remote import RemoteCache
-from shardstream.retry import RetryPolicy
+from shardstream.format.manifest import MANIFEST_NAME, Manifest, ShardInfo
+from shardstream.storage.cache import RemoteCache
+from shardstream.storage.retry import RetryPolicy
+from shardstream.storage import io
+from shardstream.storage import download
+from shardstream.storage import locks
 
 pytestmark = pytest.mark.storage
 
@@ -153,7 +155,7 @@ def test_hostile_manifest_names_write_nothing_outside_the_cache(
     cache = tmp_path / "a" / "cache"
     before = _files_under(str(tmp_path))
     with pytest.raises(ManifestError) as err:
-        storage.fetch_to_cache(srv.url("ds"), str(cache), retry=FAST)
+        download.fetch_to_cache(srv.url("ds"), str(cache), retry=FAST)
     assert srv.url("ds") in str(err.value) or "ds/manifest.json" in str(err.value)
     assert not (tmp_path / "a" / "evil").exists() and not outside.exists()
     written = _files_under(str(tmp_path)) - before
@@ -169,7 +171,7 @@ def test_every_unplain_name_is_refused_by_the_storage_layer(make_dataset, tmp_pa
     srv = hostile({"/ds/" + MANIFEST_NAME: _ok(text)}, default=_ok(b"x" * 10))
     monkeypatch.setattr(Manifest, "from_json", staticmethod(_permissive_from_json))
     with pytest.raises(ManifestError, match="plain file name"):
-        storage.fetch_to_cache(srv.url("ds"), str(tmp_path / "cache"), retry=FAST)
+        download.fetch_to_cache(srv.url("ds"), str(tmp_path / "cache"), retry=FAST)
 
 
 @pytest.mark.parametrize("field, value", [("bytes", -5), ("bytes", "12"),
@@ -180,7 +182,7 @@ def test_declared_sizes_from_a_manifest_are_checked(make_dataset, tmp_path, host
     srv = hostile({"/ds/" + MANIFEST_NAME: _ok(text)}, default=_ok(b"x" * 10))
     monkeypatch.setattr(Manifest, "from_json", staticmethod(_permissive_from_json))
     with pytest.raises(ManifestError) as err:
-        storage.fetch_to_cache(srv.url("ds"), str(tmp_path / "cache"), retry=FAST)
+        download.fetch_to_cache(srv.url("ds"), str(tmp_path / "cache"), retry=FAST)
     assert "ds/manifest.json" in str(err.value) and repr(value) in str(err.value)
     assert len(srv.gets()) == 1  # refused before any download
 
@@ -200,8 +202,8 @@ def test_node_cache_entry_names_stay_inside_the_cache(tmp_path):
 
 # ---------------------------------------------------------------- eviction vs readers
 def test_a_stream_sharing_the_cache_never_evicts_a_dataset_in_use(make_dataset, tmp_path):
-    from shardstream.random_access import ShardDataset
-    from shardstream.stream import ShardStream
+    from shardstream.pytorch.random_access import ShardDataset
+    from shardstream.pytorch.stream import ShardStream
 
     make_dataset(300, "a")
     make_dataset(300, "b")
@@ -217,14 +219,14 @@ def test_eviction_in_another_process_skips_a_held_entry(make_dataset, tmp_path):
     make_dataset(50, "a")
     cache = str(tmp_path / "cache")
     with HTTPTestServer(str(tmp_path)) as srv:
-        held = storage.fetch_and_hold(srv.url("a"), cache, retry=FAST)
+        held = download.fetch_and_hold(srv.url("a"), cache, retry=FAST)
     entry = held.path
 
     def evict_in_child() -> None:
         pid = os.fork()
         if pid == 0:
             try:
-                storage._evict(cache, 0, keep="")
+                locks.evict(cache, 0, keep="")
             finally:
                 os._exit(0)
         assert os.waitpid(pid, 0)[1] == 0
@@ -242,15 +244,15 @@ def test_an_open_stream_shard_holds_its_cache_entry(tmp_path):
         rc = RemoteCache(cache_dir=str(tmp_path / "c"), max_bytes=None, retry=FAST)
         fd = rc.open_shard(srv.url("blob.bin"), size=len(data))
         path = rc._dest(srv.url("blob.bin"), len(data), None)
-        storage._evict(rc.cache_dir, 0, keep="")
+        locks.evict(rc.cache_dir, 0, keep="")
         assert os.path.isfile(path)  # open by a reader: kept
         os.close(fd)
-        storage._evict(rc.cache_dir, 0, keep="")
+        locks.evict(rc.cache_dir, 0, keep="")
         assert not os.path.exists(path)
 
 
 def test_a_cached_copy_deleted_by_hand_says_so_not_rebuild(make_dataset, tmp_path):
-    from shardstream.random_access import ShardDataset
+    from shardstream.pytorch.random_access import ShardDataset
 
     make_dataset(300, "a")
     with HTTPTestServer(str(tmp_path)) as srv:
@@ -266,7 +268,7 @@ def test_a_cached_copy_deleted_by_hand_says_so_not_rebuild(make_dataset, tmp_pat
 def test_hold_of_a_missing_entry_names_it(tmp_path):
     gone = str(tmp_path / "cache" / "abc-ds")
     with pytest.raises(StorageError, match="removed") as err:
-        storage.hold(gone)
+        locks.hold(gone)
     assert gone in str(err.value)
 
 
@@ -275,7 +277,7 @@ def test_s3_ranged_read_refuses_a_lying_content_length(hostile):
     srv = hostile({}, default=(206, {"Content-Length": str(GiB),
                                      "Content-Range": f"bytes 0-{GiB - 1}/{GiB}"}, b"z" * 100))
     url = "s3://bkt/blob.bin"
-    exc, peak = _peak(lambda: storage.read_bytes(url, 0, 100, storage_options=_s3(srv),
+    exc, peak = _peak(lambda: io.read_bytes(url, 0, 100, storage_options=_s3(srv),
                                                  retry=FAST))
     assert isinstance(exc, StorageError), exc
     assert url in str(exc) and "100" in str(exc) and str(GiB) in str(exc)
@@ -286,7 +288,7 @@ def test_s3_ranged_read_refuses_a_lying_content_length(hostile):
 def test_s3_whole_read_grows_only_as_bytes_arrive(hostile):
     """No range and no size known: a 1 GiB claim with 100 bytes costs ~nothing."""
     srv = hostile({}, default=(200, {"Content-Length": str(GiB)}, b"z" * 100))
-    exc, peak = _peak(lambda: storage.read_bytes("s3://bkt/blob.bin", storage_options=_s3(srv),
+    exc, peak = _peak(lambda: io.read_bytes("s3://bkt/blob.bin", storage_options=_s3(srv),
                                                  retry=FAST))
     assert isinstance(exc, StorageError), exc
     assert peak < 8 << 20
@@ -295,7 +297,7 @@ def test_s3_whole_read_grows_only_as_bytes_arrive(hostile):
 def test_s3_whole_read_bounded_by_the_known_size(hostile):
     srv = hostile({}, default=(200, {"Content-Length": str(GiB)}, b"z" * 100))
     with pytest.raises(StorageError) as err:
-        storage.read_bytes("s3://bkt/m.json", storage_options=_s3(srv), retry=FAST,
+        io.read_bytes("s3://bkt/m.json", storage_options=_s3(srv), retry=FAST,
                            max_bytes=1000)
     assert "1000" in str(err.value) and str(GiB) in str(err.value)
     assert len(srv.gets()) == 1
@@ -305,7 +307,7 @@ def test_s3_chunked_body_longer_than_the_range_is_refused(hostile):
     body = b"z" * (8 << 20)
     chunked = b"%x\r\n" % len(body) + body + b"\r\n0\r\n\r\n"
     srv = hostile({}, default=(206, {"Transfer-Encoding": "chunked"}, chunked))
-    exc, peak = _peak(lambda: storage.read_bytes("s3://bkt/blob.bin", 0, 100,
+    exc, peak = _peak(lambda: io.read_bytes("s3://bkt/blob.bin", 0, 100,
                                                  storage_options=_s3(srv), retry=FAST))
     assert isinstance(exc, StorageError) and "100" in str(exc), exc
     assert peak < 4 << 20  # stopped past the range, not read to the end
@@ -316,14 +318,14 @@ def test_content_range_for_other_bytes_is_refused(hostile, via):
     srv = hostile({}, default=_ok(b"y" * 100, 206, **{"Content-Range": "bytes 500-599/1000"}))
     url, opts = ("s3://bkt/blob.bin", _s3(srv)) if via == "s3" else (srv.url("blob.bin"), None)
     with pytest.raises(StorageError, match="500-599"):
-        storage.read_bytes(url, 0, 100, storage_options=opts, retry=FAST)
+        io.read_bytes(url, 0, 100, storage_options=opts, retry=FAST)
 
 
 def test_s3_open_ended_range_answered_whole_is_refused(hostile):
     srv = hostile({}, default=(200, {"Transfer-Encoding": "chunked"},
                                b"64\r\n" + b"w" * 100 + b"\r\n0\r\n\r\n"))
     with pytest.raises(StorageError, match="Range"):
-        storage.read_bytes("s3://bkt/blob.bin", 10, None, storage_options=_s3(srv), retry=FAST)
+        io.read_bytes("s3://bkt/blob.bin", 10, None, storage_options=_s3(srv), retry=FAST)
 
 
 @pytest.mark.parametrize("claim", ["abc", "-5", None])
@@ -331,13 +333,13 @@ def test_s3_head_size_must_be_a_size(hostile, claim):
     headers = {} if claim is None else {"Content-Length": claim}
     srv = hostile({}, default=(200, headers, b""))
     with pytest.raises(StorageError, match="Content-Length"):
-        storage.size("s3://bkt/blob.bin", storage_options=_s3(srv), retry=FAST)
+        io.size("s3://bkt/blob.bin", storage_options=_s3(srv), retry=FAST)
 
 
 def test_http_ranged_read_refuses_a_lying_content_length(hostile):
     srv = hostile({}, default=(206, {"Content-Length": str(GiB)}, b"z" * 100))
     url = srv.url("blob.bin")
-    exc, peak = _peak(lambda: storage.read_bytes(url, 0, 100, retry=FAST))
+    exc, peak = _peak(lambda: io.read_bytes(url, 0, 100, retry=FAST))
     assert isinstance(exc, StorageError), exc
     assert url in str(exc) and str(GiB) in str(exc) and "100" in str(exc)
     assert len(srv.gets()) == 1 and peak < 8 << 20
@@ -347,16 +349,16 @@ def test_http_body_past_the_range_stops_early(hostile):
     """A server ignoring Range with no Content-Length: reading stops past the range."""
     big = b"q" * (4 << 20)
     srv = hostile({}, default=(200, {}, big))
-    exc, peak = _peak(lambda: storage.read_bytes(srv.url("blob.bin"), 0, 100, retry=FAST))
+    exc, peak = _peak(lambda: io.read_bytes(srv.url("blob.bin"), 0, 100, retry=FAST))
     assert isinstance(exc, StorageError) and "100" in str(exc), exc
     assert peak < 3 << 20
 
 
 def test_manifest_read_for_the_cache_is_capped(hostile, tmp_path):
-    claim = storage.MANIFEST_LIMIT + 1
+    claim = io.MANIFEST_LIMIT + 1
     srv = hostile({"/ds/" + MANIFEST_NAME: (200, {"Content-Length": str(claim)}, b"{}")})
     with pytest.raises(StorageError) as err:
-        storage.fetch_to_cache(srv.url("ds"), str(tmp_path / "c"), retry=FAST)
+        download.fetch_to_cache(srv.url("ds"), str(tmp_path / "c"), retry=FAST)
     assert MANIFEST_NAME in str(err.value) and str(claim) in str(err.value)
     assert len(srv.gets()) == 1
 
@@ -364,13 +366,13 @@ def test_manifest_read_for_the_cache_is_capped(hostile, tmp_path):
 def test_http_head_without_a_size_is_a_storage_error(hostile):
     srv = hostile({}, default=(200, {"Transfer-Encoding": "chunked"}, b"0\r\n\r\n"))
     with pytest.raises(StorageError, match="size"):
-        storage.size(srv.url("blob.bin"), retry=FAST)
+        io.size(srv.url("blob.bin"), retry=FAST)
 
 
 def test_download_refused_when_the_disk_cannot_hold_the_declared_size(tmp_path, hostile):
     srv = hostile({}, default=_ok(b"x"))
     with pytest.raises(StorageError, match="free") as err:
-        storage._download(srv.url("big.bin"), str(tmp_path / "big.bin"), None, FAST,
+        download.download(srv.url("big.bin"), str(tmp_path / "big.bin"), None, FAST,
                           1 << 60)
     assert "big.bin" in str(err.value)
     assert os.listdir(tmp_path) == []
@@ -383,6 +385,6 @@ def test_an_unusable_cache_dir_is_a_storage_error_message_first(tmp_path, hostil
     not_a_dir.write_bytes(b"")
     srv = hostile({}, default=_ok(b"x" * 10))
     with pytest.raises(StorageError) as err:
-        storage.fetch_to_cache(srv.url("ds"), str(not_a_dir / "cache"), retry=FAST)
+        download.fetch_to_cache(srv.url("ds"), str(not_a_dir / "cache"), retry=FAST)
     assert str(err.value).startswith("cannot create the cache directory " + str(not_a_dir))
     assert err.value.errno == errno.ENOTDIR and "[Errno" not in str(err.value)

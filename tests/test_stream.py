@@ -12,8 +12,9 @@ import pytest
 import torch
 
 from shardstream.errors import CorruptShardError, IndexMismatchError, ShardNotFoundError
-from shardstream.dataloader import loader
-from shardstream.stream import ShardStream
+from shardstream.pytorch.loader import loader
+from shardstream.pytorch.stream import ShardStream
+from shardstream.pytorch import wire
 
 N = 1000
 
@@ -309,7 +310,7 @@ def test_loader_shared_memory_batches_kept_and_bounded(make_dataset):
     while the workers reuse their slots, and the main process lets go of the slots."""
     import gc
 
-    import shardstream.wire as C
+    
 
     def make(i):
         return {"id": i, "t": np.full(50 + i % 200, i, dtype=np.int64), "s": str(i)}
@@ -320,7 +321,7 @@ def test_loader_shared_memory_batches_kept_and_bounded(make_dataset):
     dl = loader(ds, num_workers=2)
     kept = list(dl)  # every batch held: the rings fill up, the rest is piped
     pids = {w.pid for w in dl.dataloader._iterator._workers}
-    mine = lambda: [k for k in C._slots if k[0] in pids]  # noqa: E731
+    mine = lambda: [k for k in wire._slots if k[0] in pids]  # noqa: E731
     assert mine()
     for e in range(3):  # batches dropped at once: slots are reused
         ds.set_epoch(0)
@@ -330,7 +331,7 @@ def test_loader_shared_memory_batches_kept_and_bounded(make_dataset):
     for b, r in zip(kept, ref):
         assert torch.equal(b["t"], r["t"]) and torch.equal(b["t_lengths"], r["t_lengths"])
         assert torch.equal(b["id"], r["id"]) and b["s"] == r["s"]
-    assert len(mine()) <= 2 * C._SHM_MAX_SLOTS
+    assert len(mine()) <= 2 * wire._SHM_MAX_SLOTS
     del dl
     gc.collect()
     assert not mine()

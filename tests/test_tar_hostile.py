@@ -16,11 +16,13 @@ import msgpack
 import numpy as np
 import pytest
 
-from shardstream.codec import decode_sample, encode_sample
+from shardstream.format.codec import decode_sample
+from shardstream.format.encode import encode_sample
 from shardstream.errors import CorruptShardError
-from shardstream.tarscan import list_members, list_members_tarfile
-from shardstream.wdsindex import build_index, load_any_index, load_foreign_index, \
-    scan_foreign_tar
+from shardstream.format.tar import list_members, list_members_tarfile
+from shardstream.write.reindex import build_index
+from shardstream.format.webdataset import load_any_index, load_foreign_index
+from shardstream.write.scan import scan_foreign_tar
 
 pytestmark = pytest.mark.fuzz
 
@@ -200,7 +202,7 @@ def test_negative_pax_size_does_not_loop_in_a_child(tmp_path):
     path = write(tmp_path, "neg", CASES["pax_size_negative"][0])
     code = ("import resource, sys\n"
             "resource.setrlimit(resource.RLIMIT_AS, (2 << 30, 2 << 30))\n"
-            "from shardstream.tarscan import list_members\n"
+            "from shardstream.format.tar import list_members\n"
             "from shardstream.errors import CorruptShardError\n"
             "try:\n    list_members(sys.argv[1])\n"
             "except CorruptShardError as e:\n    print('OK', e)\n")

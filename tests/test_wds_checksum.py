@@ -15,17 +15,21 @@ import numpy as np
 import pytest
 from xxhash import xxh3_64_intdigest as xxh3
 
-from shardstream import wdsindex
-from shardstream.codec import decode_sample, encode_sample
+from shardstream.format.codec import decode_sample
+from shardstream.format.encode import encode_sample
 from shardstream.errors import CorruptShardError, InputError
-from shardstream.index import INDEX_SUFFIX
-from shardstream.manifest import MANIFEST_NAME, load_manifest
-from shardstream.pipeline import BlockReader, ShardRef
-from shardstream.random_access import ShardDataset
-from shardstream.stream import ShardStream
-from shardstream.verify import verify
-from shardstream.wdsindex import ForeignIndex, build_index, iter_foreign_samples, \
-    load_foreign_index, scan_foreign_tar
+from shardstream.format.index import INDEX_SUFFIX
+from shardstream.format.manifest import MANIFEST_NAME
+from shardstream.storage.io import load_manifest
+from shardstream.read.blocks import BlockReader, ShardRef
+from shardstream.pytorch.random_access import ShardDataset
+from shardstream.pytorch.stream import ShardStream
+from shardstream.read.verify import verify
+from shardstream.format.webdataset import ForeignIndex, load_foreign_index
+from shardstream.write.reindex import build_index
+from shardstream.read.webdataset import iter_foreign_samples
+from shardstream.write.scan import scan_foreign_tar
+from shardstream.format import webdataset as wdsindex
 
 pytestmark = pytest.mark.fuzz
 

@@ -10,11 +10,11 @@ import numpy as np
 import pytest
 import webdataset as wds
 
-from shardstream.dataloader import loader
+from shardstream.pytorch.loader import loader
 from shardstream.errors import CorruptShardError
-from shardstream.index import INDEX_SUFFIX
-from shardstream.stream import ShardStream
-from shardstream.wdsindex import build_index
+from shardstream.format.index import INDEX_SUFFIX
+from shardstream.pytorch.stream import ShardStream
+from shardstream.write.reindex import build_index
 
 N, MAXCOUNT, WORLD, BATCH = 1003, 97, 2, 16
 

@@ -14,12 +14,16 @@ import pytest
 import webdataset as wds
 
 from shardstream.errors import CorruptShardError, DatasetExistsError, IndexMismatchError
-from shardstream.index import INDEX_SUFFIX
-from shardstream.manifest import MANIFEST_NAME, load_manifest
-from shardstream.random_access import ShardDataset
-from shardstream.wdsindex import build_index, decode_member, iter_foreign_samples, \
-    load_foreign_index, manifest_layout, scan_block_tar
-from shardstream.writer import ShardWriter
+from shardstream.format.index import INDEX_SUFFIX
+from shardstream.format.manifest import MANIFEST_NAME
+from shardstream.storage.io import load_manifest
+from shardstream.pytorch.random_access import ShardDataset
+from shardstream.write.reindex import build_index
+from shardstream.format.members import decode_member
+from shardstream.read.webdataset import iter_foreign_samples
+from shardstream.format.webdataset import load_foreign_index, manifest_layout
+from shardstream.write.scan import scan_block_tar
+from shardstream.write.writer import ShardWriter
 
 N = 53
 
@@ -229,7 +233,7 @@ def test_truncated_own_shard_cannot_be_indexed(tmp_path):
 
 @pytest.mark.parametrize("fmt", [tarfile.USTAR_FORMAT, tarfile.GNU_FORMAT, tarfile.PAX_FORMAT])
 def test_fast_header_walk_matches_tarfile(tmp_path, fmt):
-    from shardstream.tarscan import list_members, list_members_tarfile
+    from shardstream.format.tar import list_members, list_members_tarfile
     path = str(tmp_path / "t.tar")
     names = ["a.txt", "p" * 90 + "/" + "q" * 90 + ".json", "é/ü.cls", "big.bin"]
     if fmt != tarfile.USTAR_FORMAT:
@@ -252,7 +256,7 @@ def test_fast_header_walk_matches_tarfile(tmp_path, fmt):
 
 
 def test_global_pax_header_falls_back_to_tarfile(tmp_path):
-    from shardstream.tarscan import list_members, list_members_tarfile
+    from shardstream.format.tar import list_members, list_members_tarfile
     path = str(tmp_path / "g.tar")
     with tarfile.open(path, "w", format=tarfile.PAX_FORMAT, pax_headers={"comment": "hi"}) as tf:
         for k in range(3):

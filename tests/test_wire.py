@@ -1,4 +1,4 @@
-"""The shared-memory hand-over of batches (shardstream.wire): slot ownership travels
+"""The shared-memory hand-over of batches (shardstream.pytorch.wire): slot ownership travels
 through each worker's return pipe, never through a flag in shared memory."""
 
 from __future__ import annotations
@@ -14,10 +14,12 @@ import numpy as np
 import pytest
 import torch
 
-import shardstream.wire as C
-from shardstream.collation import collate
-from shardstream.dataloader import loader
-from shardstream.stream import ShardStream
+
+from shardstream.pytorch.collation import collate
+from shardstream.pytorch.loader import loader
+from shardstream.pytorch.stream import ShardStream
+from shardstream.pytorch import wire as C
+from shardstream.pytorch import wire as pytorch_wire
 
 
 @pytest.fixture
@@ -70,36 +72,36 @@ def test_slots_come_back_only_through_the_return_pipe(worker):
         if held and (rng.random() < 0.5 or len(held) >= 10):
             del held[rng.choice(sorted(held))]  # the main process lets go of one batch
         else:
-            wire = C.to_wire(batch(sent))
-            held[sent] = C.from_wire(ship(wire))
+            wire = pytorch_wire.to_wire(batch(sent))
+            held[sent] = pytorch_wire.from_wire(ship(wire))
             sent += 1
         assert all(same(b, i) for i, b in held.items()), f"step {step}"
-    events = [e for _, _, e in C._trace]
+    events = [e for _, _, e in pytorch_wire._trace]
     assert events.count("take") > 50 and events.count("back") > 40  # slots were reused
-    assert len({i for _, i, _ in C._trace}) == C._SHM_MAX_SLOTS
-    check_order(C._trace)
+    assert len({i for _, i, _ in pytorch_wire._trace}) == pytorch_wire._SHM_MAX_SLOTS
+    check_order(pytorch_wire._trace)
 
 
 def test_a_freed_flag_seen_early_does_not_hand_the_slot_back(worker, monkeypatch):
     """On aarch64 a worker may see the main process's "free" store before its reads of
     the batch are done; here the slot's state word reads 0 while the batch is held."""
     monkeypatch.setattr(C, "_SHM_MAX_SLOTS", 1)
-    held = C.from_wire(ship(C.to_wire(batch(1))))
-    C._ring.slots[0][2][0] = 0  # what a reordered store would let the worker see
-    again = C.to_wire(batch(2))
-    assert type(again) is not C._Wire  # the only slot is still the main process's: piped
-    assert same(held, 1) and same(C.from_wire(again), 2)
+    held = pytorch_wire.from_wire(ship(pytorch_wire.to_wire(batch(1))))
+    pytorch_wire._ring.slots[0][2][0] = 0  # what a reordered store would let the worker see
+    again = pytorch_wire.to_wire(batch(2))
+    assert type(again) is not pytorch_wire._Wire  # the only slot is still the main process's: piped
+    assert same(held, 1) and same(pytorch_wire.from_wire(again), 2)
     del held
     gc.collect()
-    assert type(C.to_wire(batch(3))) is C._Wire  # its number came back: in use again
-    check_order(C._trace)
+    assert type(pytorch_wire.to_wire(batch(3))) is pytorch_wire._Wire  # its number came back: in use again
+    check_order(pytorch_wire._trace)
 
 
 def test_a_fork_of_the_main_process_dropping_a_batch_keeps_its_slot_busy(worker, monkeypatch):
     """A child forked while the main process holds a batch (a new DataLoader worker,
     say) frees its copy of the batch: the slot must stay the main process's."""
     monkeypatch.setattr(C, "_SHM_MAX_SLOTS", 1)
-    held = C.from_wire(ship(C.to_wire(batch(1))))
+    held = pytorch_wire.from_wire(ship(pytorch_wire.to_wire(batch(1))))
     pid = os.fork()
     if pid == 0:  # pragma: no cover (the child)
         try:
@@ -108,39 +110,39 @@ def test_a_fork_of_the_main_process_dropping_a_batch_keeps_its_slot_busy(worker,
         finally:
             os._exit(0)
     assert os.waitpid(pid, 0)[1] == 0
-    again = C.to_wire(batch(2))
-    assert type(again) is not C._Wire and same(held, 1)
-    assert [e for _, _, e in C._trace] == ["take"]
+    again = pytorch_wire.to_wire(batch(2))
+    assert type(again) is not pytorch_wire._Wire and same(held, 1)
+    assert [e for _, _, e in pytorch_wire._trace] == ["take"]
 
 
 def test_dropping_a_batch_after_its_worker_exited_is_silent(worker, monkeypatch):
     """The return pipe's reader is gone (EPIPE): the batch is dropped without a word."""
-    held = C.from_wire(ship(C.to_wire(batch(1))))
-    ring = C._ring
+    held = pytorch_wire.from_wire(ship(pytorch_wire.to_wire(batch(1))))
+    ring = pytorch_wire._ring
     os.close(ring.rfd)  # the worker is gone: nobody reads its return pipe
     ring.rfd = os.open(os.devnull, os.O_RDONLY)  # (for the ring's own cleanup)
     unraisable: list = []
     monkeypatch.setattr(sys, "unraisablehook", unraisable.append)
-    C.forget_workers([ring.pid])
+    pytorch_wire.forget_workers([ring.pid])
     assert same(held, 1)
     del held
     gc.collect()
-    assert not unraisable and C._trace[-1][2] == "free"
+    assert not unraisable and pytorch_wire._trace[-1][2] == "free"
 
 
 def test_return_pipe_sent_once_per_worker(worker):
     """The first batch brings the slot and the return pipe; later ones neither."""
-    first = C.to_wire(batch(1))
+    first = pytorch_wire.to_wire(batch(1))
     assert first.slot is not None and first.back is not None
-    a = C.from_wire(ship(first))
-    second = C.to_wire(batch(2))  # slot 0 still held: a new slot, no new pipe
+    a = pytorch_wire.from_wire(ship(first))
+    second = pytorch_wire.to_wire(batch(2))  # slot 0 still held: a new slot, no new pipe
     assert second.slot is not None and second.back is None and second.key[1] == 1
-    b = C.from_wire(ship(second))
+    b = pytorch_wire.from_wire(ship(second))
     del a
     gc.collect()
-    third = C.to_wire(batch(3))
+    third = pytorch_wire.to_wire(batch(3))
     assert third.key[1] == 0 and third.slot is None and third.back is None
-    assert same(b, 2) and same(C.from_wire(ship(third)), 3)
+    assert same(b, 2) and same(pytorch_wire.from_wire(ship(third)), 3)
 
 
 # ------------------------------------------------------------ through real workers
@@ -169,7 +171,7 @@ def mapped(pids) -> list[str]:
 
 def return_pipes(pids) -> list:
     """The main process's ends of the workers ``pids``' return pipes still open."""
-    return [o for o in gc.get_objects() if type(o) is C._Returns and o.pid in pids]
+    return [o for o in gc.get_objects() if type(o) is pytorch_wire._Returns and o.pid in pids]
 
 
 @pytest.mark.parametrize("context, workers", [("fork", 2), ("spawn", 1)])
@@ -181,7 +183,7 @@ def test_loader_held_batches_intact_and_nothing_left_after_delete(big, context, 
                 multiprocessing_context=context)
     kept = list(dl)  # all held: each ring fills up, the rest is piped
     pids = [w.pid for w in dl.dataloader._iterator._workers]
-    assert {k[0] for k in C._slots} >= set(pids) and set(C._returns) >= set(pids)
+    assert {k[0] for k in pytorch_wire._slots} >= set(pids) and set(pytorch_wire._returns) >= set(pids)
     assert all(equal(b, r) for b, r in zip(dl, ref))  # epoch 2: slots reused as dropped
     assert len(kept) == len(ref) and all(equal(b, r) for b, r in zip(kept, ref))
     del dl
@@ -190,7 +192,7 @@ def test_loader_held_batches_intact_and_nothing_left_after_delete(big, context, 
     assert mapped(pids) and return_pipes(pids)  # (the held batches keep their slots)
     del kept
     gc.collect()
-    assert not mapped(pids) and not return_pipes(pids) and not set(C._returns) & set(pids)
+    assert not mapped(pids) and not return_pipes(pids) and not set(pytorch_wire._returns) & set(pids)
 
 
 def test_loader_worker_killed_then_new_workers(big):
@@ -202,7 +204,7 @@ def test_loader_worker_killed_then_new_workers(big):
     it = iter(dl)
     kept = [next(it) for _ in range(4)]  # two from each worker, in shared memory
     victim = min({p.pid for p in multiprocessing.active_children()} - before)
-    assert (victim, 0) in C._slots
+    assert (victim, 0) in pytorch_wire._slots
     with pytest.raises(RuntimeError, match=f"pid {victim}"):  # torch's SIGCHLD handler
         os.kill(victim, signal.SIGKILL)
         os.waitid(os.P_PID, victim, os.WEXITED | os.WNOWAIT)  # dead (torch reaps it)
@@ -215,7 +217,7 @@ def test_loader_worker_killed_then_new_workers(big):
         gc.collect()
     finally:
         sys.unraisablehook = hook
-    assert not unraisable and victim not in C._returns
+    assert not unraisable and victim not in pytorch_wire._returns
     dl.set_epoch(0)
     got = list(dl)
     assert len(got) == len(ref) and all(equal(b, r) for b, r in zip(got, ref))

@@ -12,10 +12,10 @@ import numpy as np
 import pytest
 
 import shardstream
-from shardstream import DatasetExistsError, EncodeError, ShardWriter, load_manifest, verify, \
-    write_shards
-from shardstream.index import ShardIndex
-from shardstream.shard import iter_dataset
+from shardstream import (DatasetExistsError, EncodeError, ShardWriter, load_manifest, verify,
+                         write_shards)
+from shardstream.format.index import ShardIndex
+from shardstream.read.dataset import iter_dataset
 
 
 def rows(n: int, start: int = 0) -> list[dict]:

@@ -7,15 +7,15 @@ Every write task packs its rows into shards and indexes inside its own
 ``.staging-ray-<job>-<order>-<random>`` folder in the output directory (a
 retried attempt gets a fresh folder). The driver then moves the shards of the
 successful attempts to their final names in task order, writes
-``manifest.json`` last (:func:`shardstream.publish.publish`) and removes every
+``manifest.json`` last (:func:`shardstream.write.publish.publish`) and removes every
 staging folder of the job, so a dataset is complete or has no new manifest.
-The driver holds the output's lock (:func:`shardstream.publish.prepare_output`)
+The driver holds the output's lock (:func:`shardstream.write.output.prepare_output`)
 from ``prepare`` until the commit or the failure; the tasks write under it.
 
 The output must be a path that the driver and every worker node see (a local
 disk on one machine, a shared filesystem on a cluster). Object storage URLs are
 refused for now; everything that touches the output goes through the functions
-of :mod:`shardstream.writer` so that a storage layer can replace them later.
+of :mod:`shardstream.write.writer` so that a storage layer can replace them later.
 """
 
 from __future__ import annotations
@@ -38,12 +38,16 @@ except ImportError as exc:  # pragma: no cover - depends on the environment
     raise ImportError("shardstream.integrations.ray needs Ray Data: "
                       "pip install 'shardstream[ray]'") from exc
 
-from ..errors import EncodeError, InputError, StorageError
-from ..inputs import InputTask, group_tasks, iter_task, plan_tasks
-from ..compression import Compression, parse_compression
-from ..manifest import Manifest, SchemaBuilder, ShardInfo
-from ..publish import STAGING_PREFIX, PreparedOutput, prepare_output, publish
-from ..writer import DEFAULT_BLOCK_BYTES, DEFAULT_MAX_BYTES, ShardSink
+from shardstream.errors import EncodeError, InputError, StorageError
+from shardstream.write.plan import InputTask, group_tasks, plan_tasks
+from shardstream.write.inputs import iter_task
+from shardstream.format.compression import Compression, parse_compression
+from shardstream.format.manifest import Manifest, ShardInfo
+from shardstream.format.schema import SchemaBuilder
+from shardstream.format.manifest import STAGING_PREFIX
+from shardstream.write.output import PreparedOutput, prepare_output
+from shardstream.write.publish import publish
+from shardstream.write.sink import DEFAULT_BLOCK_BYTES, DEFAULT_MAX_BYTES, ShardSink
 
 __all__ = ["ShardstreamDatasink", "write", "write_inputs_with_ray", "block_rows",
            "RAY_STAGING_PREFIX"]
@@ -161,7 +165,7 @@ def commit(target: PreparedOutput, parts: list[StagedPart], *, key_field: str,
            block_bytes: int, compression: Compression | None = None) -> Manifest:
     """Publish the staged parts in ``order`` and write ``manifest.json`` last.
 
-    ``target``: from :func:`~shardstream.publish.prepare_output`, whose lock the
+    ``target``: from :func:`~shardstream.write.output.prepare_output`, whose lock the
     driver holds from ``prepare`` until the job is committed or failed."""
     output_dir = target.output_dir
     parts = sorted(parts, key=lambda p: p.order)

@@ -13,8 +13,8 @@ import sys
 import torch
 import torch.distributed as dist
 
-from shardstream.dataloader import loader
-from shardstream.stream import ShardStream
+from shardstream.pytorch.loader import loader
+from shardstream.pytorch.stream import ShardStream
 
 KW = dict(weights=[0.7, 0.2, 0.1], epoch_size=4003, batch_size=16, shuffle=True, seed=3,
           shuffle_buffer=512, source_field="__source__", remainder="pad")

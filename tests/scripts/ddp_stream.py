@@ -10,8 +10,8 @@ import sys
 import torch
 import torch.distributed as dist
 
-from shardstream.dataloader import loader
-from shardstream.stream import ShardStream
+from shardstream.pytorch.loader import loader
+from shardstream.pytorch.stream import ShardStream
 
 
 def main() -> None:

@@ -1,0 +1,3 @@
+"""The on-disk format: sample codec, compression, shard index, manifest, tar and
+webdataset members. No torch, no network, no reader.
+"""

@@ -1,0 +1,176 @@
+"""The epoch layout: which sample each position of an epoch reads, and which
+positions each rank, worker and batch gets.
+
+:class:`EpochOrder` maps a position of the epoch's global sequence G to (shard,
+sample): shards permuted by (seed, epoch), blocks optionally permuted, samples
+permuted inside windows. :class:`Layout` cuts G into units (batches or samples)
+dealt round-robin to ranks, exact and equal per rank, resumable at any offset.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Callable, Iterable, Iterator, Sequence
+
+import numpy as np
+
+__all__ = ["Layout", "EpochOrder", "rng_for", "SHARD_TAG", "BLOCK_TAG", "WINDOW_TAG",
+           "BUFFER_TAG", "RESAMPLE_TAG"]
+
+
+SHARD_TAG, BLOCK_TAG, WINDOW_TAG, BUFFER_TAG, RESAMPLE_TAG = 1, 2, 3, 4, 5
+
+
+def rng_for(*parts: int) -> np.random.Generator:
+    """A generator seeded by a tuple of non-negative ints (seed, epoch, tag, ...)."""
+    return np.random.default_rng([int(p) & 0xFFFFFFFFFFFFFFFF for p in parts])
+
+
+# ---------------------------------------------------------------- layout
+@dataclass(frozen=True)
+class Layout:
+    """How ``G[start:]`` is cut into equal per-rank units (see module docstring).
+
+    ``remainder="drop"`` gives each rank ``(N - start) // world_size`` samples;
+    ``"pad"`` gives ``ceil`` of it, repeating samples from the start of ``G``.
+    With ``drop_last`` a partial last unit is dropped, else each rank's last
+    unit holds ``last_size`` samples.
+    """
+
+    num_samples: int
+    start: int
+    world_size: int
+    unit: int
+    drop_last: bool
+    remainder: str
+
+    @property
+    def per_rank(self) -> int:
+        rest = max(self.num_samples - self.start, 0)
+        if self.remainder == "pad":
+            return -(-rest // self.world_size)
+        return rest // self.world_size
+
+    @property
+    def num_units(self) -> int:
+        """Units per rank (batches in batch mode, samples otherwise)."""
+        if self.drop_last:
+            return self.per_rank // self.unit
+        return -(-self.per_rank // self.unit)
+
+    @property
+    def last_size(self) -> int:
+        if self.drop_last or self.num_units == 0:
+            return self.unit
+        return self.per_rank - (self.num_units - 1) * self.unit
+
+    def span(self, rank: int, j: int) -> tuple[int, int]:
+        """(first position in G, size) of rank ``rank``'s unit ``j``."""
+        full = self.num_units - 1
+        g = j * self.world_size + rank
+        if j < full or self.drop_last:
+            return self.start + g * self.unit, self.unit
+        base = self.start + full * self.world_size * self.unit
+        return base + (g - full * self.world_size) * self.last_size, self.last_size
+
+    def units_of(self, rank: int, worker: int, num_workers: int) -> range:
+        """The rank units one worker produces, in order."""
+        return range(worker, self.num_units, num_workers)
+
+    def consumed_after(self, units: int) -> int | None:
+        """Prefix of G consumed when every rank consumed ``units``; None: epoch done."""
+        if units >= self.num_units:
+            return None
+        return self.start + units * self.world_size * self.unit
+
+
+# ---------------------------------------------------------------- epoch order
+class EpochOrder:
+    """Maps positions of G to (shard, shard-local sample) for one epoch.
+
+    ``counts``: samples per shard in manifest order; ``block_firsts(shard)``
+    returns that shard's ``block_first`` array (only needed with block shuffle).
+    """
+
+    def __init__(self, counts: Sequence[int], *, seed: int, epoch: int, shuffle: bool,
+                 block_shuffle: bool, window: int,
+                 block_firsts: Callable[[int], np.ndarray] | None = None) -> None:
+        self.counts = np.asarray(counts, dtype=np.int64)
+        self.num_samples = int(self.counts.sum())
+        self.seed, self.epoch, self.window = seed, epoch, window
+        self.block_shuffle = shuffle and block_shuffle
+        n = len(self.counts)
+        self.order = rng_for(seed, epoch, SHARD_TAG).permutation(n) if shuffle else np.arange(n)
+        self.cum = np.concatenate([[0], np.cumsum(self.counts[self.order])])
+        self._block_firsts = block_firsts
+        self._shard_orders: dict[int, np.ndarray] = {}
+        self._windows: dict[int, np.ndarray] = {}
+
+    def _window_perm(self, w: int) -> np.ndarray:
+        perm = self._windows.get(w)
+        if perm is None:
+            size = min(self.window, self.num_samples - w * self.window)
+            perm = rng_for(self.seed, self.epoch, WINDOW_TAG, w).permutation(size)
+            if len(self._windows) > 8:
+                self._windows.clear()
+            self._windows[w] = perm
+        return perm
+
+    def _shard_order(self, shard: int) -> np.ndarray:
+        """Shard-local sample ordinals in block-shuffled order."""
+        order = self._shard_orders.get(shard)
+        if order is None:
+            n = int(self.counts[shard])
+            firsts = np.asarray(self._block_firsts(shard), dtype=np.int64)  # type: ignore[misc]
+            perm = rng_for(self.seed, self.epoch, BLOCK_TAG, shard).permutation(len(firsts))
+            sizes = np.diff(np.append(firsts, n))
+            starts = np.repeat(firsts[perm], sizes[perm])
+            within = np.arange(n) - np.repeat(np.cumsum(sizes[perm]) - sizes[perm], sizes[perm])
+            order = starts + within
+            if len(self._shard_orders) > 64:
+                self._shard_orders.clear()
+            self._shard_orders[shard] = order
+        return order
+
+    def shards_at(self, positions: np.ndarray) -> np.ndarray:
+        """Shard ids of the samples at ``positions`` (no block shuffle, no index needed)."""
+        y = positions % self.num_samples
+        if self.window > 1:
+            w = y // self.window
+            y = y.copy()
+            for wi in np.unique(w).tolist():
+                sel = w == wi
+                y[sel] = wi * self.window + self._window_perm(wi)[y[sel] - wi * self.window]
+        return self.order[np.searchsorted(self.cum, y, side="right") - 1]
+
+    def first_use(self, positions: Iterable[np.ndarray]) -> Iterator[int]:
+        """Shard ids in the order the batches of ``positions`` first touch them."""
+        seen: set[int] = set()
+        for pos in positions:
+            shards = self.shards_at(pos)
+            u, first = np.unique(shards, return_index=True)
+            for s in u[np.argsort(first)].tolist():
+                if s not in seen:
+                    seen.add(s)
+                    yield s
+
+    def locate(self, positions: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+        """(shard ids, shard-local ordinals) of the samples at ``positions`` of G."""
+        y = positions % self.num_samples
+        if self.window > 1:
+            w = y // self.window
+            if w[0] == w[-1]:
+                y = w[0] * self.window + self._window_perm(int(w[0]))[y - w[0] * self.window]
+            else:
+                y = y.copy()
+                for wi in np.unique(w):
+                    sel = w == wi
+                    y[sel] = wi * self.window + self._window_perm(int(wi))[y[sel] - wi * self.window]
+        k = np.searchsorted(self.cum, y, side="right") - 1
+        shards = self.order[k]
+        local = y - self.cum[k]
+        if self.block_shuffle:
+            for s in np.unique(shards):
+                sel = shards == s
+                local[sel] = self._shard_order(int(s))[local[sel]]
+        return shards, local

@@ -1,0 +1,388 @@
+"""Reading shards from object storage: a node-local shard cache with read-ahead.
+
+Readers in exact mode need a shard's blocks in a shuffled order, and every
+rank and worker touches many shards. Rather than one range request per 64 KiB
+block, each shard is downloaded **whole, once per node**, with one resumable
+stream (:func:`shardstream.storage.streams.open_stream`: 8 MiB range requests,
+retries with backoff, resume at the first byte not yet received) into a
+cache directory, and then read with ``pread`` exactly like a local shard.
+
+- :class:`RemoteCache`: where shards and indexes land. Entries are named by
+  the URL's hash plus the manifest's sha256 (or the size), so a rewritten
+  dataset never reads a stale copy. Files appear by atomic rename; one
+  process downloads an entry under an ``flock`` while the others wait for
+  it, so DataLoader workers and ranks on one node share each download. The
+  directory is kept under ``max_bytes`` by evicting least recently used
+  entries, never one a reader has open: :meth:`RemoteCache.open_shard`'s fd
+  holds a shared ``flock`` on the entry, and eviction (any process) skips
+  what it cannot lock exclusively at once. Entry names are built from the
+  URL's hash, a hex digest and a tamed copy of the URL's last component, and
+  checked to stay inside the cache directory.
+- :class:`Prefetcher`: a background thread that downloads the shards a
+  reader will need next, in the order it will first touch them, at most
+  ``depth`` shards ahead of it.
+- :meth:`RemoteCache.start_fetch`: start-up read-ahead. A ShardStream knows
+  the first shards its first batches touch as soon as it has the manifest, so
+  it fetches their indexes and then the shards in a background thread of the
+  process that built it, while DataLoader workers start (fork, their own
+  storage clients). Workers find the indexes on disk and wait for a shard
+  still downloading under its lock, as for any other process's download; a
+  reader in the same process waits for the fetch itself and gets its error.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import hashlib
+import operator
+import os
+import re
+import tempfile
+import threading
+from concurrent.futures import Future
+from typing import Any, Callable, Hashable, Iterable, Sequence
+
+from shardstream.errors import ManifestError, ShardNotFoundError, StorageError
+from shardstream.storage import download, io, locks, urls
+from shardstream.storage.retry import DEFAULT_RETRY, RetryPolicy
+
+__all__ = ["RemoteCache", "Prefetcher", "default_cache_dir", "DEFAULT_CACHE_LIMIT"]
+
+
+#: default size limit of the node-local shard cache
+DEFAULT_CACHE_LIMIT = 16 << 30
+
+
+def default_cache_dir() -> str:
+    """``$TMPDIR/shardstream-<uid>/shards``: per user, shared by the processes of a node."""
+    uid = os.getuid() if hasattr(os, "getuid") else 0
+    return os.path.join(tempfile.gettempdir(), f"shardstream-{uid}", "shards")
+
+
+_HEX = re.compile(r"[0-9a-fA-F]{16,64}")
+
+
+def _entry_name(url: str, tag: str) -> str:
+    """``<hash of url>-<tag>-<last component>``: a plain file name whatever the URL holds."""
+    digest = hashlib.sha256(url.encode()).hexdigest()[:16]
+    base = re.sub(r"[^A-Za-z0-9._-]", "_", url.rstrip("/").rsplit("/", 1)[-1])[-80:]
+    return f"{digest}-{tag}-{base.lstrip('.') or 'object'}"
+
+
+def _tag(url: str, sha256: str) -> str:
+    """The entry tag for a manifest's ``sha256``: a hex digest, else ManifestError."""
+    if not isinstance(sha256, str) or not _HEX.fullmatch(sha256):
+        raise ManifestError(f"{url}: the manifest gives sha256 {sha256!r}, not a hex "
+                            "digest; the manifest is damaged: rewrite the dataset")
+    return sha256[:16]
+
+
+class RemoteCache:
+    """Downloads remote shards (and indexes) into ``cache_dir``; see the module docs.
+
+    Picklable (DataLoader workers get a copy): it holds only settings.
+    """
+
+    def __init__(self, storage_options: dict[str, Any] | None = None, *,
+                 cache_dir: str | None = None, max_bytes: int | None = DEFAULT_CACHE_LIMIT,
+                 retry: RetryPolicy = DEFAULT_RETRY) -> None:
+        self.storage_options = dict(storage_options or {})
+        self.cache_dir = os.fspath(cache_dir) if cache_dir is not None else default_cache_dir()
+        self.max_bytes = max_bytes
+        self.retry = retry
+        self._indexes: dict[str, bytes | None] = {}
+        self._pending: dict[tuple[str, str], Future] = {}  # start_fetch's, by (kind, url)
+        self._pending_pid = os.getpid()
+
+    def __getstate__(self) -> dict[str, Any]:
+        state = self.__dict__.copy()
+        state["_indexes"] = {}
+        state["_pending"] = {}
+        return state
+
+    # -- start-up read-ahead ------------------------------------------------------
+    def start_fetch(self, shards: Sequence[tuple[str, int | None, str | None, str, str | None]]
+                    ) -> threading.Thread | None:
+        """Fetch ``(url, size, sha256, index_url, index_sha256)`` in the background: the
+        shards one after another in one thread (a shard another process is downloading
+        is left to it), the indexes in another. Errors wait for the reader (module docs).
+        Returns a thread (tests join it)."""
+        pending = self._own_pending()
+        indexes: list[tuple[Future, Callable[[], Any]]] = []
+        downloads: list[tuple[Future, Callable[[], Any]]] = []
+        for url, size, sha256, index_url, index_sha256 in shards:
+            for kind, jobs, job in (
+                    ("index", indexes, lambda u=index_url, h=index_sha256: self._index(u, h, False)),
+                    ("shard", downloads, lambda u=url, n=size, h=sha256: self._shard(u, n, h, False))):
+                key = (kind, index_url if kind == "index" else url)
+                if key not in pending:
+                    pending[key] = Future()
+                    jobs.append((pending[key], job))
+        if not indexes and not downloads:
+            return None
+
+        def run(jobs: list[tuple[Future, Callable[[], Any]]]) -> None:
+            for fut, job in jobs:
+                if fut.set_running_or_notify_cancel():
+                    try:
+                        fut.set_result(job())
+                    except BaseException as exc:  # noqa: BLE001 - handed to the reader
+                        fut.set_exception(exc)
+        thread = None
+        for jobs in (downloads, indexes):  # the shards at once: they take longest
+            if jobs:
+                thread = threading.Thread(target=run, args=(jobs,), daemon=True,
+                                          name="shardstream-start-fetch")
+                thread.start()
+        return thread
+
+    def _own_pending(self) -> dict[tuple[str, str], Future]:
+        """start_fetch's futures, if made in this process (a forked child has no thread)."""
+        if self._pending_pid != os.getpid():
+            self._pending, self._pending_pid = {}, os.getpid()
+        return self._pending
+
+    def _started(self, kind: str, url: str, wait: bool) -> tuple[bool, Any]:
+        """(True, result) of start_fetch's fetch of ``url`` once done (taken: later calls
+        fetch afresh); (False, None) when there is none, or it runs and not ``wait``."""
+        pending = self._own_pending()
+        fut = pending.get((kind, url))
+        if fut is None or (not wait and not fut.done()):
+            return False, None
+        pending.pop((kind, url), None)
+        try:
+            return True, fut.result()
+        except (StorageError, ShardNotFoundError):
+            if kind == "shard":
+                raise  # as if this reader had tried: no second round of requests
+            return False, None
+        except Exception:  # noqa: BLE001 - anything else: the caller tries itself
+            return False, None
+
+    # -- indexes ----------------------------------------------------------------
+    def index_bytes(self, url: str, *, sha256: str | None = None,
+                    missing_ok: bool = False, size: int | None = None) -> bytes | None:
+        """The index at ``url`` (one request; kept on disk when ``sha256`` names it).
+
+        ``missing_ok``: return None instead of raising :class:`ShardNotFoundError`.
+        ``size`` (the manifest's ``index_bytes``): a larger answer is refused unread.
+        """
+        self._started("index", url, wait=True)  # lands in self._indexes (or fails: retry)
+        return self._index(url, sha256, missing_ok, size)
+
+    def _index(self, url: str, sha256: str | None, missing_ok: bool,
+               size: int | None = None) -> bytes | None:
+        if url in self._indexes:
+            data = self._indexes[url]
+            if data is None and not missing_ok:
+                raise ShardNotFoundError(f"index {url} does not exist")
+            return data
+        path = self._inside(url, _entry_name(url, _tag(url, sha256))) if sha256 else None
+        try:
+            data = self._cached_index(path)
+            if data is None:
+                with contextlib.ExitStack() as stack:
+                    if path is not None:  # one process fetches it, the others read its copy
+                        lock = self._index_lock(path)
+                        if lock is not None:
+                            stack.enter_context(locks.locked(lock))
+                            data = self._cached_index(path)
+                    if data is None:
+                        data = io.read_bytes(url, storage_options=self.storage_options,
+                                                  retry=self.retry, max_bytes=size)
+                        if path is not None and hashlib.sha256(data).hexdigest() == sha256:
+                            self._store(path, data)
+        except ShardNotFoundError:
+            self._indexes[url] = None
+            if missing_ok:
+                return None
+            raise
+        if len(self._indexes) > 4096:
+            self._indexes.clear()
+        self._indexes[url] = data
+        return data
+
+    @staticmethod
+    def _cached_index(path: str | None) -> bytes | None:
+        if path is None:
+            return None
+        try:
+            with open(path, "rb") as f:
+                return f.read()
+        except OSError:
+            return None
+
+    def _index_lock(self, path: str) -> str | None:
+        """The lock file of a cached index; None where the cache dir is unusable."""
+        try:
+            os.makedirs(self.cache_dir, exist_ok=True)
+        except OSError:
+            return None
+        if not os.access(self.cache_dir, os.W_OK):
+            return None
+        return os.path.join(self.cache_dir, "." + os.path.basename(path) + ".lock")
+
+    def _store(self, path: str, data: bytes) -> None:
+        os.makedirs(self.cache_dir, exist_ok=True)
+        fd, tmp = tempfile.mkstemp(prefix=".part-", dir=self.cache_dir)
+        try:
+            with os.fdopen(fd, "wb") as f:
+                f.write(data)
+            os.replace(tmp, path)
+        except OSError:
+            try:
+                os.unlink(tmp)
+            except OSError:
+                pass
+
+    # -- shards -----------------------------------------------------------------
+    def shard_path(self, url: str, *, size: int | None = None, sha256: str | None = None,
+                   wait: bool = True) -> str | None:
+        """A complete local copy of ``url`` (downloaded unless cached); returns its path.
+
+        ``size`` (from the manifest or index) skips a HEAD request and validates
+        the cached copy; without ``sha256`` the size is part of the entry's name.
+        ``wait=False``: return None at once when another process is downloading it
+        (read-ahead moves on to the next shard instead of queueing behind it).
+        """
+        done, path = self._started("shard", url, wait)
+        if done and path is not None and self._complete(path, size):
+            return path
+        return self._shard(url, size, sha256, wait)
+
+    def has_shard(self, url: str, *, size: int, sha256: str | None = None) -> bool:
+        """Is a complete copy of ``url`` in the cache already?"""
+        return self._complete(self._dest(url, size, sha256), size)
+
+    def _dest(self, url: str, size: int, sha256: str | None) -> str:
+        given = size
+        try:
+            size = operator.index(size) if not isinstance(size, bool) else -1
+        except TypeError:
+            size = -1
+        if size < 0:
+            raise ManifestError(f"{url}: size {given!r} is not a byte count; the manifest "
+                                "or index is damaged: rewrite the dataset")
+        tag = _tag(url, sha256) if sha256 else f"{size}b"
+        return self._inside(url, _entry_name(url, tag))
+
+    def _inside(self, url: str, name: str) -> str:
+        """``cache_dir/name`` for ``url``, checked to stay inside the cache directory."""
+        return urls.inside(self.cache_dir, name, url=url)
+
+    def _shard(self, url: str, size: int | None, sha256: str | None, wait: bool) -> str | None:
+        if size is None:
+            size = io.size(url, storage_options=self.storage_options, retry=self.retry)
+        dest = self._dest(url, size, sha256)
+        if self._complete(dest, size):
+            return dest
+        os.makedirs(self.cache_dir, exist_ok=True)
+        lock = os.path.join(self.cache_dir, "." + os.path.basename(dest) + ".lock")
+        with locks.locked(lock, blocking=wait) as got:
+            if not got:
+                return None
+            if not self._complete(dest, size):
+                download.download(url, dest, self.storage_options, self.retry, size)
+        locks.evict(self.cache_dir, self.max_bytes, keep=dest)
+        return dest
+
+    @staticmethod
+    def _complete(path: str, size: int) -> bool:
+        try:
+            if os.path.getsize(path) != size:
+                return False
+            os.utime(path)  # LRU: recently used
+            return True
+        except OSError:
+            return False
+
+    def open_shard(self, url: str, *, size: int | None = None, sha256: str | None = None,
+                   path: str | None = None) -> int:
+        """An open fd on the cached copy of ``url`` (``path``: already fetched there).
+
+        The fd holds a shared ``flock`` on the copy: while it is open no eviction,
+        in any process, removes the entry (closing the fd lets it go).
+        """
+        for _ in range(3):  # an entry evicted between download and open: fetch again
+            if path is None:
+                path = self.shard_path(url, size=size, sha256=sha256)
+            assert path is not None
+            fd = locks.open_shared(path)
+            if fd is not None:
+                return fd
+            path = None
+        raise StorageError(f"{url}: the cached copy keeps being evicted from {self.cache_dir} "
+                           "before it can be opened; raise the cache size limit "
+                           "(cache_limit=) or give this reader a cache_dir of its own")
+
+
+class Prefetcher:
+    """Runs ``fetch(key)`` in a background thread for keys in ``order``, ``depth`` ahead.
+
+    ``depth`` counts fetched values the reader has not taken yet; a fetch that
+    returns None (a shard another process downloads or downloaded) takes no place.
+
+    With ``after``, the thread starts once that event is set. The reader calls
+    :meth:`take` for a key when it needs it: it waits for that
+    key's fetch if one was started (re-raising its error) and lets the thread
+    move on; a key not fetched yet returns None (the reader fetches it itself).
+    """
+
+    def __init__(self, fetch: Callable[[Any], Any], order: Iterable[Hashable], *,
+                 depth: int = 2, after: threading.Event | None = None) -> None:
+        self._fetch, self._order, self.depth = fetch, iter(order), max(1, depth)
+        self._after = after
+        self._futures: dict[Hashable, Future] = {}
+        self._taken: set[Hashable] = set()
+        self._cond = threading.Condition()
+        self._stop = False
+        self._thread = threading.Thread(target=self._run, name="shardstream-prefetch",
+                                        daemon=True)
+        self._thread.start()
+
+    def _run(self) -> None:
+        while self._after is not None and not self._after.wait(0.05):
+            if self._stop:
+                return
+        try:
+            for key in self._order:
+                with self._cond:
+                    while len(self._futures) >= self.depth and not self._stop:
+                        self._cond.wait()
+                    if self._stop:
+                        return
+                    if key in self._futures or key in self._taken:
+                        continue
+                    fut: Future = Future()
+                    self._futures[key] = fut
+                try:
+                    got = self._fetch(key)
+                except BaseException as exc:  # handed to the reader by take()
+                    fut.set_exception(exc)
+                    continue
+                fut.set_result(got)
+                if got is None:  # not ours to fetch (another process has it, or local):
+                    with self._cond:  # it holds no place in the read-ahead
+                        if self._futures.get(key) is fut:
+                            del self._futures[key]
+        except Exception:  # noqa: BLE001 - a broken order: the reader fetches itself
+            return
+
+    def take(self, key: Hashable) -> Any:
+        """The fetched value of ``key``, or None when the thread has not started it."""
+        with self._cond:
+            fut = self._futures.get(key)
+            self._taken.add(key)
+        if fut is None:
+            return None
+        try:
+            return fut.result()
+        finally:
+            with self._cond:
+                self._futures.pop(key, None)
+                self._cond.notify_all()
+
+    def close(self) -> None:
+        with self._cond:
+            self._stop = True
+            self._cond.notify_all()

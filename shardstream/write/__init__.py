@@ -1,0 +1,1 @@
+"""Packing: input files -> samples -> blocks -> shards, published atomically."""

@@ -1,0 +1,81 @@
+"""Read the writer's input files as dicts, split into tasks for parallel workers.
+
+Supported kinds: JSONL (``.jsonl .ndjson``, optionally ``.gz``), a JSON array
+(``.json``; a ``.json`` file not starting with ``[`` is read as JSONL), msgpack
+streams (``.msgpack .mp .mpk``), Parquet (``.parquet .pq``), pickle
+(``.pkl .pickle``, opt-in only) and ``-`` for JSONL on standard input.
+
+Uncompressed JSONL is split by byte ranges (a line belongs to the range in
+which it starts) and Parquet by row groups; every other input is one task.
+
+Values stay exact: an integer outside the 64 bits msgpack stores (a JSON
+``123456789012345678901234567890``) is an :class:`InputError` naming file,
+line and field, never a silently rounded float.
+
+Lists -> arrays, one rule for every kind (``arrays="auto"``, the default; see
+docs/inputs.md): a list whose items are all numbers (ints, or ints and floats)
+or all bools, or lists that become arrays of one shape, becomes one numpy
+array; any other list stays a list and the rule applies to its items. The
+dtype is the column's Arrow type for Parquet, else int64 (uint64 when needed),
+float64 if any float, bool. A numeric list holding a null is an
+:class:`InputError` (fill it, or keep lists with ``arrays="never"``).
+"""
+
+from __future__ import annotations
+
+import sys
+from typing import Iterator
+
+from shardstream.errors import InputError
+from shardstream.write.jsonl import (iter_gzip, iter_json_array, iter_jsonl, iter_msgpack,
+                                     iter_pickle, iter_plain_jsonl)
+from shardstream.write.parquet import iter_parquet
+from shardstream.write.plan import InputTask, KINDS, Progress, plan_tasks
+
+__all__ = ["iter_task", "iter_inputs", "ARRAYS"]
+
+
+ARRAYS = ("auto", "never")  # lists -> numpy arrays by the module's rule / keep every list
+
+
+_REFUSE_PICKLE = ("refusing to unpickle {}: pickle can run arbitrary code; "
+                  "pass --allow-pickle if you trust this file")
+
+
+def _check_arrays(arrays: str) -> None:
+    if arrays not in ARRAYS:
+        raise ValueError(f"arrays must be one of {', '.join(map(repr, ARRAYS))}, got {arrays!r}")
+
+
+def iter_task(task: InputTask, *, allow_pickle: bool = False, batch_rows: int = 8192,
+              arrays: str = "auto", progress: Progress | None = None) -> Iterator[dict]:
+    """Yield the dicts of one task, streaming where the format allows.
+
+    ``arrays="auto"``: lists of numbers/bools become numpy arrays by the module's
+    rule (Parquet's are read-only views in the column's dtype; ``None`` for a null
+    list); ``"never"``: every list stays a Python list. Parquet is read
+    ``batch_rows`` rows at a time. ``progress(nbytes)`` is called now and then with
+    the bytes of the file consumed since the last call (compressed bytes for
+    ``.gz`` and Parquet); the calls of a whole file add up to its size.
+    """
+    _check_arrays(arrays)
+    if task.kind == "pickle" and not allow_pickle:  # refuse now, not on first next()
+        raise InputError(_REFUSE_PICKLE.format(task.path))
+    if task.kind == "stdin":
+        return iter_jsonl(sys.stdin.buffer, "<stdin>", 0, None, True, arrays, progress)
+    if task.kind == "parquet":
+        return iter_parquet(task, batch_rows, arrays, progress)
+    readers = {"jsonl": iter_plain_jsonl, "jsonl.gz": iter_gzip, "json": iter_json_array,
+               "msgpack": iter_msgpack, "pickle": iter_pickle}
+    if task.kind not in readers:
+        raise InputError(f"unknown input kind {task.kind!r} for {task.path}; "
+                         f"expected one of {', '.join(KINDS)}")
+    return readers[task.kind](task, arrays, progress)
+
+
+def iter_inputs(paths: list[str], *, allow_pickle: bool = False,
+                arrays: str = "auto") -> Iterator[dict]:
+    """Yield every dict of every input, in order (all paths are checked up front)."""
+    _check_arrays(arrays)
+    for task in plan_tasks(list(paths), 1):
+        yield from iter_task(task, allow_pickle=allow_pickle, arrays=arrays)

@@ -1,0 +1,298 @@
+"""ShardSink: samples -> blocks -> tar shards with their index, in a staging dir."""
+
+from __future__ import annotations
+
+import hashlib
+import os
+from array import array
+from typing import Any, BinaryIO
+
+import numpy as np
+
+from shardstream.errors import EncodeError
+from shardstream.format.compression import (Compression, DICT_MEMBER, FrameCompressor,
+                                            parse_compression, train_dictionary)
+from shardstream.format.encode import encode_sample, repack
+from shardstream.format.index import (INDEX_SUFFIX, ShardIndex, TAR_END, block_checksum,
+                                      member_name, padded, tar_header)
+from shardstream.format.limits import MAX_BLOCK_RAW_BYTES
+from shardstream.format.manifest import ShardInfo
+from shardstream.format.schema import SchemaBuilder
+from shardstream.write.lock import storage_error
+
+__all__ = ["DEFAULT_MAX_BYTES", "DEFAULT_BLOCK_BYTES"]
+
+
+DEFAULT_MAX_BYTES = 256 * 1024 * 1024
+DEFAULT_BLOCK_BYTES = 64 * 1024
+#: encoded bytes a compressing writer holds back to train its zstd dictionary
+TRAIN_BYTES = 1 << 20
+_PAD = b"\0" * 512
+
+
+def sample_key(sample: Any, key_field: str, ordinal: object) -> object:
+    """The key that labels ``sample`` (checked); ``ordinal`` when it has none."""
+    if not isinstance(sample, dict):
+        raise EncodeError(f"sample {ordinal}: a sample must be a dict, got "
+                          f"{type(sample).__name__}", sample=ordinal)
+    key = sample.get(key_field)
+    if key is None:
+        if key_field != "__key__":
+            raise EncodeError(f"sample {ordinal}: key field {key_field!r} is missing; every "
+                              "sample needs it", sample=ordinal, path=key_field)
+        return ordinal
+    if not isinstance(key, (str, int)) or isinstance(key, bool):
+        raise EncodeError(f"sample {ordinal}: key field {key_field!r} must be str or int, "
+                          f"got {type(key).__name__}", sample=ordinal, path=key_field)
+    return key
+
+
+class ShardSink:
+    """Writes shards into one (staging) directory; knows nothing about datasets.
+
+    ``first_ordinal`` numbers samples for error messages and default keys.
+    ``compression`` (``"zstd"``, ``"zstd:19"`` or a :class:`Compression`;
+    ``level`` overrides the level) stores every block as zstd frames of about
+    ``frame_bytes`` of samples (format v3). The first ``TRAIN_BYTES`` of
+    samples are held back to train the zstd dictionary every shard then
+    carries. Shards roll on the uncompressed block sizes, so compressed shards
+    stay under ``max_bytes`` by about the compression ratio. Every index
+    records an xxh3_64 checksum of each block's stored bytes (format v4); a
+    compressed sample larger than ``MAX_BLOCK_RAW_BYTES`` (1 GiB) is refused.
+    """
+
+    def __init__(self, directory: str, *, max_samples: int | None = None,
+                 max_bytes: int = DEFAULT_MAX_BYTES, block_bytes: int = DEFAULT_BLOCK_BYTES,
+                 key_field: str = "__key__", first_ordinal: int = 0, fsync: bool = True,
+                 name_format: str = "part-{:06d}.tar",
+                 compression: Compression | str | None = None, level: int | None = None) -> None:
+        if max_samples is not None and max_samples < 1:
+            raise ValueError(f"max_samples must be >= 1, got {max_samples}")
+        if max_bytes < 4096:
+            raise ValueError(f"max_bytes must be >= 4096, got {max_bytes}")
+        if not 1 <= block_bytes <= 2**31:
+            raise ValueError(f"block_bytes must be in [1, 2**31], got {block_bytes}")
+        self.directory = directory
+        self.max_samples = max_samples
+        self.max_bytes = max_bytes
+        self.block_bytes = block_bytes
+        self.key_field = key_field
+        self.fsync = fsync
+        self.name_format = name_format
+        self.compression = parse_compression(compression, level)
+        if self.compression is not None and not self.compression.framed:
+            raise ValueError("format v2 compression (one zstd frame per block) is read only; "
+                             "write with frame_bytes > 0")
+        if self.compression is not None and block_bytes > MAX_BLOCK_RAW_BYTES:
+            raise ValueError(f"block_bytes must be at most {MAX_BLOCK_RAW_BYTES} (1 GiB) when "
+                             f"compressing (readers refuse larger blocks), got {block_bytes}")
+        self._pack = self.compression is not None  # narrowed int arrays inside frames
+        self._compressor: FrameCompressor | None = None
+        self._warm: list[bytes] | None = [] if self.compression else None
+        self._warm_bytes = 0
+        self.schema = SchemaBuilder()
+        self.shards: list[ShardInfo] = []
+        self.num_samples = 0
+        self.bytes_written = 0
+        self._ordinal = first_ordinal
+        self._block: list[bytes] = []
+        self._block_len = 0
+        self._file: BinaryIO | None = None
+        self._reset_shard()
+
+    # -- samples -------------------------------------------------------------
+    def write(self, sample: dict[str, Any]) -> None:
+        key = sample_key(sample, self.key_field, self._ordinal)
+        if self.schema.known(sample):  # same keys and value types as a checked sample
+            data = encode_sample(sample, key=key, check=False, pack=self._pack)
+        else:
+            data = encode_sample(sample, key=key, pack=self._pack)
+            self.schema.observe(sample)
+        self.write_encoded(data, packed=self._pack)
+
+    @property
+    def packs(self) -> bool:
+        """Whether samples handed to :meth:`write_encoded` should be encoded with ``pack=True``."""
+        return self._pack
+
+    def write_encoded(self, data: bytes, packed: bool = False) -> None:
+        """Append one already encoded (and key-checked) sample.
+
+        ``packed``: encoded with ``pack=True``; re-encoded when that differs
+        from what this sink stores (narrowed integers only inside compressed frames).
+        """
+        if packed != self._pack:
+            data = repack(data, self._pack)
+        if self.compression is not None and len(data) > MAX_BLOCK_RAW_BYTES:
+            raise EncodeError(f"sample {self._ordinal}: {len(data)} encoded bytes, more than "
+                              f"the {MAX_BLOCK_RAW_BYTES} a compressed block may hold; split "
+                              "it or write without compression", sample=self._ordinal)
+        self._ordinal += 1
+        self.num_samples += 1
+        if self._warm is not None:  # still collecting samples to train the dictionary on
+            self._warm.append(data)
+            self._warm_bytes += len(data)
+            if self._warm_bytes >= TRAIN_BYTES:
+                self._start_frames()
+            return
+        self._place(data)
+
+    def _start_frames(self) -> None:
+        """Train the dictionary on the held-back samples, then write them."""
+        assert self.compression is not None and self._warm is not None
+        warm, self._warm = self._warm, None
+        # the dictionary goes into every shard: only where it is a small part of one
+        small = self.max_bytes < 32 * self.compression.dict_bytes
+        dictionary = b"" if small else train_dictionary(warm, self.compression)
+        self._compressor = FrameCompressor(self.compression, dictionary)
+        for data in warm:
+            self._place(data)
+
+    def _place(self, data: bytes) -> None:
+        size = len(data)
+        if self._block and self._block_len + size > self.block_bytes:
+            self._flush_block()
+        if self._shard_samples + len(self._block) > 0 and self._shard_full(size):
+            self._flush_block()
+            self._finish_shard()
+        self._block.append(data)
+        self._block_len += size
+        if self._block_len >= self.block_bytes:
+            self._flush_block()
+
+    def _shard_full(self, size: int) -> bool:
+        if self.max_samples is not None and \
+                self._shard_samples + len(self._block) + 1 > self.max_samples:
+            return True
+        member = 512 + padded(self._block_len + size)
+        return self._shard_bytes + member + len(TAR_END) > self.max_bytes
+
+    # -- blocks and shards -----------------------------------------------------
+    def _reset_shard(self) -> None:
+        self._shard_bytes = 0
+        self._shard_samples = 0
+        self._sha = hashlib.sha256()
+        # compact arrays: 4 bytes per sample, whatever the shard's sample count
+        self._offsets = array("Q")
+        self._sizes = array("Q")
+        self._raw_sizes = array("Q")
+        self._firsts = array("Q")
+        self._sample_offsets = array("I")  # < block_bytes <= 2**31
+        self._frame_starts = bytearray()  # 1 where a sample starts a frame (compressed)
+        self._frame_offsets = array("I")
+        self._checksums = array("Q")  # xxh3_64 of every block's stored bytes
+
+    def _path(self, n: int) -> str:
+        return os.path.join(self.directory, self.name_format.format(n))
+
+    def _emit(self, data: bytes | memoryview) -> None:
+        assert self._file is not None
+        try:
+            self._file.write(data)
+        except OSError as exc:
+            raise storage_error("write", self._file.name, exc) from exc
+        self._sha.update(data)
+        self._shard_bytes += len(data)
+
+    def _flush_block(self) -> None:
+        if not self._block:
+            return
+        if self._file is None:
+            path = self._path(len(self.shards))
+            try:
+                self._file = open(path, "wb")
+            except OSError as exc:
+                raise storage_error("create", path, exc) from exc
+            if self._compressor is not None:  # always (maybe empty): it marks format v3
+                self._emit_member(DICT_MEMBER, self._compressor.dictionary)
+        pos = 0
+        for data in self._block:
+            self._sample_offsets.append(pos)
+            pos += len(data)
+        self._raw_sizes.append(pos)
+        suffix = ""
+        if self._compressor is not None:
+            payload, counts, frame_offsets = self._compressor.compress_block(self._block)
+            suffix = self._compressor.compression.suffix
+            for c in counts:
+                self._frame_starts += b"\1" + b"\0" * (c - 1)
+            self._frame_offsets.extend(frame_offsets)
+        else:
+            payload = b"".join(self._block)
+        self._emit(tar_header(member_name(len(self._offsets), suffix), len(payload)))
+        self._offsets.append(self._shard_bytes)
+        self._sizes.append(len(payload))
+        self._checksums.append(block_checksum(payload))
+        self._firsts.append(self._shard_samples)
+        self._emit(payload)
+        if len(payload) % 512:
+            self._emit(_PAD[: 512 - len(payload) % 512])
+        self._shard_samples += len(self._block)
+        self._block = []
+        self._block_len = 0
+
+    def _emit_member(self, name: str, data: bytes) -> None:
+        self._emit(tar_header(name, len(data)))
+        self._emit(data)
+        if len(data) % 512:
+            self._emit(_PAD[: 512 - len(data) % 512])
+
+    def _finish_shard(self) -> None:
+        if self._file is None:
+            return
+        self._emit(TAR_END)
+        f, self._file = self._file, None
+        try:
+            f.flush()
+            if self.fsync:
+                os.fsync(f.fileno())
+        except OSError as exc:
+            raise storage_error("write", f.name, exc) from exc
+        finally:
+            f.close()
+        index = ShardIndex(self._shard_samples, self._shard_bytes, self._sha.hexdigest(),
+                           np.frombuffer(self._offsets, np.uint64),
+                           np.frombuffer(self._sizes, np.uint64),
+                           np.frombuffer(self._firsts, np.uint64),
+                           np.frombuffer(self._sample_offsets, np.uint32),
+                           self.compression.codec if self.compression else None,
+                           np.frombuffer(self._raw_sizes, np.uint64) if self.compression else None,
+                           *self._frame_fields(),
+                           block_checksum=np.frombuffer(self._checksums, np.uint64))
+        idx_bytes = index.to_bytes()
+        idx_path = f.name + INDEX_SUFFIX
+        try:
+            with open(idx_path, "wb") as g:
+                g.write(idx_bytes)
+                g.flush()
+                if self.fsync:
+                    os.fsync(g.fileno())
+        except OSError as exc:
+            raise storage_error("write", idx_path, exc) from exc
+        name = os.path.basename(f.name)
+        self.shards.append(ShardInfo(
+            name=name, num_samples=self._shard_samples, bytes=self._shard_bytes,
+            sha256=index.shard_sha256, num_blocks=index.num_blocks, index=name + INDEX_SUFFIX,
+            index_bytes=len(idx_bytes), index_sha256=hashlib.sha256(idx_bytes).hexdigest()))
+        self.bytes_written += self._shard_bytes + len(idx_bytes)
+        self._reset_shard()
+
+    def _frame_fields(self) -> tuple[Any, Any, Any]:
+        """Index fields of a framed shard: (frame_starts, frame_offset, dictionary)."""
+        if self._compressor is None:
+            return None, None, None
+        starts = np.packbits(np.frombuffer(bytes(self._frame_starts), np.uint8))
+        return starts, np.frombuffer(self._frame_offsets, np.uint32), self._compressor.dictionary
+
+    def finish(self) -> list[ShardInfo]:
+        """Flush the open block and shard; returns every shard written."""
+        if self._warm is not None:
+            self._start_frames()
+        self._flush_block()
+        self._finish_shard()
+        return self.shards
+
+    def close_files(self) -> None:
+        if self._file is not None:
+            self._file.close()
+            self._file = None
