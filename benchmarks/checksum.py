@@ -59,7 +59,8 @@ print(json.dumps({{"mode": "getitem", "verify": ds.verify_blocks,
 INPROC = r"""
 import json, time
 import numpy as np
-from shardstream.read.blocks import BlockReader, shard_refs
+from shardstream.read.blocks import BlockReader
+from shardstream.read.shards import shard_refs
 from shardstream.read.dataset import open_dataset
 ds = open_dataset({out!r})
 shards = np.concatenate([np.full(s.num_samples, k) for k, s in enumerate(ds.manifest.shards)])

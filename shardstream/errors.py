@@ -91,18 +91,32 @@ class StorageError(ShardstreamError, OSError):
 
     ``StorageError("cannot write X: No space left on device", errno=28)``: the
     message prints as given, ``.errno`` carries the OS error number (or None).
+    A failed storage call also says what it was: ``url`` (the object), ``kind``
+    (``"auth"``, ``"transient"``, ``"fatal"``: see :func:`shardstream.storage.retry.classify`),
+    ``tries`` (attempts made); an answer from an HTTP server gives its ``status``
+    and the server's error ``code`` (S3's ``<Code>``, e.g. ``"SlowDown"``).
     """
 
-    def __init__(self, message: str = "", *args: object, errno: int | None = None) -> None:
+    url: str | None = None
+    kind: str | None = None
+    tries: int | None = None
+    status: int | None = None
+    code: str | None = None
+
+    def __init__(self, message: str = "", *args: object, errno: int | None = None,
+                 url: str | None = None, kind: str | None = None, tries: int | None = None,
+                 status: int | None = None, code: str | None = None) -> None:
         super().__init__(message, *args)
         self.errno = errno
+        self.url, self.kind, self.tries = url, kind, tries
+        self.status, self.code = status, code
 
-    def __reduce__(self) -> tuple:  # keep errno across pickling (worker processes)
+    def __reduce__(self) -> tuple:  # keep errno (and the fields) across pickling (workers)
         return _rebuild_storage_error, (type(self), self.args, self.errno), self.__dict__
 
 
 def _rebuild_storage_error(cls: type, args: tuple, errno: int | None) -> "StorageError":
-    return cls(*args, errno=errno)
+    return cls(*args, errno=errno)  # the other fields come back with __dict__
 
 
 class UsageError(ShardstreamError, RuntimeError):

@@ -28,7 +28,7 @@ from shardstream.format.members import decode_member
 from shardstream.pytorch.random_access import ShardDataset
 from shardstream.read.dataset import iter_dataset
 from shardstream.write.scan import scan_block_tar
-from shardstream.format import index as index_mod
+from shardstream.format import limits
 from shardstream.format import members
 
 pytestmark = pytest.mark.fuzz
@@ -127,7 +127,7 @@ BLOCK = encode_sample({"id": 1, "x": np.zeros(8)})
 def test_rebuild_of_a_real_zstd_bomb_is_refused_over_the_limit(tmp_path, monkeypatch) -> None:
     """A real frame of 32 MiB of zeros (about 1 KB stored): over a 4 MiB block limit it
     is refused before decompressing, frame by frame (format v3) or whole (format v2)."""
-    monkeypatch.setattr(index_mod, "MAX_BLOCK_RAW_BYTES", SMALL)
+    monkeypatch.setattr(limits, "MAX_BLOCK_RAW_BYTES", SMALL)
     bomb = _frame(b"\0" * (32 << 20))
     assert len(bomb) < 2000
     v3 = _tar(str(tmp_path / "v3.tar"), [("zstd.dict", b""), ("000000.ssb.zst", _frame(BLOCK) +

@@ -348,7 +348,8 @@ def iter_dataset_with(root: str, manifest: Any) -> Any:
 
 KILL_SCRIPT = textwrap.dedent("""
     import os, signal, sys
-    from shardstream import convert, publish, write_shards
+    from shardstream import convert, write_shards
+    from shardstream.write import publish
     mode, step, out, src = sys.argv[1:5]
     def die(name):
         if name == step:

@@ -216,7 +216,9 @@ def test_start_fetch_downloads_the_first_shard_once_for_the_reader(tmp_path):
     with HTTPTestServer(str(tmp_path)) as srv:
         cache = tmp_path / "c"
         ds = ShardStream(srv.url("ds"), batch_size=32, cache_dir=str(cache), retry=FAST)
-        _wait_start_fetch(ds)  # built: the first shard and its index are being fetched
+        assert not srv.requests("GET", f"ds/{m.shards[0].name}")  # building downloads nothing
+        ds.start_fetch()
+        _wait_start_fetch(ds)  # the first shard and its index are being fetched
         assert len(srv.requests("GET", f"ds/{m.shards[0].name}")) == 1
         assert [n for n in os.listdir(cache) if n.endswith(m.shards[0].name)]
         assert _ids(ds) == _ids(ShardStream(local, batch_size=32))
@@ -226,8 +228,8 @@ def test_start_fetch_downloads_the_first_shard_once_for_the_reader(tmp_path):
 
 
 def test_workers_start_while_the_first_shard_still_downloads(tmp_path):
-    """The process that built the stream holds the first shard's download when the
-    DataLoader workers fork: they wait for it (no second download), read every sample
+    """The loader starts the first shard's download (``start_fetch``) and holds it when
+    the DataLoader workers fork: they wait for it (no second download), read every sample
     exactly once, and fetch each other index and shard once between them."""
     import threading
     import time
@@ -246,8 +248,10 @@ def test_workers_start_while_the_first_shard_still_downloads(tmp_path):
         srv.next_fault = delay_first_shard
         cache = tmp_path / "c"
         ds = ShardStream(srv.url("ds"), batch_size=32, cache_dir=str(cache), retry=FAST)
-        assert slow.wait(10)  # workers start while that response is held back
+        assert not slow.is_set()  # building the stream downloads nothing
+        # the loader starts the first shard's download, then the workers while it is held
         ids = [i for b in loader(ds, num_workers=2) for i in b["id"].tolist()]
+        assert slow.is_set()
         assert sorted(ids) == list(range(N))
         for s in m.shards:
             assert len(srv.requests("GET", f"ds/{s.name}")) == 1
@@ -259,6 +263,7 @@ def test_start_fetch_failure_reaches_the_reader_with_the_url(tmp_path):
     _write(str(tmp_path / "ds"))
     with HTTPTestServer(str(tmp_path), forbidden={"ds/shard-000000.tar"}) as srv:
         ds = ShardStream(srv.url("ds"), cache_dir=str(tmp_path / "c"), retry=FAST)
+        ds.start_fetch()
         _wait_start_fetch(ds)
         with pytest.raises(StorageError, match="shard-000000.tar.*access denied"):
             list(ds)

@@ -21,7 +21,8 @@ from shardstream.errors import CorruptShardError, InputError
 from shardstream.format.index import INDEX_SUFFIX
 from shardstream.format.manifest import MANIFEST_NAME
 from shardstream.storage.io import load_manifest
-from shardstream.read.blocks import BlockReader, ShardRef
+from shardstream.read.blocks import BlockReader
+from shardstream.read.shards import ShardRef
 from shardstream.pytorch.random_access import ShardDataset
 from shardstream.pytorch.stream import ShardStream
 from shardstream.read.verify import verify
@@ -29,7 +30,7 @@ from shardstream.format.webdataset import ForeignIndex, load_foreign_index
 from shardstream.write.reindex import build_index
 from shardstream.read.webdataset import iter_foreign_samples
 from shardstream.write.scan import scan_foreign_tar
-from shardstream.format import webdataset as wdsindex
+from shardstream.write import scan
 
 pytestmark = pytest.mark.fuzz
 
@@ -106,7 +107,7 @@ def test_index_v2_records_xxh3_of_every_member(clean):
 def test_members_spanning_read_chunks_hash_the_same(clean, monkeypatch):
     tar = os.path.join(clean, "wds-000.tar")
     whole = scan_foreign_tar(tar)
-    monkeypatch.setattr(wdsindex, "_SCAN_CHUNK", 100)  # every member spans chunks
+    monkeypatch.setattr(scan, "_SCAN_CHUNK", 100)  # every member spans chunks
     small = scan_foreign_tar(tar)
     assert small.member_checksum.tolist() == whole.member_checksum.tolist()
     assert small.shard_sha256 == whole.shard_sha256 != ""

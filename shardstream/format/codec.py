@@ -23,6 +23,7 @@ the dtype to widen to (:func:`narrowed`), so a batch is widened in one cast
 from __future__ import annotations
 
 import struct
+from math import prod as _prod  # of Python ints: never wraps
 from typing import Any, Iterator
 
 import msgpack
@@ -47,38 +48,112 @@ NARROW_TYPES = tuple((np.dtype(t), int(np.iinfo(t).min), int(np.iinfo(t).max))
                      for t in ("u1", "i1", "<u2", "<i2", "<u4", "<i4"))
 
 
-# ---------------------------------------------------------------- decode
+# ---------------------------------------------------------------- ext header
+# Both array ext payloads (docs/FORMAT.md) are: the layout byte; one dtype string
+# (NDARRAY_EXT: the array's) or two (PACKED_EXT: its own, then the stored one), each
+# after its length byte; ndim; ndim little-endian u64 dims; the elements.
+#: offset of the layout byte
+LAYOUT_AT = 0
+#: offset of the first dtype string's length byte
+DTYPE_LEN_AT = 1
+#: offset of the first dtype string
+DTYPE_AT = 2
+#: one dimension of the shape
+DIM = struct.Struct("<Q")
+#: header bytes before the shape besides the dtype strings (the layout byte, the length
+#: bytes, ndim): the fast paths find a 1-d header's end, their cache key, from these
+NDARRAY_FIXED = DTYPE_AT + 1
+PACKED_FIXED = DTYPE_AT + 2
+_SHAPES = tuple(struct.Struct(f"<{ndim}Q") for ndim in range(256))
+_LAYOUT_OF = {NDARRAY_EXT: "ndarray", PACKED_EXT: "packed-array"}
+_WHAT = {NDARRAY_EXT: "ndarray", PACKED_EXT: "packed array"}
+
 _dtype_cache: dict[bytes, np.dtype] = {}
-_u64 = struct.Struct("<Q")
-
-
-# header prefix (layout, len, dtype, ndim=1) -> (dtype, itemsize), for the fast path
+# 1-d header up to its shape -> (dtype, itemsize), for the fast path
 _fast_1d: dict[bytes, tuple[np.dtype, int]] = {}
-# packed: header prefix (layout, own dtype, stored dtype, ndim=1)
-#   -> (own, stored, itemsize, stored tagged with own)
+# packed: 1-d header up to its shape -> (own, stored, itemsize, stored tagged with own)
 _fast_packed: dict[bytes, tuple[np.dtype, np.dtype, int, np.dtype]] = {}
+
+
+#: a checked header (:func:`ext_header`): the array's own dtype, its elements' dtype in
+#: the payload (the same unless packed), its shape, and where its elements start
+ExtHeader = tuple[np.dtype, np.dtype, tuple[int, ...], int]
+
+
+def ext_header(code: int, data: bytes) -> ExtHeader:
+    """Parse and check the header of a :data:`NDARRAY_EXT` or :data:`PACKED_EXT` payload
+    (anything wrong is a :class:`DecodeError`), and remember a 1-d one for the fast paths.
+
+    A header is checked before it is remembered, so the same bytes always give the same
+    answer; the payload's size must match the shape.
+    """
+    if code != NDARRAY_EXT and code != PACKED_EXT:
+        raise DecodeError(f"unknown msgpack ext type {code} (this shardstream reads types "
+                          f"{NDARRAY_EXT} and {PACKED_EXT}); upgrade shardstream to read this "
+                          "data")
+    try:
+        if data[LAYOUT_AT] != EXT_LAYOUT:
+            raise DecodeError(f"unknown {_LAYOUT_OF[code]} layout {data[LAYOUT_AT]}")
+        n = data[DTYPE_LEN_AT]
+        own = stored = _dtype(data[DTYPE_AT:DTYPE_AT + n])
+        pos = DTYPE_AT + n
+        if code == PACKED_EXT:
+            m = data[pos]
+            stored = _dtype(data[pos + 1:pos + 1 + m])
+            pos += 1 + m
+        ndim = data[pos]
+        shape_at = pos + 1  # NDARRAY_FIXED or PACKED_FIXED plus the dtype strings
+        shape = _SHAPES[ndim].unpack_from(data, shape_at)
+        if code == PACKED_EXT:
+            _check_packed(own, stored)
+        if ndim == 1:
+            if code == PACKED_EXT:
+                _remember(_fast_packed, data[:shape_at], (own, stored, stored.itemsize,
+                                                          _tag(stored, own)))
+            else:
+                _remember(_fast_1d, data[:shape_at], (own, own.itemsize))
+        data_at = shape_at + DIM.size * ndim
+    except DecodeError:
+        raise
+    except (IndexError, struct.error, ValueError, TypeError) as exc:
+        raise DecodeError(f"malformed {_WHAT[code]} ({exc})") from exc
+    if len(data) - data_at != _prod(shape) * stored.itemsize:
+        if code == PACKED_EXT:
+            raise DecodeError(f"packed array of shape {shape}, {stored} as {own}, does not "
+                              "match its data bytes")
+        raise DecodeError(f"ndarray of shape {shape} and dtype {own} does not match its data "
+                          "bytes")
+    return own, stored, shape, data_at
+
+
+# ---------------------------------------------------------------- decode
 _frombuffer = np.frombuffer
-_u64_at = _u64.unpack_from
+_dim_at = DIM.unpack_from
+_DIM_SIZE = DIM.size
 
 
 def _ext_hook(code: int, data: bytes) -> Any:
-    # the fast paths only take headers the slow path validated and cached; a short or
-    # malformed payload falls through to the slow path, which names what is wrong
+    # fast paths, inline (a call would cost more than the rest): 1-d arrays whose header,
+    # found with the same layout constants, ext_header checked and remembered; anything
+    # short, malformed or new falls through to the slow path, which names what is wrong
     try:
-        if code == PACKED_EXT and len(data) > 14:  # fast path: 1-d, known dtypes (compressed)
-            end = 4 + data[1] + data[2 + data[1]]
+        if code == PACKED_EXT:  # compressed frames
+            n = data[DTYPE_LEN_AT]
+            end = PACKED_FIXED + n + data[DTYPE_AT + n]
             hit = _fast_packed.get(data[:end])
             if hit is not None:
-                (length,) = _u64_at(data, end)
-                if end + 8 + length * hit[2] == len(data):
-                    return _frombuffer(data, hit[1], length, end + 8).astype(hit[0])
-        elif code == NDARRAY_EXT and len(data) > 11:  # fast path: 1-d arrays of a known dtype
-            n = data[1]
-            hit = _fast_1d.get(data[:3 + n])
+                (length,) = _dim_at(data, end)
+                end += _DIM_SIZE
+                if end + length * hit[2] == len(data):
+                    return _frombuffer(data, hit[1], length, end).astype(hit[0])
+        elif code == NDARRAY_EXT:
+            end = NDARRAY_FIXED + data[DTYPE_LEN_AT]
+            hit = _fast_1d.get(data[:end])
             if hit is not None:
-                (length,) = _u64_at(data, n + 3)
-                if n + 11 + length * hit[1] == len(data):  # with count: half the cost
-                    return _frombuffer(data, hit[0], length, n + 11)
+                (length,) = _dim_at(data, end)
+                end += _DIM_SIZE
+                if end + length * hit[1] == len(data):  # with count: half the cost
+                    return _frombuffer(data, hit[0], length, end)
     except (IndexError, struct.error):
         pass
     return _ext_hook_slow(code, data)
@@ -106,18 +181,18 @@ def _ext_hook_narrow(code: int, data: bytes) -> Any:
     """Like :func:`_ext_hook`, but packed arrays stay narrow (tagged dtype, no copy)."""
     if code != PACKED_EXT:
         return _ext_hook(code, data)
-    try:
-        if len(data) > 14:
-            end = 4 + data[1] + data[2 + data[1]]
-            hit = _fast_packed.get(data[:end])
-            if hit is not None:
-                (length,) = _u64_at(data, end)
-                if end + 8 + length * hit[2] == len(data):
-                    return _frombuffer(data, hit[3], length, end + 8)
+    try:  # the packed fast path of _ext_hook, without the cast
+        n = data[DTYPE_LEN_AT]
+        end = PACKED_FIXED + n + data[DTYPE_AT + n]
+        hit = _fast_packed.get(data[:end])
+        if hit is not None:
+            (length,) = _dim_at(data, end)
+            end += _DIM_SIZE
+            if end + length * hit[2] == len(data):
+                return _frombuffer(data, hit[3], length, end)
     except (IndexError, struct.error):
         pass
-    arr, own = _unpack_packed(data)
-    return arr.view(_tag(arr.dtype, own))
+    return _ext_hook_slow(code, data, narrow=True)
 
 
 def widen(obj: Any) -> Any:
@@ -143,45 +218,17 @@ def widen(obj: Any) -> Any:
 _WALK = frozenset((np.ndarray, dict, list))
 
 
-def _ext_hook_slow(code: int, data: bytes) -> Any:
-    if code == PACKED_EXT:
-        return _unpack_narrowed(data)
-    if code != NDARRAY_EXT:
-        raise DecodeError(f"unknown msgpack ext type {code} (this shardstream reads types "
-                          f"{NDARRAY_EXT} and {PACKED_EXT}); upgrade shardstream to read this "
-                          "data")
+def _ext_hook_slow(code: int, data: bytes, narrow: bool = False) -> Any:
+    """Any array ext payload, checked by :func:`ext_header`; a packed one is widened back
+    to its own dtype (a writable copy) unless ``narrow`` (then: tagged, no copy)."""
+    own, stored, shape, data_at = ext_header(code, data)
     try:
-        if data[0] != EXT_LAYOUT:
-            raise DecodeError(f"unknown ndarray layout {data[0]}")
-        n = data[1]
-        dt = _dtype(data[2:2 + n])
-        pos = 3 + n
-        ndim = data[pos - 1]
-        if ndim == 1:
-            (length,) = _u64.unpack_from(data, pos)
-            _remember(_fast_1d, data[:pos], (dt, dt.itemsize))  # layout and dtype checked
-            arr = np.frombuffer(data, dtype=dt, offset=pos + 8)
-            if len(arr) == length:
-                return arr
-            shape: tuple[int, ...] = (length,)
-        else:
-            shape = struct.unpack_from(f"<{ndim}Q", data, pos)
-            pos += 8 * ndim
-            if len(data) - pos == _count(shape) * dt.itemsize:
-                return np.frombuffer(data, dtype=dt, offset=pos).reshape(shape)
-    except DecodeError:
-        raise
-    except (IndexError, struct.error, ValueError) as exc:
-        raise DecodeError(f"malformed ndarray ({exc})") from exc
-    raise DecodeError(f"ndarray of shape {shape} and dtype {dt} does not match its data bytes")
-
-
-def _count(shape: tuple[int, ...]) -> int:
-    """Elements in an array of ``shape`` (a Python int: never wraps)."""
-    count = 1
-    for d in shape:
-        count *= d
-    return count
+        arr = np.frombuffer(data, stored, _prod(shape), data_at).reshape(shape)
+    except ValueError as exc:  # more dimensions, or larger ones, than numpy takes
+        raise DecodeError(f"malformed {_WHAT[code]} ({exc})") from exc
+    if code == NDARRAY_EXT:
+        return arr
+    return arr.view(_tag(stored, own)) if narrow else arr.astype(own)
 
 
 def _remember(cache: dict, key: Any, value: Any) -> None:
@@ -194,47 +241,8 @@ def _remember(cache: dict, key: Any, value: Any) -> None:
 _CACHE_LIMIT = 4096
 
 
-def _unpack_narrowed(data: bytes) -> np.ndarray:
-    """A :data:`PACKED_EXT` payload widened back to its own dtype (a writable copy)."""
-    arr, own = _unpack_packed(data)
-    return arr.astype(own)
-
-
 #: the dtypes a packed array may be stored in (what the writer narrows to)
 _STORED = frozenset(nt.str for nt, _, _ in NARROW_TYPES)
-
-
-def _unpack_packed(data: bytes) -> tuple[np.ndarray, np.dtype]:
-    """A :data:`PACKED_EXT` payload as (read-only array of the stored dtype, own dtype).
-
-    The header is checked before it is cached for the fast path, so the same bytes
-    always give the same answer.
-    """
-    try:
-        if data[0] != EXT_LAYOUT:
-            raise DecodeError(f"unknown packed-array layout {data[0]}")
-        n = data[1]
-        own = _dtype(data[2:2 + n])
-        pos = 2 + n
-        m = data[pos]
-        stored = _dtype(data[pos + 1:pos + 1 + m])
-        pos += 1 + m
-        ndim = data[pos]
-        shape = struct.unpack_from(f"<{ndim}Q", data, pos + 1)
-        _check_packed(own, stored)
-        if ndim == 1:
-            _remember(_fast_packed, data[:pos + 1], (own, stored, stored.itemsize,
-                                                     _tag(stored, own)))
-        pos += 1 + 8 * ndim
-        count = _count(shape)
-        if len(data) - pos != count * stored.itemsize:
-            raise DecodeError(f"packed array of shape {shape}, {stored} as {own}, does not "
-                              "match its data bytes")
-        return np.frombuffer(data, stored, count, pos).reshape(shape), own
-    except DecodeError:
-        raise
-    except (IndexError, struct.error, ValueError, TypeError) as exc:
-        raise DecodeError(f"malformed packed array ({exc})") from exc
 
 
 def _check_packed(own: np.dtype, stored: np.dtype) -> None:

@@ -55,20 +55,22 @@ class ShardLoader:
     def _sync(self) -> None:
         """Take the stream's position as the start of the next pass (nothing delivered)."""
         ds = self.dataset
-        self._epoch, self._start = ds._position()
+        self._epoch, self._start = ds.position
         if not ds.exact:
             self._start = 0
         self._units = 0
-        self._moves_at = ds._moves
+        self._moves_at = ds.moves
+
+    _fetch_started = False  # start_fetch() runs once, before the first pass's workers
 
     def _complete(self) -> bool:
         """A pass was fully delivered and nobody moved the stream since."""
-        return self._ended_at is not None and self._ended_at == self.dataset._moves
+        return self._ended_at is not None and self._ended_at == self.dataset.moves
 
     def _settle(self) -> None:
         """After a complete pass the stream moves on to the next epoch, from its start."""
         if self._complete():
-            self.dataset._seek(self._epoch + 1, 0)
+            self.dataset.seek(self._epoch + 1, 0)
         self._ended_at = None
 
     def _pass_units(self) -> int | None:
@@ -105,7 +107,7 @@ class ShardLoader:
     def set_epoch(self, epoch: int) -> None:
         """Read ``epoch`` next (after a complete pass: from its start)."""
         if self._complete():
-            self.dataset._seek(epoch, 0)  # the pass used up any resume point
+            self.dataset.seek(epoch, 0)  # the pass used up any resume point
         else:
             self.dataset.set_epoch(epoch)
         self._ended_at = None
@@ -117,6 +119,9 @@ class ShardLoader:
         ``shardstream.pytorch.wire.to_wire``): the tensors view a worker's slot,
         which goes back to the worker once nothing refers to the batch any more
         (pinning copies, so the slot is free at once)."""
+        if not self._fetch_started:  # the first shards download while the workers start
+            self._fetch_started = True
+            self.dataset.start_fetch()
         if self.dataloader.num_workers == 0:
             yield from self.dataloader
             return
@@ -161,8 +166,8 @@ class ShardLoader:
         After ``k`` batches of a pass: that epoch, ``k`` batches on; after its last
         batch: the next epoch, nothing consumed."""
         ds = self.dataset
-        if ds._moves != self._moves_at and not self._complete():  # moved since: read there
-            epoch, start = ds._position()
+        if ds.moves != self._moves_at and not self._complete():  # moved since: read there
+            epoch, start = ds.position
             return ds.state_for(epoch, start, 0)
         return ds.state_for(self._epoch, self._start, self._units)
 
@@ -196,7 +201,7 @@ def loader(dataset: ShardStream, *, num_workers: int = 2, pin_memory: bool | Non
     kwargs: dict[str, Any] = dict(batch_size=None, num_workers=num_workers,
                                   pin_memory=pin_memory and num_workers == 0, **dataloader_kwargs)
     if num_workers > 0:
-        dataset._wire = True
+        dataset.wire = True
         kwargs.setdefault("collate_fn", _identity)
         kwargs.update(persistent_workers=persistent_workers, prefetch_factor=prefetch_factor,
                       worker_init_fn=dataloader_kwargs.get("worker_init_fn", _worker_init),

@@ -117,7 +117,7 @@ class CompressedShard:
         ends[:-1] = starts[1:]
         ends[np.append(firsts[1:], n) - 1] = index.raw_block_size
         self.block_of, self.rel_start, self.rel_end = (
-            _ints(a) for a in (index._block_of(), starts, ends))
+            _ints(a) for a in (index.block_of(), starts, ends))
         self.cache: OrderedDict[int, bytes] = OrderedDict()
 
     def sample_bytes(self, j: int) -> memoryview:

@@ -35,7 +35,8 @@ from typing import Any, Callable, Sequence
 
 import numpy as np
 
-from shardstream.read.blocks import BlockReader, shard_refs
+from shardstream.read.blocks import BlockReader
+from shardstream.read.shards import shard_refs
 from shardstream.read.dataset import Dataset
 from shardstream.read.order import EpochOrder, rng_for
 from shardstream.read.sources import open_source
@@ -341,8 +342,9 @@ class MixtureReader:
     def _firsts(self, offset: int) -> Callable[[int], np.ndarray]:
         return lambda s: self.reader.block_firsts(offset + s)
 
-    def read(self, positions: np.ndarray) -> list[Any]:
-        """Decoded samples at ``positions`` of G (``None`` where skipped after errors)."""
+    def read(self, positions: np.ndarray, narrow: bool = False) -> list[Any]:
+        """Decoded samples at ``positions`` of G (``None`` where skipped after errors);
+        ``narrow``: packed arrays stay narrow (see :mod:`shardstream.format.codec`)."""
         src, ordinal = self.mix.locate(positions)
         n = len(src)
         shards = np.empty(n, dtype=np.int64)
@@ -352,7 +354,7 @@ class MixtureReader:
             sh, local[sel] = self.orders[i].locate(self.epoch, ordinal[sel])
             shards[sel] = sh + self.offsets[i]
         idx = np.argsort((shards << 40) | local, kind="stable")
-        got = self.reader.read(shards[idx], local[idx])
+        got = self.reader.read(shards[idx], local[idx], narrow=narrow)
         out: list[Any] = [None] * n
         for k, sample in zip(idx.tolist(), got):
             out[k] = sample

@@ -20,6 +20,17 @@ __all__ = ["Layout", "EpochOrder", "rng_for", "SHARD_TAG", "BLOCK_TAG", "WINDOW_
 
 SHARD_TAG, BLOCK_TAG, WINDOW_TAG, BUFFER_TAG, RESAMPLE_TAG = 1, 2, 3, 4, 5
 
+# Bounds, in entries, of EpochOrder's two caches; a full cache is emptied before the
+# next entry goes in. Entries are rebuilt on demand, so a bound trades memory for
+# rebuilding and never changes a result. A reader walks G forward a batch (or a chunk
+# of samples) at a time, so it needs the one or two windows it is in, and the shards
+# those windows reach into.
+# Window permutations: ``window`` int64 each (64 KiB at shuffle_buffer=8192).
+_WINDOW_CACHE = 8
+# Block-shuffled shard orders: one int64 per sample of the shard; a window over many
+# small shards reaches dozens of them at once.
+_SHARD_ORDER_CACHE = 64
+
 
 def rng_for(*parts: int) -> np.random.Generator:
     """A generator seeded by a tuple of non-negative ints (seed, epoch, tag, ...)."""
@@ -90,6 +101,7 @@ class EpochOrder:
 
     ``counts``: samples per shard in manifest order; ``block_firsts(shard)``
     returns that shard's ``block_first`` array (only needed with block shuffle).
+    Positions may come in any order and are taken modulo N (pad positions wrap).
     """
 
     def __init__(self, counts: Sequence[int], *, seed: int, epoch: int, shuffle: bool,
@@ -102,19 +114,48 @@ class EpochOrder:
         n = len(self.counts)
         self.order = rng_for(seed, epoch, SHARD_TAG).permutation(n) if shuffle else np.arange(n)
         self.cum = np.concatenate([[0], np.cumsum(self.counts[self.order])])
+        # indexed by k = searchsorted(cum, i, "right"), 1 + the place in ``order`` of the
+        # shard holding S index i: that shard, and its first S index
+        self._shard_after = np.concatenate([[-1], self.order])
+        self._first_after = np.concatenate([[-1], self.cum[:-1]])
         self._block_firsts = block_firsts
         self._shard_orders: dict[int, np.ndarray] = {}
         self._windows: dict[int, np.ndarray] = {}
 
     def _window_perm(self, w: int) -> np.ndarray:
+        """The permutation of window ``w`` (the last window may be short)."""
         perm = self._windows.get(w)
         if perm is None:
             size = min(self.window, self.num_samples - w * self.window)
             perm = rng_for(self.seed, self.epoch, WINDOW_TAG, w).permutation(size)
-            if len(self._windows) > 8:
+            if len(self._windows) >= _WINDOW_CACHE:
                 self._windows.clear()
             self._windows[w] = perm
         return perm
+
+    def _sequence_index(self, positions: np.ndarray) -> np.ndarray:
+        """For positions of G, the indexes into S, the epoch's shards end to end in
+        their order, of the samples they read: each window of ``window`` positions (of
+        G modulo N) reads the S indexes of its own positions, permuted."""
+        y = positions % self.num_samples
+        win = self.window
+        if win <= 1 or len(y) == 0:
+            return y
+        if y.dtype != np.int64:
+            y = y.astype(np.int64)
+        w0 = int(y[0]) // win
+        lo, perm = w0 * win, self._window_perm(w0)
+        # the usual batch lies in one window: its ends do, then all its offsets are in
+        # [0, len(perm)) (as unsigned, a negative one is huge); positions come in any order
+        if lo <= int(y[-1]) < lo + len(perm):
+            d = y - lo
+            if int(d.view(np.uint64).max()) < len(perm):
+                return lo + perm[d]
+        w = y // win
+        for wi in np.unique(w).tolist():
+            sel = w == wi
+            y[sel] = wi * win + self._window_perm(wi)[y[sel] - wi * win]
+        return y
 
     def _shard_order(self, shard: int) -> np.ndarray:
         """Shard-local sample ordinals in block-shuffled order."""
@@ -127,21 +168,15 @@ class EpochOrder:
             starts = np.repeat(firsts[perm], sizes[perm])
             within = np.arange(n) - np.repeat(np.cumsum(sizes[perm]) - sizes[perm], sizes[perm])
             order = starts + within
-            if len(self._shard_orders) > 64:
+            if len(self._shard_orders) >= _SHARD_ORDER_CACHE:
                 self._shard_orders.clear()
             self._shard_orders[shard] = order
         return order
 
     def shards_at(self, positions: np.ndarray) -> np.ndarray:
         """Shard ids of the samples at ``positions`` (no block shuffle, no index needed)."""
-        y = positions % self.num_samples
-        if self.window > 1:
-            w = y // self.window
-            y = y.copy()
-            for wi in np.unique(w).tolist():
-                sel = w == wi
-                y[sel] = wi * self.window + self._window_perm(wi)[y[sel] - wi * self.window]
-        return self.order[np.searchsorted(self.cum, y, side="right") - 1]
+        return self._shard_after[np.searchsorted(self.cum, self._sequence_index(positions),
+                                                 side="right")]
 
     def first_use(self, positions: Iterable[np.ndarray]) -> Iterator[int]:
         """Shard ids in the order the batches of ``positions`` first touch them."""
@@ -156,21 +191,12 @@ class EpochOrder:
 
     def locate(self, positions: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
         """(shard ids, shard-local ordinals) of the samples at ``positions`` of G."""
-        y = positions % self.num_samples
-        if self.window > 1:
-            w = y // self.window
-            if w[0] == w[-1]:
-                y = w[0] * self.window + self._window_perm(int(w[0]))[y - w[0] * self.window]
-            else:
-                y = y.copy()
-                for wi in np.unique(w):
-                    sel = w == wi
-                    y[sel] = wi * self.window + self._window_perm(int(wi))[y[sel] - wi * self.window]
-        k = np.searchsorted(self.cum, y, side="right") - 1
-        shards = self.order[k]
-        local = y - self.cum[k]
+        y = self._sequence_index(positions)
+        k = np.searchsorted(self.cum, y, side="right")
+        shards = self._shard_after[k]
+        local = y - self._first_after[k]
         if self.block_shuffle:
-            for s in np.unique(shards):
+            for s in np.unique(shards).tolist():
                 sel = shards == s
-                local[sel] = self._shard_order(int(s))[local[sel]]
+                local[sel] = self._shard_order(s)[local[sel]]
         return shards, local

@@ -31,7 +31,8 @@ from shardstream.errors import CorruptShardError, ShardNotFoundError, StorageErr
 from shardstream.format.index import INDEX_SUFFIX
 from shardstream.format.members import decode_member
 from shardstream.format.webdataset import index_from_bytes
-from shardstream.read.blocks import BlockReader, ShardRef
+from shardstream.read.blocks import BlockReader
+from shardstream.read.shards import ShardRef
 from shardstream.read.order import rng_for
 from shardstream.storage import streams, urls as storage_urls
 from shardstream.storage.cache import Prefetcher, RemoteCache

@@ -73,7 +73,7 @@ STREAM_BLOCK_BYTES = 64 << 10
 class ForeignBlocks:
     """A webdataset tar as :class:`~shardstream.read.blocks.BlockReader` reads it.
 
-    Set as ``ShardRef.codec`` by :func:`set_stream_index`, which cuts the tar into
+    Set as ``OpenShard.codec`` by :func:`set_stream_index`, which cuts the tar into
     *blocks*: runs of consecutive samples spanning about
     :data:`STREAM_BLOCK_BYTES` (tar headers between members included). The reader
     reads, caches and block-shuffles them as it does a shardstream shard's blocks;
@@ -121,7 +121,7 @@ class ForeignBlocks:
 
 
 def set_stream_index(ref: Any, index: ForeignIndex, size: int, verify: bool = True) -> None:
-    """Fill a :class:`~shardstream.read.blocks.ShardRef`'s block arrays from a webdataset
+    """Fill a :class:`~shardstream.read.shards.OpenShard`'s block arrays from a webdataset
     tar's index (``size``: the tar's bytes now); see :class:`ForeignBlocks`.
     ``verify``: check member checksums of every block read from disk."""
     if size > index.shard_bytes:

@@ -43,7 +43,7 @@ from concurrent.futures import Future
 from typing import Any, Callable, Hashable, Iterable, Sequence
 
 from shardstream.errors import ManifestError, ShardNotFoundError, StorageError
-from shardstream.storage import download, io, locks, urls
+from shardstream.storage import download, files, io, locks, urls
 from shardstream.storage.retry import DEFAULT_RETRY, RetryPolicy
 
 __all__ = ["RemoteCache", "Prefetcher", "default_cache_dir", "DEFAULT_CACHE_LIMIT"]
@@ -223,17 +223,11 @@ class RemoteCache:
         return os.path.join(self.cache_dir, "." + os.path.basename(path) + ".lock")
 
     def _store(self, path: str, data: bytes) -> None:
+        """Keep an index on disk, best effort: no fsync (a lost copy is fetched again),
+        a ``.part-`` temp file (swept by eviction if abandoned), mode 0600 like shards."""
         os.makedirs(self.cache_dir, exist_ok=True)
-        fd, tmp = tempfile.mkstemp(prefix=".part-", dir=self.cache_dir)
-        try:
-            with os.fdopen(fd, "wb") as f:
-                f.write(data)
-            os.replace(tmp, path)
-        except OSError:
-            try:
-                os.unlink(tmp)
-            except OSError:
-                pass
+        with contextlib.suppress(OSError):
+            files.atomic_write(path, data, fsync=False, temp_prefix=".part-", mode=0o600)
 
     # -- shards -----------------------------------------------------------------
     def shard_path(self, url: str, *, size: int | None = None, sha256: str | None = None,

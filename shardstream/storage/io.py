@@ -36,6 +36,7 @@ from shardstream.format.manifest import MANIFEST_NAME, Manifest
 from shardstream.storage import urls
 from shardstream.storage.backends import (BoundedHTTP, StorageOptions, get_fs, read_fs,
                                           server_size)
+from shardstream.storage.files import atomic_write, storage_error
 from shardstream.storage.retry import DEFAULT_RETRY, RetryPolicy, classify
 from shardstream.storage.s3 import S3Reader, too_long
 from shardstream.storage.urls import is_remote, local_path
@@ -65,8 +66,7 @@ def load_manifest(directory: str, storage_options: dict[str, Any] | None = None)
         raise ManifestError(f"{path} does not exist: {directory} is not a (finished) "
                             "shardstream dataset") from None
     except OSError as exc:
-        raise StorageError(f"cannot read {path}: {exc.strerror or exc}",
-                           errno=exc.errno) from exc
+        raise storage_error("read", path, exc) from exc
     if len(data) > MANIFEST_LIMIT:
         raise ManifestError(f"{path}: larger than {MANIFEST_LIMIT >> 20} MiB, more than "
                             "any manifest shardstream writes; the file is damaged or not a "
@@ -87,20 +87,17 @@ def _fail(url: str, action: str) -> Callable[[BaseException, int], Exception]:
         kind = classify(exc)
         last = f"{type(exc).__name__}: {exc}".rstrip(": ")
         if kind == "missing":
-            err: Exception = ShardNotFoundError(f"{url} does not exist ({last})")
-        elif kind == "auth":
-            err = StorageError(
-                f"cannot {action} {url}: access denied ({last}); not retried. Check the "
-                "credentials (AWS_ACCESS_KEY_ID / AWS_PROFILE / ~/.aws, "
-                "GOOGLE_APPLICATION_CREDENTIALS, or storage_options) and the bucket's "
-                "permissions")
+            return ShardNotFoundError(f"{url} does not exist ({last})")
+        if kind == "auth":
+            message = (f"cannot {action} {url}: access denied ({last}); not retried. Check "
+                       "the credentials (AWS_ACCESS_KEY_ID / AWS_PROFILE / ~/.aws, "
+                       "GOOGLE_APPLICATION_CREDENTIALS, or storage_options) and the bucket's "
+                       "permissions")
         elif kind == "transient":
-            err = StorageError(f"cannot {action} {url}: gave up after {tries} tries; "
-                               f"last error: {last}")
+            message = f"cannot {action} {url}: gave up after {tries} tries; last error: {last}"
         else:
-            err = StorageError(f"cannot {action} {url}: {last}")
-        err.url, err.kind, err.tries = url, kind, tries  # type: ignore[attr-defined]
-        return err
+            message = f"cannot {action} {url}: {last}"
+        return StorageError(message, url=url, kind=kind, tries=tries)
     return describe
 
 
@@ -234,8 +231,6 @@ def put_bytes(data: bytes, url: str, *, storage_options: StorageOptions = None,
               retry: RetryPolicy = DEFAULT_RETRY) -> None:
     """Write ``data`` as one object (a single PUT: atomic on object stores)."""
     if not is_remote(url):
-        from shardstream.storage.files import atomic_write
-
         path = local_path(url)
         os.makedirs(os.path.dirname(path) or ".", exist_ok=True)
         atomic_write(path, data)

@@ -16,6 +16,7 @@ import time
 from typing import Any, Iterator
 
 from shardstream.errors import StorageError
+from shardstream.storage.files import storage_error
 from shardstream.storage.urls import inside
 
 __all__ = ["hold", "CacheHold", "entry_path", "evict", "locked", "open_shared", "os_error"]
@@ -23,8 +24,7 @@ __all__ = ["hold", "CacheHold", "entry_path", "evict", "locked", "open_shared", 
 
 # ---------------------------------------------------------------- local cache
 def os_error(action: str, path: str, exc: OSError, fix: str = "check cache_dir") -> StorageError:
-    return StorageError(f"cannot {action} {path}: {exc.strerror or exc}; {fix}",
-                        errno=exc.errno)
+    return storage_error(action, path, exc, fix)
 
 
 @contextlib.contextmanager

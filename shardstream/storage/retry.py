@@ -22,6 +22,8 @@ import time
 from dataclasses import dataclass
 from typing import Callable, Iterator, TypeVar
 
+from shardstream.errors import StorageError
+
 __all__ = ["RetryPolicy", "DEFAULT_RETRY", "NO_RETRY", "classify", "http_status"]
 
 
@@ -62,8 +64,11 @@ def _chain(exc: BaseException) -> Iterator[BaseException]:
 
 
 def http_status(exc: BaseException) -> int | None:
-    """The HTTP status behind ``exc`` (botocore, aiohttp, requests, gcsfs), if any."""
+    """The HTTP status behind ``exc`` (shardstream's S3 reader, botocore, aiohttp,
+    requests, gcsfs), if any."""
     for e in _chain(exc):
+        if isinstance(e, StorageError) and e.status is not None:
+            return e.status
         response = getattr(e, "response", None)
         if isinstance(response, dict):  # botocore ClientError
             status = response.get("ResponseMetadata", {}).get("HTTPStatusCode")
@@ -80,6 +85,8 @@ def http_status(exc: BaseException) -> int | None:
 
 
 def _error_code(e: BaseException) -> str | None:
+    if isinstance(e, StorageError):  # shardstream's own S3 reader (storage.s3)
+        return e.code
     response = getattr(e, "response", None)
     if isinstance(response, dict):
         return response.get("Error", {}).get("Code")

@@ -326,16 +326,15 @@ def _split(path: str) -> tuple[str, str]:
 
 
 def _http_error(method: str, url: str, status: int, body: bytes) -> StorageError:
-    """A StorageError shaped like botocore's ClientError, for retry.classify."""
+    """A StorageError carrying the HTTP ``status`` and S3 error ``code`` (retry.classify
+    reads them)."""
     text = body[:4096].decode("utf-8", "replace")
     m = re.search(r"<Code>([^<]*)</Code>", text)
     code = m.group(1) if m else ""
     m = re.search(r"<Message>([^<]*)</Message>", text)
     message = m.group(1) if m else http.client.responses.get(status, "")
-    err = StorageError(f"{method} {url}: HTTP {status} {code}: {message}".replace(" : ", ": "))
-    err.response = {"Error": {"Code": code, "Message": message},  # type: ignore[attr-defined]
-                    "ResponseMetadata": {"HTTPStatusCode": status}}
-    return err
+    return StorageError(f"{method} {url}: HTTP {status} {code}: {message}".replace(" : ", ": "),
+                        url=url, status=status, code=code or None)
 
 
 # ---------------------------------------------------------------- configuration

@@ -11,8 +11,9 @@ import subprocess
 from concurrent.futures import Future, ThreadPoolExecutor
 from typing import Any, BinaryIO
 
-from shardstream.errors import ShardNotFoundError, StorageError
+from shardstream.errors import StorageError
 from shardstream.storage.backends import StorageOptions, read_fs
+from shardstream.storage.files import local_errors
 from shardstream.storage.io import DEFAULT_CHUNK_SIZE, fetch_range, raw_size
 from shardstream.storage.retry import DEFAULT_RETRY, RetryPolicy
 from shardstream.storage.urls import is_pipe, is_remote, local_path
@@ -159,13 +160,13 @@ def open_stream(url: str, *, start: int = 0, end: int | None = None, size: int |
         return _PipeStream(url)  # type: ignore[return-value]
     if not is_remote(url) and end is None:
         path = local_path(url)
-        try:
+        with local_errors(path, missing=f"{path} does not exist"):
             f = open(path, "rb")
-            f.seek(start)
-        except FileNotFoundError as exc:
-            raise ShardNotFoundError(f"{path} does not exist") from exc
-        except OSError as exc:
-            raise StorageError(f"cannot read {path}: {exc.strerror or exc}") from exc
+            try:
+                f.seek(start)
+            except BaseException:
+                f.close()
+                raise
         return f
     fs, path = read_fs(url, storage_options, timeout=retry.timeout)
     if end is None and size is not None:

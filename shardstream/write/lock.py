@@ -13,12 +13,9 @@ from typing import Callable
 
 from shardstream.errors import DatasetLockedError, StorageError
 from shardstream.format.manifest import LOCK_NAME
+from shardstream.storage.files import storage_error  # re-exported: the writers use it
 
 __all__ = ["DatasetLock", "storage_error"]
-
-
-def storage_error(action: str, path: str, exc: OSError) -> StorageError:
-    return StorageError(f"cannot {action} {path}: {exc.strerror or exc}", errno=exc.errno)
 
 
 # ---------------------------------------------------------------- the writers' lock

@@ -15,22 +15,19 @@ import warnings
 import numpy as np
 
 from shardstream import __version__
-from shardstream.errors import (DatasetExistsError, InputError, ManifestError,
-                                ShardNotFoundError, StorageError)
+from shardstream.errors import DatasetExistsError, InputError, ManifestError, ShardNotFoundError
 from shardstream.format.compression import Compression
 from shardstream.format.index import INDEX_SUFFIX
 from shardstream.format.manifest import MANIFEST_NAME, Manifest, ShardInfo
 from shardstream.format.members import DECODERS, decode_msgpack, decode_npy, decode_npz
 from shardstream.format.webdataset import (LAYOUT_SHARDSTREAM, LAYOUT_WEBDATASET,
                                            detect_layout, manifest_layout)
-from shardstream.storage.files import atomic_write
+from shardstream.storage import urls
+from shardstream.storage.files import atomic_write, storage_error
 from shardstream.storage.io import load_manifest
 from shardstream.write.scan import scan_block_tar, scan_foreign_tar
 
 __all__ = ["build_index"]
-
-
-_REMOTE = ("s3://", "gs://", "http://", "https://")
 
 
 # ---------------------------------------------------------------- build_index
@@ -41,9 +38,9 @@ def _expand(shards: list[str]) -> tuple[list[str], str | None]:
     home = None
     for arg in shards:
         arg = os.fspath(arg)
-        if arg.startswith(_REMOTE):
-            raise NotImplementedError(f"{arg}: indexing object storage comes with the storage "
-                                      "module; download the shards and index them locally")
+        if urls.is_remote(arg):
+            raise NotImplementedError(f"{arg}: shardstream index works on local files only; "
+                                      "download the shards and index them locally")
         if os.path.isdir(arg):
             home = arg
             if os.path.exists(os.path.join(arg, MANIFEST_NAME)):
@@ -106,7 +103,7 @@ def _write(path: str, data: bytes) -> None:
     try:
         atomic_write(path, data)
     except OSError as exc:
-        raise StorageError(f"cannot write {path}: {exc.strerror or exc}") from exc
+        raise storage_error("write", path, exc) from exc
 
 
 def _info(shard: str, out: str, index_path: str, idx_bytes: bytes, num_samples: int,
@@ -197,9 +194,5 @@ def _rebuild_own(paths: list[str], out: str, overwrite: bool) -> Manifest:
         manifest = Manifest(shards=shards, schema=old.schema, key_field=old.key_field,
                             block_bytes=old.block_bytes, created_by=old.created_by,
                             compression=old.compression)
-    try:
-        atomic_write(os.path.join(out, MANIFEST_NAME), manifest.to_json().encode())
-    except OSError as exc:
-        raise StorageError(f"cannot write {os.path.join(out, MANIFEST_NAME)}: "
-                           f"{exc.strerror or exc}") from exc
+    _write(os.path.join(out, MANIFEST_NAME), manifest.to_json().encode())
     return manifest

@@ -1,0 +1,63 @@
+"""The state a stream shares with its DataLoader workers: epoch, resume point, skips.
+
+One small shared-memory array created with the stream, so ``set_epoch`` and
+``load_state_dict`` called in the main process reach the workers -- persistent
+ones included -- at their next ``iter()``, and the workers' skip counts reach the
+main process.
+"""
+
+from __future__ import annotations
+
+import multiprocessing as mp
+from multiprocessing.context import get_spawning_popen
+from typing import Any
+
+from torch.utils.data import get_worker_info
+
+__all__ = ["SharedState", "MAX_WORKERS"]
+
+#: DataLoader workers with their own skip counter (more share the last one)
+MAX_WORKERS = 256
+_EPOCH, _START, _SKIP0 = 0, 1, 2  # slots of the array; skips: _SKIP0 + worker + 1
+
+
+class SharedState:
+    """(epoch, G offset to start from, samples skipped per process) in shared memory."""
+
+    def __init__(self) -> None:
+        self._array = mp.RawArray("q", _SKIP0 + MAX_WORKERS + 1)
+
+    def __getstate__(self) -> dict[str, Any]:
+        """Plain pickling/deepcopy gets a private copy; starting a worker process
+        (spawn) keeps the shared memory itself."""
+        if get_spawning_popen() is None:
+            return {"values": list(self._array)}
+        return {"array": self._array}
+
+    def __setstate__(self, state: dict[str, Any]) -> None:
+        if "array" in state:
+            self._array = state["array"]
+        else:
+            self._array = mp.RawArray("q", len(state["values"]))
+            self._array[:] = state["values"]
+
+    @property
+    def epoch(self) -> int:
+        return int(self._array[_EPOCH])
+
+    @property
+    def start(self) -> int:
+        return int(self._array[_START])
+
+    def set(self, epoch: int, start: int) -> None:
+        self._array[_EPOCH], self._array[_START] = epoch, start
+
+    @property
+    def skipped(self) -> int:
+        return int(sum(self._array[_SKIP0:]))
+
+    def count_skip(self, n: int) -> None:
+        """Add ``n`` skipped samples to this process's counter."""
+        info = get_worker_info()
+        slot = _SKIP0 + (info.id + 1 if info is not None else 0)
+        self._array[min(slot, len(self._array) - 1)] += n

@@ -1,0 +1,287 @@
+"""The three reading modes behind one interface: one dataset, a mixture, a shard list.
+
+A stream holds one mode, chosen from its source by :func:`open_mode`. The *exact*
+modes (:class:`DatasetMode`, :class:`MixtureMode`) know their sample count up front
+and open an :class:`EpochReader` that reads any positions of one epoch's global
+sequence G; the stream's :class:`~shardstream.read.order.Layout` decides which
+positions each rank and worker reads. :class:`ShardListMode` (no manifest) streams
+each worker's shards in turn: no exact epochs, no resume inside an epoch.
+"""
+
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass
+from typing import Any, Callable, Iterable, Iterator, Protocol, Sequence
+
+import numpy as np
+
+from shardstream.errors import CorruptShardError
+from shardstream.format.codec import widen
+from shardstream.read import shardlist
+from shardstream.read.blocks import BlockReader
+from shardstream.read.dataset import Dataset
+from shardstream.read.mixture import Mixture, MixtureReader, Source
+from shardstream.read.order import EpochOrder
+from shardstream.read.shards import shard_refs
+from shardstream.read.sources import resolve
+from shardstream.read.world import World
+from shardstream.storage.cache import RemoteCache
+from shardstream.storage.urls import is_remote
+
+__all__ = ["ReadOptions", "EpochReader", "DatasetMode", "MixtureMode", "ShardListMode",
+           "open_mode", "pad_skipped"]
+
+OnSkip = Callable[[int], None]
+
+
+@dataclass(frozen=True)
+class ReadOptions:
+    """How a stream reads, whatever its mode (see ShardStream for each option)."""
+
+    seed: int = 0
+    shuffle: bool = False
+    shuffle_buffer: int = 8192
+    block_shuffle: bool = True
+    on_error: str = "raise"
+    cache_bytes: int = 64 << 20
+    verify_blocks: bool = True
+    prefetch_shards: int = 2
+    source_field: str | None = None
+
+    @property
+    def window(self) -> int:
+        """Positions permuted together: the shuffle buffer when shuffling, else 1."""
+        return self.shuffle_buffer if self.shuffle else 1
+
+
+class EpochReader(Protocol):
+    """Reads positions of one epoch's G (None where a sample was skipped)."""
+
+    def read(self, positions: np.ndarray, narrow: bool = False) -> list[Any]: ...
+
+    def close(self) -> None: ...
+
+
+class _OrderReader:
+    """Reads positions of one epoch's G of a single dataset."""
+
+    def __init__(self, order: EpochOrder, reader: BlockReader) -> None:
+        self.order, self.reader = order, reader
+
+    def read(self, positions: np.ndarray, narrow: bool = False) -> list[Any]:
+        return self.reader.read(*self.order.locate(positions), narrow=narrow)
+
+    def close(self) -> None:
+        self.reader.close()
+
+
+class DatasetMode:
+    """One dataset with a manifest (local or remote): exact epochs."""
+
+    exact = True
+
+    def __init__(self, dataset: Dataset) -> None:
+        self.dataset = dataset
+        self.remote = is_remote(dataset.root)
+        comp = dataset.manifest.compression
+        #: packed arrays may stay narrow until collation (compressed, framed: format v3+)
+        self.narrow = comp is not None and comp.framed
+
+    @property
+    def num_samples(self) -> int:
+        return self.dataset.manifest.num_samples
+
+    @property
+    def name(self) -> str:
+        return str(self.dataset.root)
+
+    def fingerprint(self) -> dict[str, Any]:
+        return {}
+
+    def _counts(self) -> list[int]:
+        return [s.num_samples for s in self.dataset.manifest.shards]
+
+    def reader(self, epoch: int, opts: ReadOptions, *, remote: RemoteCache | None,
+               on_skip: OnSkip | None) -> _OrderReader:
+        # in order, a worker never comes back to a block: a big cache only churns memory
+        # (~15 % of a worker's time on tokens); shuffled windows need it
+        cache = opts.cache_bytes if opts.shuffle else min(opts.cache_bytes, 4 << 20)
+        reader = BlockReader(shard_refs(self.dataset), on_error=opts.on_error,
+                             cache_bytes=cache, on_skip=on_skip, remote=remote,
+                             verify_blocks=opts.verify_blocks)
+        order = EpochOrder(self._counts(), seed=opts.seed, epoch=epoch, shuffle=opts.shuffle,
+                           block_shuffle=opts.block_shuffle, window=opts.window,
+                           block_firsts=reader.block_firsts)
+        return _OrderReader(order, reader)
+
+    def prefetch(self, reader: EpochReader, epoch: int, opts: ReadOptions,
+                 positions: Iterable[np.ndarray]) -> None:
+        """Download the shards of ``positions`` ahead, in the order they first touch them."""
+        if not self.remote or opts.prefetch_shards <= 0 or not isinstance(reader, _OrderReader):
+            return
+        # a private order: the prefetch thread must not share the reader's caches
+        order = EpochOrder(self._counts(), seed=opts.seed, epoch=epoch, shuffle=opts.shuffle,
+                           block_shuffle=False, window=opts.window)
+        reader.reader.prefetch(order.first_use(positions), depth=opts.prefetch_shards)
+
+    def start_fetch(self, epoch: int, opts: ReadOptions, remote: RemoteCache,
+                    positions: np.ndarray) -> None:
+        """Start downloading the first ``prefetch_shards`` shards ``positions`` need (and
+        their indexes) in the background: see :meth:`RemoteCache.start_fetch`."""
+        if not self.remote or opts.prefetch_shards <= 0:
+            return
+        order = EpochOrder(self._counts(), seed=opts.seed, epoch=epoch, shuffle=opts.shuffle,
+                           block_shuffle=False, window=opts.window)
+        first = list(order.first_use([positions]))[:opts.prefetch_shards]
+        refs = shard_refs(self.dataset)
+        remote.start_fetch([(refs[s].path, refs[s].bytes, refs[s].sha256, refs[s].index_path,
+                             refs[s].index_sha256) for s in first])
+
+
+class MixtureMode:
+    """Several datasets mixed by weights: exact epochs, each source in its own order."""
+
+    exact = True
+    remote = False  # sources download as they are read; no read-ahead plan yet
+    narrow = False
+
+    def __init__(self, mixture: Mixture) -> None:
+        self.mixture = mixture
+
+    @property
+    def num_samples(self) -> int:
+        return self.mixture.num_samples
+
+    @property
+    def name(self) -> str:
+        return "a mixture"
+
+    def fingerprint(self) -> dict[str, Any]:
+        return {"mixture": self.mixture.signature()}
+
+    def reader(self, epoch: int, opts: ReadOptions, *, remote: RemoteCache | None,
+               on_skip: OnSkip | None) -> MixtureReader:
+        return MixtureReader(self.mixture, epoch=epoch, seed=opts.seed, shuffle=opts.shuffle,
+                             block_shuffle=opts.block_shuffle,
+                             shuffle_buffer=opts.shuffle_buffer, on_error=opts.on_error,
+                             cache_bytes=opts.cache_bytes, on_skip=on_skip,
+                             source_field=opts.source_field, remote=remote,
+                             verify_blocks=opts.verify_blocks)
+
+    def prefetch(self, reader: EpochReader, epoch: int, opts: ReadOptions,
+                 positions: Iterable[np.ndarray]) -> None:
+        return None
+
+    def start_fetch(self, epoch: int, opts: ReadOptions, remote: RemoteCache,
+                    positions: np.ndarray) -> None:
+        return None
+
+
+class ShardListMode:
+    """Shards without a manifest (tars, URLs): split per rank and worker, no exact epochs.
+
+    ``resampled``: draw shards with replacement; ``epoch_size`` (samples per epoch over
+    all ranks) then ends each epoch."""
+
+    exact = False
+
+    def __init__(self, urls: Sequence[str], resampled: bool, epoch_size: int | None) -> None:
+        self.urls, self.resampled, self.epoch_size = list(urls), resampled, epoch_size
+
+    @property
+    def name(self) -> str:
+        urls = self.urls
+        return f"{urls[0]} (+{len(urls) - 1} shards)" if len(urls) > 1 else str(urls[:1])
+
+    def epoch_units(self, world_size: int, batch_size: int | None) -> int:
+        """Units (batches, or samples) per rank of an ``epoch_size`` epoch."""
+        per_rank = self.epoch_size // world_size  # type: ignore[operator]
+        return per_rank // batch_size if batch_size else per_rank
+
+    def iterate(self, world: World, epoch: int, opts: ReadOptions, *,
+                batch_size: int | None, drop_last: bool, collate: Callable[[list], Any],
+                transform: Callable[[dict], dict] | None, remote: RemoteCache | None,
+                on_skip: OnSkip | None) -> Iterator[Any]:
+        """This worker's samples (or collated batches) of ``epoch``."""
+        if self.resampled:
+            shards: Any = shardlist.resampled_shards(self.urls, seed=opts.seed, epoch=epoch,
+                                                     rank=world.rank, worker=world.worker)
+        else:
+            shards = shardlist.split_shards(
+                self.urls, rank=world.rank, world_size=world.world_size, worker=world.worker,
+                num_workers=world.num_workers, seed=opts.seed, epoch=epoch,
+                shuffle=opts.shuffle)
+        data: Any = shardlist.iter_shards(shards, on_error=opts.on_error, on_skip=on_skip,
+                                          remote=remote, prefetch=opts.prefetch_shards)
+        if transform is not None:
+            data = map(transform, data)
+        if opts.shuffle:
+            data = shardlist.buffer_shuffle(data, opts.shuffle_buffer, seed=opts.seed,
+                                            epoch=epoch, rank=world.rank, worker=world.worker)
+        if self.epoch_size is not None:
+            units = self.epoch_units(world.world_size, batch_size)
+            mine = len(range(world.worker, units, world.num_workers))
+            data = shardlist.limit(data, mine * (batch_size or 1))
+        if batch_size:
+            data = shardlist.batched(data, batch_size, collate,
+                                     partial=not drop_last and self.epoch_size is None)
+        return data
+
+
+Mode = DatasetMode | MixtureMode | ShardListMode
+
+
+def _is_mixture(source: Any, weights: Any) -> bool:
+    return isinstance(source, Mixture) or weights is not None or (
+        isinstance(source, (list, tuple)) and any(isinstance(s, Source) for s in source))
+
+
+def _mixture(source: Any, weights: Any, stop: str | None, epoch_size: int | None) -> Mixture:
+    if isinstance(source, Mixture):
+        if weights is not None or stop is not None or epoch_size is not None:
+            raise ValueError("set weights, stop and epoch_size on the Mixture itself")
+        return source
+    if isinstance(source, (str, os.PathLike)):
+        raise ValueError("weights= needs a list of sources, one weight each")
+    return Mixture(source, weights, stop=stop, epoch_size=epoch_size)
+
+
+def open_mode(source: Any, *, weights: Sequence[float] | None = None, stop: str | None = None,
+              epoch_size: int | None = None, resampled: bool = False,
+              source_field: str | None = None,
+              storage_options: dict[str, Any] | None = None) -> Mode:
+    """The mode for ``source`` (see ShardStream), after checking the options fit it.
+
+    Opens the manifest (or lists the tars) but reads no shard and starts no download."""
+    if _is_mixture(source, weights):
+        if resampled:
+            raise ValueError("resampled=True is for sources without a manifest; a mixture "
+                             "has exact epochs")
+        return MixtureMode(_mixture(source, weights, stop, epoch_size))
+    if stop is not None or source_field is not None:
+        raise ValueError("stop= and source_field= apply to mixtures; pass a list of "
+                         "sources with weights= (or a Mixture)")
+    dataset, urls = resolve(source, storage_options)
+    if dataset is not None:
+        if resampled:
+            raise ValueError("resampled=True is for sources without a manifest; a manifest "
+                             "gives exact epochs already")
+        return DatasetMode(dataset)
+    if not resampled and epoch_size is not None:
+        raise ValueError("epoch_size needs resampled=True (a finite shard list ends "
+                         "when its shards do)")
+    return ShardListMode(urls or [], resampled, epoch_size)
+
+
+def pad_skipped(samples: list, fallback: list | None) -> list:
+    """``samples`` with skipped (None) slots filled by repeating good ones (of this
+    batch, else ``fallback``: an earlier good sample, widened as it may be narrow), so
+    batch counts and sizes stay equal across ranks."""
+    if None not in samples:
+        return samples
+    good = [s for s in samples if s is not None] or [widen(s) for s in fallback or ()]
+    if not good:
+        raise CorruptShardError("every sample so far was skipped after errors; no "
+                                "sample to pad with (see the warnings above)")
+    return [s if s is not None else good[i % len(good)] for i, s in enumerate(samples)]
