@@ -168,3 +168,12 @@ def test_import_shardstream_needs_no_torch() -> None:
     code = ("import sys, shardstream, shardstream.cli, shardstream.read.verify, "
             "shardstream.write.parallel; assert 'torch' not in sys.modules, 'torch imported'")
     subprocess.run([sys.executable, "-c", code], check=True)
+
+
+def test_architecture_lists_every_module() -> None:
+    """docs/ARCHITECTURE.md is where a newcomer finds a stage: it names every module."""
+    doc = (PKG.parent / "docs" / "ARCHITECTURE.md").read_text()
+    missing = [str(p.relative_to(PKG)) for p in MODULES.values()
+               if p.name != "__init__.py" and f"{p.relative_to(PKG)}" not in doc
+               and p.parent != PKG]
+    assert not missing, f"docs/ARCHITECTURE.md does not mention: {missing}"

@@ -1,10 +1,9 @@
 """Batches across the process boundary: DataLoader worker -> main process.
 
-:func:`to_wire` turns a collated batch into numpy (in a worker: into one slot
-of a per-worker ring of shared-memory buffers, only the layout travelling
-through the pipe); :func:`from_wire` turns it back into tensors in the main
-process without copying. See the comment above the ring for its lifetime rules.
-"""
+:func:`to_wire` turns a collated batch into numpy (in a worker: into one slot of a
+per-worker ring of shared-memory buffers; only the layout goes through the pipe);
+:func:`from_wire` makes tensors of it in the main process without copying. The
+comment above the ring gives its lifetime rules."""
 
 from __future__ import annotations
 
@@ -77,9 +76,8 @@ _SHM_MAX_BYTES = 512 << 20  # per worker, all slots together
 _HEADER = 64
 _ALIGN = 64
 
-# tests and debugging: a list here records the hand-over as (worker pid, slot, event),
-# event "take" (worker fills the slot), "free" (main process lets go), "back" (worker
-# reads the number from its return pipe); None (the default) records nothing
+# tests/debugging: a list here records the hand-over as (worker pid, slot, event): "take"
+# (worker fills it), "free" (main process lets go), "back" (worker gets it back); None: off
 _trace: list | None = None
 
 

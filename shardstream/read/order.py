@@ -137,20 +137,21 @@ class EpochOrder:
         """For positions of G, the indexes into S, the epoch's shards end to end in
         their order, of the samples they read: each window of ``window`` positions (of
         G modulo N) reads the S indexes of its own positions, permuted."""
-        y = positions % self.num_samples
-        win = self.window
-        if win <= 1 or len(y) == 0:
-            return y
-        if y.dtype != np.int64:
-            y = y.astype(np.int64)
-        w0 = int(y[0]) // win
+        n, win = self.num_samples, self.window
+        if win <= 1 or len(positions) == 0:
+            return positions % n
+        if positions.dtype != np.int64:
+            positions = positions.astype(np.int64)
+        w0 = int(positions[0]) % n // win
         lo, perm = w0 * win, self._window_perm(w0)
-        # the usual batch lies in one window: its ends do, then all its offsets are in
-        # [0, len(perm)) (as unsigned, a negative one is huge); positions come in any order
-        if lo <= int(y[-1]) < lo + len(perm):
-            d = y - lo
+        hi = lo + len(perm)
+        # the usual batch lies in one window (so in [0, N): no modulo): its ends do, and
+        # then all its offsets from lo (as unsigned, a negative one is huge)
+        if lo <= int(positions[0]) < hi and lo <= int(positions[-1]) < hi:
+            d = positions - lo
             if int(d.view(np.uint64).max()) < len(perm):
                 return lo + perm[d]
+        y = positions % n
         w = y // win
         for wi in np.unique(w).tolist():
             sel = w == wi

@@ -10,13 +10,17 @@ from typing import Any
 from shardstream.errors import ManifestError, ShardNotFoundError
 from shardstream.format.manifest import MANIFEST_NAME
 from shardstream.read.dataset import Dataset, open_dataset
-from shardstream.storage import io, urls as storage_urls
-from shardstream.storage.io import load_manifest
+from shardstream.storage.download import fetch_and_hold
+from shardstream.storage.io import list_prefix, load_manifest
+from shardstream.storage.locks import CacheHold
+from shardstream.storage.urls import is_remote, join
 
 __all__ = ["open_source", "resolve", "resolve_cached"]
 
 
 def open_source(path: Any) -> Dataset:
+    """A mixture's source as a dataset (any form :func:`resolve` takes that has a
+    manifest)."""
     if isinstance(path, Dataset):
         return path
     dataset, _ = resolve(path)
@@ -43,7 +47,7 @@ def resolve(source: Any, storage_options: dict[str, Any] | None = None
         import braceexpand
 
         return _indexed_or_list(_existing(list(braceexpand.braceexpand(path))))
-    if storage_urls.is_remote(path):
+    if is_remote(path):
         return _resolve_remote(path, storage_options)
     if os.path.isdir(path) or os.path.basename(path) == MANIFEST_NAME:
         try:
@@ -58,7 +62,7 @@ def _indexed_or_list(urls: list[str]) -> tuple[Any, list[str] | None]:
     """Local webdataset tars all indexed in place: a dataset; anything else: the list."""
     from shardstream.read.webdataset import list_manifest
 
-    if any(storage_urls.is_remote(u) for u in urls):
+    if any(is_remote(u) for u in urls):
         return None, urls
     manifest = list_manifest(urls)
     return (None, urls) if manifest is None else (Dataset(os.sep, manifest), None)
@@ -66,7 +70,7 @@ def _indexed_or_list(urls: list[str]) -> tuple[Any, list[str] | None]:
 
 def _existing(urls: list[str]) -> list[str]:
     """Local shards must exist now (a typo should fail here, not in a worker later)."""
-    missing = [u for u in urls if not storage_urls.is_remote(u) and not os.path.exists(u)]
+    missing = [u for u in urls if not is_remote(u) and not os.path.exists(u)]
     if missing:
         more = f" (and {len(missing) - 1} more)" if len(missing) > 1 else ""
         raise ShardNotFoundError(f"{missing[0]}{more} does not exist: pass a dataset "
@@ -86,33 +90,25 @@ def _resolve_remote(url: str, storage_options: dict[str, Any] | None
     except ManifestError:
         if named:
             raise
-    names = [n for n in io.list_prefix(root, storage_options=storage_options)
+    names = [n for n in list_prefix(root, storage_options=storage_options)
              if n.endswith(".tar")]
     if not names:
         raise ManifestError(f"{root} has no {MANIFEST_NAME} and no .tar objects directly "
                             "under it: check the URL, or write the dataset with "
                             "`shardstream-write -o URL`")
-    return None, [storage_urls.join(root, n) for n in names]
-
-
-_REMOTE = ("s3://", "gs://", "http://", "https://")
+    return None, [join(root, n) for n in names]
 
 
 def resolve_cached(source: str | os.PathLike | Dataset, cache_dir: str | None
-                   ) -> tuple[Dataset, Any]:
-    """The dataset, and for a remote one the :class:`~shardstream.storage.locks.CacheHold` on
-    its cached copy (eviction in any process skips it while held), else None."""
+                   ) -> tuple[Dataset, CacheHold | None]:
+    """A dataset for random access, and for a remote one the
+    :class:`~shardstream.storage.locks.CacheHold` on its cached copy (eviction in any
+    process skips it while held), else None. Random access needs a manifest: a
+    dataset directory or its ``manifest.json``, local or remote."""
     if isinstance(source, Dataset):
         return source, None
     src = os.fspath(source)
-    if src.startswith(_REMOTE):
-        try:
-            from shardstream.storage.download import fetch_and_hold
-        except ImportError:
-            raise NotImplementedError(
-                f"{src}: ShardDataset reads local datasets; object storage support comes "
-                "with shardstream.storage. Copy the dataset locally (e.g. `aws s3 sync`, "
-                "`gsutil rsync`) and pass the directory") from None
+    if is_remote(src):
         if cache_dir is None:
             raise ValueError(f"{src} is remote: pass cache_dir= to hold the local copy")
         held = fetch_and_hold(src, cache_dir)
