@@ -1,14 +1,14 @@
-"""Indexes for tars written by other tools (webdataset layout), and index rebuilds.
+"""Indexes for tars written by other tools (webdataset layout): the index and its checks.
 
 A webdataset tar stores one member per field, ``KEY.EXT``; consecutive members
 sharing ``KEY`` (the name up to the first dot of the basename) form a sample,
 exactly as ``webdataset`` groups them. :class:`ForeignIndex` records, per
 sample, its key and the offset, size and extension of each member, so such
 tars gain an exact ``len()``, random access and exact distributed epochs
-without being rewritten. :func:`build_index` (``shardstream index``) writes
-these indexes plus a ``manifest.json`` marked ``"layout": "webdataset"``,
-and also rebuilds a missing or stale ``.idx`` of a shardstream shard by
-scanning its tar. The byte layout is in ``docs/random_access.md``.
+without being rewritten. :func:`~shardstream.write.reindex.build_index`
+(``shardstream index``) writes these indexes plus a ``manifest.json`` marked
+``"layout": "webdataset"``; :mod:`shardstream.read.webdataset` reads through them.
+The byte layout is in ``docs/random_access.md``.
 
 Index version 2 also records the xxh3_64 of every member's data bytes, which
 readers compare on every read (``ShardDataset``: once per sample per process;

@@ -27,7 +27,7 @@ import msgpack
 import numpy as np
 
 from shardstream.errors import (CorruptShardError, DecodeError, IndexMismatchError,
-                                ShardNotFoundError, StorageError)
+                                ShardNotFoundError)
 from shardstream.format.codec import UNPACK_OPTIONS, decode_sample
 from shardstream.format.index import ShardIndex, read_index_file, verify_blocks_default
 from shardstream.format.manifest import ShardInfo
@@ -35,7 +35,7 @@ from shardstream.format.webdataset import ForeignIndex, WDS_INDEX_FORMAT, decode
 from shardstream.read.dataset import Dataset, check_index_entry
 from shardstream.read.mapped import BlockShard, CompressedShard, ForeignShard, FramedShard
 from shardstream.read.sources import resolve_cached
-from shardstream.storage.files import sha256_file
+from shardstream.storage.files import local_errors, missing_shard, sha256_file
 
 __all__ = ["ShardDataset"]
 
@@ -242,13 +242,8 @@ class ShardDataset(_TorchDataset):
 
     def _map(self, path: str, index: ShardIndex | ForeignIndex, info: ShardInfo,
              s: int) -> mmap.mmap:
-        try:
+        with local_errors(path, "open", missing=missing_shard(path)):
             fd = os.open(path, os.O_RDONLY)
-        except FileNotFoundError:
-            raise ShardNotFoundError(f"shard {path} is listed in the manifest but missing; "
-                                     "restore it or rewrite the dataset") from None
-        except OSError as exc:
-            raise StorageError(f"cannot open {path}: {exc.strerror or exc}") from exc
         try:
             size = os.fstat(fd).st_size
             self._check_size(path, size, index, info, s)

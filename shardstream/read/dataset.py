@@ -1,8 +1,8 @@
 """Reading local shards: open a dataset, load and check indexes, walk blocks.
 
 The building blocks every reader shares (streaming, random access, verify,
-cat). Object storage goes through :mod:`shardstream.storage` later; this
-module handles local paths.
+cat), on local paths; remote datasets are read from their node-cache copy
+(:mod:`shardstream.storage.cache`).
 """
 
 from __future__ import annotations
@@ -13,12 +13,12 @@ from dataclasses import dataclass
 from functools import lru_cache
 from typing import Any, Callable, Iterator
 
-from shardstream.errors import (CorruptShardError, DecodeError, IndexMismatchError,
-                                ShardNotFoundError)
+from shardstream.errors import CorruptShardError, DecodeError, IndexMismatchError
 from shardstream.format.codec import decode_sample, iter_samples
 from shardstream.format.index import ShardIndex, read_index_file
 from shardstream.format.manifest import MANIFEST_NAME, Manifest, ShardInfo
 from shardstream.storage.io import load_manifest
+from shardstream.storage.files import local_errors, missing_shard
 
 __all__ = ["Dataset", "open_dataset", "load_index", "read_block", "decompress",
            "iter_block_samples", "iter_dataset", "check_index_entry"]
@@ -55,11 +55,8 @@ def load_index(ds: Dataset, info: ShardInfo, *, check_size: bool = True) -> Shar
     The index must describe the shard the manifest lists (:func:`check_index_entry`).
     """
     shard_path, idx_path = ds.shard_path(info), ds.index_path(info)
-    try:
+    with local_errors(shard_path, "stat", missing=missing_shard(shard_path)):
         size = os.path.getsize(shard_path)
-    except FileNotFoundError:
-        raise ShardNotFoundError(f"shard {shard_path} is listed in the manifest but missing; "
-                                 "restore it or rewrite the dataset") from None
     data = read_index_file(idx_path, shard_path)
     index = ShardIndex.from_bytes(data, where=idx_path)
     if index.num_samples != info.num_samples:

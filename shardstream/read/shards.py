@@ -15,12 +15,13 @@ from typing import Any
 
 import numpy as np
 
-from shardstream.errors import IndexMismatchError, ShardNotFoundError, StorageError
+from shardstream.errors import IndexMismatchError
 from shardstream.format.index import ShardIndex, read_index_file
 from shardstream.format.webdataset import index_from_bytes
 from shardstream.read.dataset import check_index_entry
 from shardstream.read.webdataset import set_stream_index
 from shardstream.storage.cache import RemoteCache
+from shardstream.storage.files import local_errors, missing_shard
 
 __all__ = ["ShardRef", "OpenShard", "shard_refs", "open_local", "open_remote"]
 
@@ -102,19 +103,14 @@ class OpenShard:
 def open_local(shard: OpenShard, verify: bool) -> None:
     """Open a local shard: check its index against the manifest entry and the file."""
     ref = shard.ref
-    try:
+    with local_errors(ref.path, "stat", missing=missing_shard(ref.path)):
         size = os.path.getsize(ref.path)
-    except FileNotFoundError:
-        raise ShardNotFoundError(f"shard {ref.path} is missing; restore it or rewrite the "
-                                 "dataset") from None
     data = read_index_file(ref.index_path, ref.path)
     index = index_from_bytes(data, ref.index_path)
     check_index_entry(index, data, ref, idx_path=ref.index_path, shard_path=ref.path)
     _set_index(shard, index, size, verify)
-    try:
+    with local_errors(ref.path, "open", missing=missing_shard(ref.path)):
         shard.fd = os.open(ref.path, os.O_RDONLY)
-    except OSError as exc:
-        raise StorageError(f"cannot open {ref.path}: {exc.strerror or exc}") from exc
 
 
 def open_remote(shard: OpenShard, store: RemoteCache, verify: bool,

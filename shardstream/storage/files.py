@@ -11,7 +11,7 @@ from typing import BinaryIO, Iterator
 
 from shardstream.errors import ShardNotFoundError, ShardstreamError, StorageError
 
-__all__ = ["sha256_file", "atomic_write", "fsync_dir", "storage_error", "local_errors",
+__all__ = ["missing_shard", "sha256_file", "atomic_write", "fsync_dir", "storage_error", "local_errors",
            "open_local"]
 
 
@@ -21,6 +21,12 @@ def storage_error(action: str, path: str, exc: OSError, fix: str | None = None) 
     tail = f"; {fix}" if fix else ""
     return StorageError(f"cannot {action} {path}: {exc.strerror or exc}{tail}",
                         errno=exc.errno)
+
+
+def missing_shard(path: str) -> str:
+    """The message of a missing shard file: the one fix there is."""
+    return f"shard {path} is listed in the manifest but missing; restore it or rewrite " \
+        "the dataset"
 
 
 @contextlib.contextmanager

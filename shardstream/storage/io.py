@@ -1,4 +1,5 @@
-"""Object storage on fsspec: ``s3://``, ``gs://``, ``http(s)://``, ``file://``, local paths.
+"""Reads, sizes, listing and uploads for any URL (``s3://``, ``gs://``, ``http(s)://``,
+``file://``) or local path, with retries; and :func:`load_manifest`.
 
 Every function takes a URL (or a local path) plus ``storage_options`` (passed
 to the fsspec filesystem: ``key``, ``secret``, ``endpoint_url``, ``anon``,
@@ -11,18 +12,16 @@ Errors leave as :class:`StorageError` (``.url``, ``.kind`` = ``"auth"``,
 ``"transient"``, ``"fatal"``; ``.tries``) or, for a missing object,
 :class:`ShardNotFoundError`. Authentication errors are never retried.
 
-Reading: :func:`read_bytes` (one range request) and :func:`open_stream`
-(a sequential reader that resumes a broken download with a range request at
-the first byte not yet handed out, with one chunk of read-ahead).
+Reading: :func:`read_bytes` (one range request); streams are in
+:mod:`shardstream.storage.streams`.
 
 Servers are not trusted with sizes or names: a ranged answer longer than the
 range is refused before its body is read, a whole-object read is bounded by
 the size known for it (``max_bytes``; a manifest by :data:`MANIFEST_LIMIT`)
 and bodies are read into buffers that grow only as bytes arrive. A name from
 a remote manifest becomes a local path only if it is a plain file name that
-resolves inside its cache entry (:func:`check_name`, :func:`inside`). Readers
-hold a shared ``flock`` on the cache entries they use (:func:`hold`), and
-eviction skips any entry it cannot lock exclusively at once.
+resolves inside its cache entry (:mod:`shardstream.storage.urls`); the node
+cache's locks are in :mod:`shardstream.storage.locks`.
 """
 
 from __future__ import annotations

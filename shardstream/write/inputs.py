@@ -1,4 +1,6 @@
-"""Read the writer's input files as dicts, split into tasks for parallel workers.
+"""Read the writer's input files as dicts: one task (see :mod:`shardstream.write.plan`)
+at a time, by the reader of its kind (:mod:`~shardstream.write.jsonl`,
+:mod:`~shardstream.write.parquet`).
 
 Supported kinds: JSONL (``.jsonl .ndjson``, optionally ``.gz``), a JSON array
 (``.json``; a ``.json`` file not starting with ``[`` is read as JSONL), msgpack

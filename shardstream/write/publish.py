@@ -1,10 +1,10 @@
-"""Publishing a dataset: locking the output, staging, moving shards into place
-(or uploading them) and switching to the new ``manifest.json`` in one step.
+"""Publishing a dataset: moving staged shards into place (or uploading them) and
+switching to the new ``manifest.json`` in one step.
 
 Used by every writer (:class:`~shardstream.write.writer.ShardWriter`,
 :func:`~shardstream.write.parallel.write_shards`, the Ray integration, ``convert``):
 
-1. :func:`prepare_output` takes an exclusive lock on the output directory
+1. :func:`~shardstream.write.output.prepare_output` takes an exclusive lock on the output directory
    (``flock`` on ``.shardstream.lock``; a second writer fails at once with
    :class:`~shardstream.errors.DatasetLockedError`), then removes leftovers
    of crashed writers (``.staging-*`` folders, manifest temp files: only a
@@ -13,7 +13,8 @@ Used by every writer (:class:`~shardstream.write.writer.ShardWriter`,
    an overwrite will remove: names the old manifest lists (plain names inside
    the directory) and stray files of this writer's own pattern
    (``<prefix>-NNNNNN.tar[.idx]``). Nothing else is ever deleted.
-2. Shards are written into staging folders (:func:`make_staging`).
+2. Shards are written into staging folders
+   (:func:`~shardstream.write.output.make_staging`).
 3. :func:`publish` moves them in under names that no file in the directory
    (and no name the old manifest lists) uses, so overwrites alternate between
    two number ranges; then ``os.replace`` puts the new manifest in place (the
@@ -22,7 +23,7 @@ Used by every writer (:class:`~shardstream.write.writer.ShardWriter`,
    never a mix of old and new shards; a crash at any point leaves the old
    dataset whole or the new one whole, plus orphans that the next overwrite
    removes.
-4. :meth:`PreparedOutput.release` drops the lock (and removes the output
+4. :meth:`~shardstream.write.output.PreparedOutput.release` drops the lock (and removes the output
    directory again if this writer created it and published nothing).
 
 Remote (URL) outputs cannot be locked this way: two writers on one prefix
