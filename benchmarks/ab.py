@@ -7,7 +7,9 @@ workloads through both trees, alternating base and head in every round, each in 
 fresh process with ``PYTHONPATH`` at that tree and that tree's own benchmark
 scripts: ``stream.py`` (tokens and tabular, 2 workers, one epoch through the
 loader), ``random_access.py`` (``ds[i]`` per sample, tokens) and ``write.py``
-(ShardWriter and the CLI from JSONL, tabular and tokens, 100k samples each). Prints each figure per round and the median
+(ShardWriter and the CLI from JSONL, tabular and tokens, 100k samples each).
+``stream ... per cpu`` is batches per CPU second (main process and workers): on a
+busy machine it moves less than the rates. Prints each figure per round and the median
 head/base ratio (> 1: head faster). On a shared machine absolute rates drift;
 compare the ratios.
 """
@@ -33,11 +35,17 @@ def _export(rev: str, dest: str) -> str:
     return dest
 
 
+#: the peer harness (workloads.py); an exported tree has no ../shared next to it
+BENCH = os.environ.get("SHARDSTREAM_BENCH", os.path.join(ROOT, "..", "shared", "bench"))
+
+
 def _run(tree: str, args: list[str]) -> list[dict]:
-    env = {**os.environ, "PYTHONPATH": tree}
-    out = subprocess.run([sys.executable, *args], cwd=tree, env=env, check=True,
-                         capture_output=True, text=True).stdout
-    return [json.loads(line) for line in out.splitlines() if line.startswith("{")]
+    env = {**os.environ, "PYTHONPATH": tree, "SHARDSTREAM_BENCH": os.path.abspath(BENCH)}
+    done = subprocess.run([sys.executable, *args], cwd=tree, env=env, capture_output=True,
+                          text=True)
+    if done.returncode != 0:
+        raise SystemExit(f"{' '.join(args)} failed in {tree}:\n{done.stderr[-3000:]}")
+    return [json.loads(line) for line in done.stdout.splitlines() if line.startswith("{")]
 
 
 def _figures(tree: str, which: set[str], data: str) -> dict[str, float]:
@@ -46,7 +54,11 @@ def _figures(tree: str, which: set[str], data: str) -> dict[str, float]:
     if "stream" in which:
         for r in _run(tree, ["benchmarks/stream.py", "--workloads", "tokens,tabular",
                              "--out", os.path.join(data, "stream")]):
-            got[f"stream {r['workload']}"] = r["samples_per_s"]
+            if r.get("mode") == "read":
+                got[f"stream {r['workload']}"] = r["samples_per_s"]
+                cpu = r.get("cpu_ms_per_batch_main", 0) + r.get("cpu_ms_per_batch_workers", 0)
+                if cpu:  # batches per CPU second: steadier than rates on a shared machine
+                    got[f"stream {r['workload']} per cpu"] = 1000 / cpu
     if "getitem" in which:
         for r in _run(tree, ["benchmarks/random_access.py", "--dir",
                              os.path.join(data, "ra-tokens")]):

@@ -106,9 +106,9 @@ def main() -> None:
     ap.add_argument("--stream-n", type=int, default=400_000)
     ap.add_argument("--repeat", type=int, default=3)
     a = ap.parse_args()
-    from workloads import tokens
-
     from shardstream.write.convert import convert
+
+    from workloads import tokens
     spec = f"zstd:{a.level}"
     paths = {}
     for name, gen in (("tokens", tokens), ("tokens_zipf", tokens_zipf)):
@@ -161,10 +161,10 @@ def main() -> None:
 
 def frame_variants(a: argparse.Namespace, raw_tokens: str, spec: str) -> None:
     """The frame size trades ``ds[i]`` speed for size; the dictionary buys size."""
-    from workloads import tabular, tokens
-
     from shardstream.format.compression import Compression, parse_compression
     from shardstream.write.convert import convert
+
+    from workloads import tabular, tokens
     base = parse_compression(spec)
     raw_tab = os.path.join(a.dir, "tabular")
     write(raw_tab, tabular(a.n * 4))

@@ -87,6 +87,7 @@ def bench_getitem(directory: str, workload: str) -> dict:
 def bench_dataloader(directory: str, workload: str, batch: int, workers: int) -> dict:
     import torch
     from torch.utils.data import DataLoader
+
     from shardstream.pytorch.random_access import ShardDataset
     try:
         from shardstream.pytorch.collation import collate  # type: ignore[attr-defined]

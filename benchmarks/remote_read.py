@@ -26,8 +26,8 @@ import statistics
 import subprocess
 import sys
 import tempfile
-from shardstream.storage import io
-from shardstream.storage import urls
+
+from shardstream.storage import io, urls
 
 HERE = os.path.dirname(os.path.abspath(__file__))
 ROOT = os.path.dirname(HERE)
@@ -52,9 +52,9 @@ print(json.dumps({{k: r[k] for k in ("seconds", "first_batch_s", "n",
 
 def _write(n: int, out: str, shard_mb: int) -> int:
     sys.path.insert(0, os.path.abspath(BENCH))
-    from workloads import WORKLOADS
-
     from shardstream.write.writer import ShardWriter
+
+    from workloads import WORKLOADS
 
     if os.path.exists(os.path.join(out, "manifest.json")):
         with open(os.path.join(out, "manifest.json")) as f:

@@ -10,16 +10,16 @@ import importlib as _importlib
 
 __version__ = "0.3.0"
 
-from .write.convert import convert
+from .errors import (CorruptShardError, DatasetExistsError, DatasetLockedError, DecodeError,
+                     EncodeError, IndexMismatchError, InputError, ManifestError, ShardNotFoundError,
+                     ShardstreamError, StorageError, UsageError)
 from .format.codec import decode_sample, iter_samples, unpack_blocks
 from .format.encode import encode_sample
-from .errors import (CorruptShardError, DatasetExistsError, DatasetLockedError, DecodeError,
-                     EncodeError, IndexMismatchError, InputError, ManifestError,
-                     ShardNotFoundError, ShardstreamError, StorageError, UsageError)
 from .format.manifest import Manifest, ShardInfo
 from .read.dataset import load_manifest
-from .write.parallel import write_shards
 from .read.verify import verify
+from .write.convert import convert
+from .write.parallel import write_shards
 from .write.reindex import build_index
 from .write.writer import ShardWriter
 

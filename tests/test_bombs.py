@@ -17,19 +17,16 @@ import numpy as np
 import pytest
 import zstandard
 
-
-
+from shardstream.errors import CorruptShardError, DecodeError
+from shardstream.format import limits, members
 from shardstream.format.codec import NDARRAY_EXT, PACKED_EXT, decode_sample, iter_samples
 from shardstream.format.encode import encode_sample
 from shardstream.format.frames import (FrameDecoder, checked_decompress, decompress_block,
                                        split_frames)
-from shardstream.errors import CorruptShardError, DecodeError
 from shardstream.format.members import decode_member
 from shardstream.pytorch.random_access import ShardDataset
 from shardstream.read.dataset import iter_dataset
 from shardstream.write.scan import scan_block_tar
-from shardstream.format import limits
-from shardstream.format import members
 
 pytestmark = pytest.mark.fuzz
 

@@ -13,20 +13,18 @@ import shutil
 import numpy as np
 import pytest
 
-
-from shardstream.write.convert import convert
 from shardstream.errors import CorruptShardError, ManifestError
+from shardstream.format import codec, encode
+from shardstream.format import index as format_index
 from shardstream.format.index import INDEX_VERSION_CHECKSUMS, ShardIndex, block_checksum
 from shardstream.format.manifest import Manifest
-from shardstream.storage.io import load_manifest
 from shardstream.pytorch.random_access import ShardDataset
-from shardstream.read.dataset import iter_dataset, open_dataset, read_block
 from shardstream.pytorch.stream import ShardStream
+from shardstream.read.dataset import iter_dataset, open_dataset, read_block
 from shardstream.read.verify import verify
+from shardstream.storage.io import load_manifest
+from shardstream.write.convert import convert
 from shardstream.write.reindex import build_index
-from shardstream.format import codec
-from shardstream.format import index as format_index
-from shardstream.format import encode
 
 pytestmark = pytest.mark.fuzz
 

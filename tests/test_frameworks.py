@@ -15,11 +15,11 @@ from itertools import islice
 
 import pytest
 import torch
+from test_distributed import torchrun
 
 from shardstream import ShardStream
-from shardstream.pytorch.loader import loader
 from shardstream.errors import UsageError
-from test_distributed import torchrun
+from shardstream.pytorch.loader import loader
 
 SCRIPTS = os.path.join(os.path.dirname(__file__), "scripts")
 N = 1000

@@ -17,10 +17,10 @@ import pyarrow.parquet as pq  # noqa: E402
 
 import shardstream  # noqa: E402
 from shardstream.errors import DatasetExistsError, InputError  # noqa: E402
-from shardstream.write.inputs import iter_inputs  # noqa: E402
 from shardstream.integrations import ray as ssray  # noqa: E402
-from shardstream.storage.io import load_manifest  # noqa: E402
 from shardstream.read.dataset import iter_dataset  # noqa: E402
+from shardstream.storage.io import load_manifest  # noqa: E402
+from shardstream.write.inputs import iter_inputs  # noqa: E402
 
 N = 50_000
 pytestmark = [pytest.mark.slow,  # starts a Ray runtime

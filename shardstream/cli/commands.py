@@ -17,8 +17,8 @@ import traceback
 from typing import Any, Callable, Sequence
 
 from shardstream import __version__
-from shardstream.cli.args import (add_storage_arg, add_write_args, compression_arg, out,
-                                  parse_size, positive_int, storage_options)
+from shardstream.cli.args import (add_storage_arg, add_write_args, compression_arg, out, parse_size,
+                                  positive_int, storage_options)
 from shardstream.cli.text import escape_json
 from shardstream.cli.write import cmd_write
 from shardstream.errors import ShardstreamError, StorageError
@@ -114,8 +114,8 @@ def _describe(comp: Any) -> str:
 
 
 def _cmd_info(args: argparse.Namespace) -> int:
-    from shardstream.storage.io import load_manifest
     from shardstream.read.dataset import open_dataset
+    from shardstream.storage.io import load_manifest
     from shardstream.storage.urls import is_remote
 
     if is_remote(args.dataset):
@@ -150,9 +150,9 @@ def _cmd_info(args: argparse.Namespace) -> int:
 
 
 def _cmd_verify(args: argparse.Namespace) -> int:
+    from shardstream.read.verify import verify
     from shardstream.storage.download import fetch_to_cache
     from shardstream.storage.urls import is_remote
-    from shardstream.read.verify import verify
 
     start = time.perf_counter()
     if is_remote(args.dataset):  # download into a temporary directory, check that

@@ -68,10 +68,10 @@ class _Progress:
 
 
 def cmd_write(args: argparse.Namespace) -> int:
-    from shardstream.write.plan import group_tasks, plan_tasks, task_bytes
-    from shardstream.write.inputs import iter_task
     from shardstream.storage.io import load_manifest
+    from shardstream.write.inputs import iter_task
     from shardstream.write.parallel import run_workers
+    from shardstream.write.plan import group_tasks, plan_tasks, task_bytes
     from shardstream.write.writer import ShardWriter
 
     tasks = plan_tasks(args.inputs, args.workers)

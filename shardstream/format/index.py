@@ -29,9 +29,9 @@ from shardstream.errors import CorruptShardError, DecodeError, ShardNotFoundErro
 from shardstream.format.codec import decode_sample
 from shardstream.format.encode import encode_sample
 from shardstream.format.fields import BadIndex
-from shardstream.format.index_check import (FrameTable, INDEX_VERSION, INDEX_VERSION_CHECKSUMS,
+from shardstream.format.index_check import (INDEX_VERSION, INDEX_VERSION_CHECKSUMS,
                                             INDEX_VERSION_COMPRESSED, INDEX_VERSION_FRAMED,
-                                            INDEX_VERSIONS, IndexFields)
+                                            INDEX_VERSIONS, FrameTable, IndexFields)
 
 __all__ = ["BLOCK_EXT", "INDEX_SUFFIX", "ShardIndex", "FrameTable", "tar_header", "padded",
            "member_name", "TAR_END", "block_checksum", "read_index_file"]

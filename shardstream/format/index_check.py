@@ -15,7 +15,7 @@ import numpy as np
 
 from shardstream.errors import CorruptShardError
 from shardstream.format import limits
-from shardstream.format.fields import (BadIndex, MAX_INT, as_int64, check_array, count_field,
+from shardstream.format.fields import (MAX_INT, BadIndex, as_int64, check_array, count_field,
                                        index_field, uint_array)
 
 __all__ = ["IndexFields", "FrameTable", "INDEX_VERSION", "INDEX_VERSION_COMPRESSED",

@@ -39,13 +39,12 @@ except ImportError as exc:  # pragma: no cover - depends on the environment
                       "pip install 'shardstream[ray]'") from exc
 
 from shardstream.errors import EncodeError, InputError, StorageError
-from shardstream.write.plan import InputTask, group_tasks, plan_tasks
-from shardstream.write.inputs import iter_task
 from shardstream.format.compression import Compression, parse_compression
-from shardstream.format.manifest import Manifest, ShardInfo
+from shardstream.format.manifest import STAGING_PREFIX, Manifest, ShardInfo
 from shardstream.format.schema import SchemaBuilder
-from shardstream.format.manifest import STAGING_PREFIX
+from shardstream.write.inputs import iter_task
 from shardstream.write.output import PreparedOutput, prepare_output
+from shardstream.write.plan import InputTask, group_tasks, plan_tasks
 from shardstream.write.publish import publish
 from shardstream.write.sink import DEFAULT_BLOCK_BYTES, DEFAULT_MAX_BYTES, ShardSink
 

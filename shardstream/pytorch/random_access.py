@@ -31,7 +31,7 @@ from shardstream.errors import (CorruptShardError, DecodeError, IndexMismatchErr
 from shardstream.format.codec import UNPACK_OPTIONS, decode_sample
 from shardstream.format.index import ShardIndex, read_index_file, verify_blocks_default
 from shardstream.format.manifest import ShardInfo
-from shardstream.format.webdataset import ForeignIndex, WDS_INDEX_FORMAT, decode_foreign_sample
+from shardstream.format.webdataset import WDS_INDEX_FORMAT, ForeignIndex, decode_foreign_sample
 from shardstream.read.dataset import Dataset, check_index_entry
 from shardstream.read.mapped import BlockShard, CompressedShard, ForeignShard, FramedShard
 from shardstream.read.sources import resolve_cached

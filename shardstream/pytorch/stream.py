@@ -22,7 +22,8 @@ from torch.utils.data import IterableDataset, get_worker_info
 
 from shardstream.errors import UsageError
 from shardstream.format.index import verify_blocks_default
-from shardstream.pytorch.collation import Collate, collate as default_collate
+from shardstream.pytorch.collation import Collate
+from shardstream.pytorch.collation import collate as default_collate
 from shardstream.pytorch.shared import SharedState
 from shardstream.pytorch.wire import to_wire
 from shardstream.read.modes import MixtureMode, ReadOptions, open_mode, pad_skipped

@@ -17,8 +17,8 @@ from shardstream.errors import CorruptShardError, DecodeError, IndexMismatchErro
 from shardstream.format.codec import decode_sample, iter_samples
 from shardstream.format.index import ShardIndex, read_index_file
 from shardstream.format.manifest import MANIFEST_NAME, Manifest, ShardInfo
-from shardstream.storage.io import load_manifest
 from shardstream.storage.files import local_errors, missing_shard
+from shardstream.storage.io import load_manifest
 
 __all__ = ["Dataset", "open_dataset", "load_index", "read_block", "decompress",
            "iter_block_samples", "iter_dataset", "check_index_entry"]

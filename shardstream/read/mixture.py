@@ -36,9 +36,9 @@ from typing import Any, Callable, Sequence
 import numpy as np
 
 from shardstream.read.blocks import BlockReader
-from shardstream.read.shards import shard_refs
 from shardstream.read.dataset import Dataset
 from shardstream.read.order import EpochOrder, rng_for
+from shardstream.read.shards import shard_refs
 from shardstream.read.sources import open_source
 
 __all__ = ["Source", "Mixture", "MixOrder", "MixtureReader", "epoch_counts", "STOP_RULES"]

@@ -32,10 +32,11 @@ from shardstream.format.index import INDEX_SUFFIX
 from shardstream.format.members import decode_member
 from shardstream.format.webdataset import index_from_bytes
 from shardstream.read.blocks import BlockReader
-from shardstream.read.shards import ShardRef
 from shardstream.read.order import rng_for
-from shardstream.storage import streams, urls as storage_urls
+from shardstream.read.shards import ShardRef
+from shardstream.storage import streams
 from shardstream.storage.cache import Prefetcher, RemoteCache
+from shardstream.storage.urls import is_remote, local_path
 
 __all__ = ["decode_wds_sample", "iter_shard", "iter_shards", "split_shards",
            "resampled_shards", "buffer_shuffle", "batched", "limit", "is_indexed"]
@@ -64,7 +65,7 @@ def decode_wds_sample(sample: dict[str, Any], *, url: str = "?") -> dict[str, An
 # ---------------------------------------------------------------- reading shards
 def is_indexed(url: str, remote: RemoteCache | None = None) -> bool:
     """A shardstream shard: its ``.idx`` lies next to it (locally, or as an object)."""
-    if storage_urls.is_remote(url):
+    if is_remote(url):
         remote = remote or RemoteCache()
         return remote.index_bytes(url + INDEX_SUFFIX, missing_ok=True) is not None
     return os.path.exists(url + INDEX_SUFFIX)
@@ -110,7 +111,7 @@ def iter_shards(urls: Iterable[str], *, on_error: str = "raise",
 
 def _fetch_indexed(url: str, remote: RemoteCache) -> str | None:
     """Download a remote indexed shard into the cache (read-ahead); foreign tars: None."""
-    if not storage_urls.is_remote(url):
+    if not is_remote(url):
         return None
     data = remote.index_bytes(url + INDEX_SUFFIX, missing_ok=True)
     if data is None:
@@ -144,7 +145,7 @@ def _iter_foreign(url: str, on_error: str, remote: RemoteCache | None = None
     """A webdataset tar streamed through :func:`storage.open_stream` (never ``gopen``)."""
     from webdataset.tariterators import group_by_keys, tar_file_expander
 
-    if not storage_urls.is_remote(url) and not os.path.exists(storage_urls.local_path(url)):
+    if not is_remote(url) and not os.path.exists(local_path(url)):
         exc = ShardNotFoundError(f"shard {url} does not exist; check the path or pattern")
         if on_error != "warn":
             raise exc

@@ -18,7 +18,7 @@ from typing import Callable
 
 from shardstream.errors import ShardstreamError
 from shardstream.format.frames import CODECS
-from shardstream.format.index import ShardIndex, TAR_BLOCK, member_name
+from shardstream.format.index import TAR_BLOCK, ShardIndex, member_name
 from shardstream.format.manifest import ShardInfo
 from shardstream.format.webdataset import LAYOUT_WEBDATASET, load_foreign_index
 from shardstream.read.dataset import Dataset, iter_block_samples, open_dataset, read_block

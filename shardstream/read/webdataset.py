@@ -16,9 +16,8 @@ from shardstream.errors import (CorruptShardError, IndexMismatchError, ShardNotF
 from shardstream.format.index import INDEX_SUFFIX, read_index_file, verify_blocks_default
 from shardstream.format.manifest import Manifest, ShardInfo
 from shardstream.format.members import decode_member
-from shardstream.format.webdataset import (ForeignIndex, LAYOUT_WEBDATASET,
-                                           decode_foreign_sample, index_from_bytes,
-                                           is_foreign_index)
+from shardstream.format.webdataset import (LAYOUT_WEBDATASET, ForeignIndex, decode_foreign_sample,
+                                           index_from_bytes, is_foreign_index)
 
 __all__ = ["iter_foreign_samples"]
 

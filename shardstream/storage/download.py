@@ -17,8 +17,8 @@ from shardstream.errors import ManifestError, ShardNotFoundError, StorageError
 from shardstream.storage.backends import StorageOptions, info_size, read_fs
 from shardstream.storage.io import (DEFAULT_CHUNK_SIZE, MANIFEST_LIMIT, fetch_range, raw_size,
                                     read_bytes, size)
-from shardstream.storage.locks import (CacheHold, entry_path, evict, locked, open_shared,
-                                       os_error, removed_error)
+from shardstream.storage.locks import (CacheHold, entry_path, evict, locked, open_shared, os_error,
+                                       removed_error)
 from shardstream.storage.retry import DEFAULT_RETRY, RetryPolicy
 from shardstream.storage.streams import open_stream
 from shardstream.storage.urls import check_name, inside, is_pipe, is_remote, join, local_path

@@ -33,8 +33,7 @@ from typing import Any, Callable
 from shardstream.errors import ManifestError, ShardNotFoundError, StorageError
 from shardstream.format.manifest import MANIFEST_NAME, Manifest
 from shardstream.storage import urls
-from shardstream.storage.backends import (BoundedHTTP, StorageOptions, get_fs, read_fs,
-                                          server_size)
+from shardstream.storage.backends import BoundedHTTP, StorageOptions, get_fs, read_fs, server_size
 from shardstream.storage.files import atomic_write, storage_error
 from shardstream.storage.retry import DEFAULT_RETRY, RetryPolicy, classify
 from shardstream.storage.s3 import S3Reader, too_long

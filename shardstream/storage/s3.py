@@ -47,8 +47,8 @@ from typing import Any
 from urllib.parse import quote
 
 from shardstream.errors import StorageError
-from shardstream.storage.s3config import (Credentials, ENV_VARS, S3Config, config_files,
-                                          configure, files_stamp)
+from shardstream.storage.s3config import (ENV_VARS, Credentials, S3Config, config_files, configure,
+                                          files_stamp)
 
 __all__ = ["S3Reader", "reader", "sign_v4", "UNSIGNED_PAYLOAD", "check_content_range",
            "too_long"]

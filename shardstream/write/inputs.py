@@ -32,7 +32,7 @@ from shardstream.errors import InputError
 from shardstream.write.jsonl import (iter_gzip, iter_json_array, iter_jsonl, iter_msgpack,
                                      iter_pickle, iter_plain_jsonl)
 from shardstream.write.parquet import iter_parquet
-from shardstream.write.plan import InputTask, KINDS, Progress, plan_tasks
+from shardstream.write.plan import KINDS, InputTask, Progress, plan_tasks
 
 __all__ = ["iter_task", "iter_inputs", "ARRAYS"]
 

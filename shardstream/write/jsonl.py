@@ -9,7 +9,7 @@ import zlib
 from typing import Any, Callable, Iterable, Iterator
 
 from shardstream.errors import InputError
-from shardstream.write.infer import (BadValue, DIGITS, DIGIT_RUN, arrays_in, check_ints,
+from shardstream.write.infer import (DIGIT_RUN, DIGITS, BadValue, arrays_in, check_ints,
                                      convert_arrays, loads)
 from shardstream.write.plan import InputTask, Progress, open_input
 

@@ -15,7 +15,7 @@ from typing import Any
 from shardstream.errors import DatasetExistsError, ManifestError, StorageError
 from shardstream.format.compression import Compression
 from shardstream.format.index import INDEX_SUFFIX
-from shardstream.format.manifest import (LOCK_NAME, MANIFEST_NAME, Manifest, STAGING_PREFIX,
+from shardstream.format.manifest import (LOCK_NAME, MANIFEST_NAME, STAGING_PREFIX, Manifest,
                                          check_name)
 from shardstream.storage import io, urls
 from shardstream.storage.io import load_manifest

@@ -7,7 +7,7 @@ from typing import Any, Iterator
 import numpy as np
 
 from shardstream.errors import InputError
-from shardstream.write.infer import BadValue, NEVER_HINT
+from shardstream.write.infer import NEVER_HINT, BadValue
 from shardstream.write.plan import InputTask, Progress, parquet_groups, pyarrow_parquet
 
 __all__ = ["iter_parquet"]

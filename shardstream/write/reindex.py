@@ -20,8 +20,8 @@ from shardstream.format.compression import Compression
 from shardstream.format.index import INDEX_SUFFIX
 from shardstream.format.manifest import MANIFEST_NAME, Manifest, ShardInfo
 from shardstream.format.members import DECODERS, decode_msgpack, decode_npy, decode_npz
-from shardstream.format.webdataset import (LAYOUT_SHARDSTREAM, LAYOUT_WEBDATASET,
-                                           detect_layout, manifest_layout)
+from shardstream.format.webdataset import (LAYOUT_SHARDSTREAM, LAYOUT_WEBDATASET, detect_layout,
+                                           manifest_layout)
 from shardstream.storage import urls
 from shardstream.storage.files import atomic_write, storage_error
 from shardstream.storage.io import load_manifest

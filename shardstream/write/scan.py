@@ -17,7 +17,7 @@ from shardstream.format.compression import DICT_MEMBER
 from shardstream.format.frames import CODECS, decompress_block, split_frames
 from shardstream.format.index import BLOCK_EXT, ShardIndex, block_checksum
 from shardstream.format.tar import check_member_size, list_members
-from shardstream.format.webdataset import ForeignIndex, KEY_EXT, META_MEMBER
+from shardstream.format.webdataset import KEY_EXT, META_MEMBER, ForeignIndex
 from shardstream.storage.files import sha256_file
 
 __all__ = ["scan_foreign_tar", "scan_block_tar"]

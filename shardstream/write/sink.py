@@ -10,10 +10,10 @@ from typing import Any, BinaryIO
 import numpy as np
 
 from shardstream.errors import EncodeError
-from shardstream.format.compression import (Compression, DICT_MEMBER, FrameCompressor,
+from shardstream.format.compression import (DICT_MEMBER, Compression, FrameCompressor,
                                             parse_compression, train_dictionary)
 from shardstream.format.encode import encode_sample, repack
-from shardstream.format.index import (INDEX_SUFFIX, ShardIndex, TAR_END, block_checksum,
+from shardstream.format.index import (INDEX_SUFFIX, TAR_END, ShardIndex, block_checksum,
                                       member_name, padded, tar_header)
 from shardstream.format.limits import MAX_BLOCK_RAW_BYTES
 from shardstream.format.manifest import ShardInfo

@@ -13,8 +13,8 @@ import json
 import os
 import sys
 
-import torch
 import lightning.pytorch as pl
+import torch
 
 import shardstream
 

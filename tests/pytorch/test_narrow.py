@@ -11,9 +11,9 @@ from hypothesis import strategies as st
 
 from shardstream.format.codec import decode_sample, iter_samples, narrowed, widen
 from shardstream.format.encode import encode_sample
+from shardstream.pytorch import collation as pytorch_collation
 from shardstream.pytorch.collation import Collate, Ragged, collate
 from shardstream.pytorch.stream import ShardStream
-from shardstream.pytorch import collation as pytorch_collation
 
 INT_DTYPES = ["int8", "uint8", "int16", "uint16", "int32", "uint32", "int64", "uint64"]
 

@@ -16,14 +16,14 @@ import numpy as np
 import pytest
 
 import shardstream
-from shardstream.cli.write import _Progress
-from shardstream.cli.commands import main, write_main
-from shardstream.format.index import ShardIndex
-from shardstream.write.plan import InputTask
-from shardstream.write.inputs import iter_task
-from shardstream.cli.text import escape, escape_json
-from shardstream.read.verify import verify
 from shardstream.cli import inspect as inspect_mod
+from shardstream.cli.commands import main, write_main
+from shardstream.cli.text import escape, escape_json
+from shardstream.cli.write import _Progress
+from shardstream.format.index import ShardIndex
+from shardstream.read.verify import verify
+from shardstream.write.inputs import iter_task
+from shardstream.write.plan import InputTask
 
 verify_mod = importlib.import_module("shardstream.read.verify")
 

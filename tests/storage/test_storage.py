@@ -9,15 +9,11 @@ import time
 
 import pytest
 
-from servers import HTTPTestServer
 from shardstream.errors import ShardNotFoundError, StorageError
+from shardstream.storage import backends, download, io, locks, streams, urls
 from shardstream.storage.retry import RetryPolicy, classify
-from shardstream.storage import io
-from shardstream.storage import locks
-from shardstream.storage import backends
-from shardstream.storage import urls
-from shardstream.storage import streams
-from shardstream.storage import download
+
+from servers import HTTPTestServer
 
 pytestmark = pytest.mark.storage
 

@@ -11,18 +11,21 @@ import tarfile
 import numpy as np
 import pytest
 
-from conftest import sample
-from servers import HTTPTestServer
 from shardstream.cli.commands import write_main
-from shardstream.pytorch.loader import loader
 from shardstream.errors import StorageError
 from shardstream.format.manifest import MANIFEST_NAME
-from shardstream.storage.io import load_manifest
-from shardstream.storage.retry import RetryPolicy
+from shardstream.pytorch.loader import loader
 from shardstream.pytorch.stream import ShardStream
-from shardstream.write.writer import ShardWriter
 from shardstream.storage import io as storage_io
 from shardstream.storage import urls
+from shardstream.storage.io import load_manifest
+from shardstream.storage.retry import RetryPolicy
+from shardstream.write.writer import ShardWriter
+
+from conftest import sample
+from servers import HTTPTestServer
+
+TESTS = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 pytestmark = pytest.mark.storage
 
@@ -197,7 +200,7 @@ def test_torchrun_two_ranks_over_s3(s3_server, s3_bucket, tmp_path, monkeypatch)
         monkeypatch.setenv(k, v)
     out = tmp_path / "out"
     out.mkdir()
-    script = os.path.join(os.path.dirname(__file__), "scripts", "ddp_remote.py")
+    script = os.path.join(TESTS, "scripts", "ddp_remote.py")
     torchrun(script, url, str(out), str(tmp_path / "cache"))
     ranks = [json.loads((out / f"rank{r}.json").read_text()) for r in range(2)]
     assert len(ranks[0]["batches"]) == len(ranks[1]["batches"]) == ranks[0]["len"]

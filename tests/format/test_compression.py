@@ -14,27 +14,27 @@ import tarfile
 import numpy as np
 import pytest
 
-
 from shardstream.cli.commands import main
-from shardstream.format.codec import PACKED_EXT, decode_sample
-from shardstream.format.encode import encode_sample, repack
-from shardstream.format.compression import (DEFAULT_DICT_BYTES, DEFAULT_FRAME_BYTES,
-                                            Compression, parse_compression)
-from shardstream.format.frames import FrameDecoder
-from shardstream.write.convert import convert
-from shardstream.errors import CorruptShardError, ManifestError
-from shardstream.format.index import ShardIndex
 from shardstream.cli.inspect import cat_lines
-from shardstream.storage.io import load_manifest
-from shardstream.write.parallel import write_shards
+from shardstream.errors import CorruptShardError, ManifestError
+from shardstream.format.codec import PACKED_EXT, decode_sample
+from shardstream.format.compression import (DEFAULT_DICT_BYTES, DEFAULT_FRAME_BYTES, Compression,
+                                            parse_compression)
+from shardstream.format.encode import encode_sample
+from shardstream.format.frames import FrameDecoder
+from shardstream.format.index import ShardIndex
 from shardstream.pytorch.random_access import ShardDataset
-from shardstream.read.dataset import iter_dataset, open_dataset
 from shardstream.pytorch.stream import ShardStream
+from shardstream.read.dataset import iter_dataset, open_dataset
 from shardstream.read.verify import verify
+from shardstream.storage.io import load_manifest
+from shardstream.write.convert import convert
+from shardstream.write.parallel import write_shards
 from shardstream.write.reindex import build_index
 
 N = 400
-V2 = os.path.join(os.path.dirname(__file__), "data", "v2-zstd")  # written by shardstream 0.1.0
+TESTS = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+V2 = os.path.join(TESTS, "data", "v2-zstd")  # written by shardstream 0.1.0
 
 
 def _same(a: dict, b: dict) -> None:

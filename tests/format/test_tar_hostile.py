@@ -16,12 +16,12 @@ import msgpack
 import numpy as np
 import pytest
 
+from shardstream.errors import CorruptShardError
 from shardstream.format.codec import decode_sample
 from shardstream.format.encode import encode_sample
-from shardstream.errors import CorruptShardError
 from shardstream.format.tar import list_members, list_members_tarfile
-from shardstream.write.reindex import build_index
 from shardstream.format.webdataset import load_any_index, load_foreign_index
+from shardstream.write.reindex import build_index
 from shardstream.write.scan import scan_foreign_tar
 
 pytestmark = pytest.mark.fuzz

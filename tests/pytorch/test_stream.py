@@ -12,9 +12,9 @@ import pytest
 import torch
 
 from shardstream.errors import CorruptShardError, IndexMismatchError, ShardNotFoundError
+from shardstream.pytorch import wire
 from shardstream.pytorch.loader import loader
 from shardstream.pytorch.stream import ShardStream
-from shardstream.pytorch import wire
 
 N = 1000
 

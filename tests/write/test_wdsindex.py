@@ -16,12 +16,12 @@ import webdataset as wds
 from shardstream.errors import CorruptShardError, DatasetExistsError, IndexMismatchError
 from shardstream.format.index import INDEX_SUFFIX
 from shardstream.format.manifest import MANIFEST_NAME
-from shardstream.storage.io import load_manifest
-from shardstream.pytorch.random_access import ShardDataset
-from shardstream.write.reindex import build_index
 from shardstream.format.members import decode_member
-from shardstream.read.webdataset import iter_foreign_samples
 from shardstream.format.webdataset import load_foreign_index, manifest_layout
+from shardstream.pytorch.random_access import ShardDataset
+from shardstream.read.webdataset import iter_foreign_samples
+from shardstream.storage.io import load_manifest
+from shardstream.write.reindex import build_index
 from shardstream.write.scan import scan_block_tar
 from shardstream.write.writer import ShardWriter
 

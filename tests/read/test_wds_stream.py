@@ -10,9 +10,9 @@ import numpy as np
 import pytest
 import webdataset as wds
 
-from shardstream.pytorch.loader import loader
 from shardstream.errors import CorruptShardError
 from shardstream.format.index import INDEX_SUFFIX
+from shardstream.pytorch.loader import loader
 from shardstream.pytorch.stream import ShardStream
 from shardstream.write.reindex import build_index
 

@@ -16,16 +16,16 @@ from typing import Any, Callable
 import pytest
 
 import shardstream
-from shardstream import (DatasetLockedError, EncodeError, ManifestError, ShardWriter,
-                         load_manifest, verify, write_shards)
-from shardstream.write.convert import convert
+from shardstream import (DatasetLockedError, EncodeError, ManifestError, ShardWriter, load_manifest,
+                         verify, write_shards)
 from shardstream.errors import ShardNotFoundError
 from shardstream.format.manifest import LOCK_NAME
 from shardstream.read.dataset import iter_dataset
-from shardstream.write import publish as pub
-from shardstream.write import publish
 from shardstream.storage import io as storage_io
 from shardstream.storage import urls
+from shardstream.write import publish
+from shardstream.write import publish as pub
+from shardstream.write.convert import convert
 
 ENV = {**os.environ, "PYTHONPATH": os.pathsep.join(
     [os.path.dirname(os.path.dirname(os.path.abspath(shardstream.__file__)))]

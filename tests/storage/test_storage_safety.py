@@ -17,14 +17,13 @@ from typing import Any
 
 import pytest
 
-from servers import HTTPTestServer
 from shardstream.errors import ManifestError, ShardstreamError, StorageError
 from shardstream.format.manifest import MANIFEST_NAME, Manifest, ShardInfo
+from shardstream.storage import download, io, locks
 from shardstream.storage.cache import RemoteCache
 from shardstream.storage.retry import RetryPolicy
-from shardstream.storage import io
-from shardstream.storage import download
-from shardstream.storage import locks
+
+from servers import HTTPTestServer
 
 pytestmark = pytest.mark.storage
 

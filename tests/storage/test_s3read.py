@@ -11,15 +11,11 @@ import time
 
 import pytest
 
-from servers import HTTPTestServer
 from shardstream.errors import ShardNotFoundError, StorageError
+from shardstream.storage import backends, download, io, s3, s3config, streams
 from shardstream.storage.retry import RetryPolicy
-from shardstream.storage import s3
-from shardstream.storage import backends
-from shardstream.storage import s3config
-from shardstream.storage import download
-from shardstream.storage import streams
-from shardstream.storage import io
+
+from servers import HTTPTestServer
 
 pytestmark = pytest.mark.storage
 
@@ -255,7 +251,7 @@ def test_construct_and_read_without_importing_s3fs(s3_server, s3_bucket, tmp_pat
     _write_ds(url, opts)
     code = CHECK_IMPORTS.format(url=url, opts=opts, cache=str(tmp_path / "cache"))
     env = {k: v for k, v in os.environ.items() if k not in AWS_ENV}
-    root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    root = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
     env["PYTHONPATH"] = root
     for lite, expect in (("1", []), ("0", ["s3fs", "botocore"])):
         out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,

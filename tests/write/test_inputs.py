@@ -16,10 +16,10 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 from shardstream.errors import InputError
-from shardstream.write.plan import (InputTask, detect_kind, estimate_total, group_tasks,
-                                    plan_tasks, task_bytes)
-from shardstream.write.inputs import iter_inputs, iter_task
 from shardstream.write import plan
+from shardstream.write.inputs import iter_inputs, iter_task
+from shardstream.write.plan import (InputTask, detect_kind, estimate_total, group_tasks, plan_tasks,
+                                    task_bytes)
 
 ROWS = [{"id": i, "text": "x" * i, "tags": ["a", "b"][: i % 3], "meta": {"k": i / 2}} for i in range(7)]
 

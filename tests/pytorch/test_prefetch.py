@@ -20,9 +20,8 @@ import numpy as np
 import pytest
 import torch
 
-
-from shardstream.pytorch.prefetch import CUDAPrefetcher, PrefetchStats, to_device
 from shardstream.pytorch import prefetch as prefetch_module
+from shardstream.pytorch.prefetch import CUDAPrefetcher, PrefetchStats, to_device
 
 HAS_CUDA = torch.cuda.is_available()
 cuda_only = [pytest.mark.cuda, pytest.mark.skipif(not HAS_CUDA, reason="needs a CUDA GPU")]

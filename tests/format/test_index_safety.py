@@ -12,14 +12,14 @@ import shutil
 import numpy as np
 import pytest
 
+from shardstream.errors import CorruptShardError, IndexMismatchError
 from shardstream.format.codec import decode_sample
 from shardstream.format.encode import encode_sample
-from shardstream.errors import CorruptShardError, IndexMismatchError
-from shardstream.format.limits import MAX_BLOCK_RAW_BYTES
 from shardstream.format.index import ShardIndex
+from shardstream.format.limits import MAX_BLOCK_RAW_BYTES
 from shardstream.pytorch.random_access import ShardDataset
-from shardstream.read.dataset import iter_dataset, open_dataset
 from shardstream.pytorch.stream import ShardStream
+from shardstream.read.dataset import iter_dataset, open_dataset
 from shardstream.write.writer import ShardWriter
 
 pytestmark = pytest.mark.fuzz

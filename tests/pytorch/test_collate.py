@@ -6,9 +6,9 @@ import numpy as np
 import pytest
 import torch
 
-from shardstream.pytorch.collation import Collate, collate
 from shardstream.pytorch import wire as C
 from shardstream.pytorch import wire as pytorch_wire
+from shardstream.pytorch.collation import Collate, collate
 
 
 def test_scalars_default_dtypes():
@@ -106,8 +106,9 @@ def _as_worker(monkeypatch):
 
 def _ship(obj):
     """Pickle as the DataLoader's result queue does, and unpickle."""
-    import torch.multiprocessing  # noqa: F401  (registers the tensor reductions)
     from multiprocessing.reduction import ForkingPickler
+
+    import torch.multiprocessing  # noqa: F401  (registers the tensor reductions)
 
     return ForkingPickler.loads(ForkingPickler.dumps(obj))
 

@@ -10,8 +10,8 @@ import pytest
 
 from shardstream import ManifestError, ShardWriter, StorageError, build_index, load_manifest
 from shardstream.format.manifest import Manifest
-from shardstream.write.lock import storage_error
 from shardstream.storage import io as storage_io
+from shardstream.write.lock import storage_error
 
 pytestmark = pytest.mark.fuzz
 
@@ -134,8 +134,8 @@ def test_manifests_the_writers_make_load(tmp_path):
         for i in range(5):
             w.write({"i": i})
     assert load_manifest(str(tmp_path / "a")).num_samples == 5
-    import tarfile
     import io
+    import tarfile
 
     tars = tmp_path / "tars"
     tars.mkdir()

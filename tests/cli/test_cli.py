@@ -15,8 +15,8 @@ import numpy as np
 import pytest
 
 from shardstream import load_manifest
-from shardstream.cli.commands import main, write_main
 from shardstream.cli.args import parse_size
+from shardstream.cli.commands import main, write_main
 from shardstream.read.dataset import iter_dataset
 
 ROWS = [{"id": i, "text": "t" * (i % 50), "ids": list(range(i % 9)), "y": i * 0.5}

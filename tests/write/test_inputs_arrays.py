@@ -12,9 +12,9 @@ import pytest
 
 from shardstream.cli.commands import write_main
 from shardstream.errors import InputError
-from shardstream.write.plan import InputTask
-from shardstream.write.inputs import iter_inputs, iter_task
 from shardstream.read.dataset import iter_dataset
+from shardstream.write.inputs import iter_inputs, iter_task
+from shardstream.write.plan import InputTask
 
 BIG = 123456789012345678901234567890
 

@@ -15,22 +15,22 @@ import numpy as np
 import pytest
 from xxhash import xxh3_64_intdigest as xxh3
 
+from shardstream.errors import CorruptShardError, InputError
 from shardstream.format.codec import decode_sample
 from shardstream.format.encode import encode_sample
-from shardstream.errors import CorruptShardError, InputError
 from shardstream.format.index import INDEX_SUFFIX
 from shardstream.format.manifest import MANIFEST_NAME
-from shardstream.storage.io import load_manifest
-from shardstream.read.blocks import BlockReader
-from shardstream.read.shards import ShardRef
+from shardstream.format.webdataset import ForeignIndex, load_foreign_index
 from shardstream.pytorch.random_access import ShardDataset
 from shardstream.pytorch.stream import ShardStream
+from shardstream.read.blocks import BlockReader
+from shardstream.read.shards import ShardRef
 from shardstream.read.verify import verify
-from shardstream.format.webdataset import ForeignIndex, load_foreign_index
-from shardstream.write.reindex import build_index
 from shardstream.read.webdataset import iter_foreign_samples
-from shardstream.write.scan import scan_foreign_tar
+from shardstream.storage.io import load_manifest
 from shardstream.write import scan
+from shardstream.write.reindex import build_index
+from shardstream.write.scan import scan_foreign_tar
 
 pytestmark = pytest.mark.fuzz
 

@@ -9,13 +9,16 @@ from collections import Counter
 import numpy as np
 import pytest
 import torch
-from hypothesis import given, settings, strategies as st
+from hypothesis import given, settings
+from hypothesis import strategies as st
 
 from shardstream.pytorch.collation import Collate
 from shardstream.pytorch.loader import loader
-from shardstream.read.mixture import Mixture, MixOrder, Source, epoch_counts
 from shardstream.pytorch.stream import ShardStream
+from shardstream.read.mixture import MixOrder, Mixture, Source, epoch_counts
 from shardstream.write.writer import ShardWriter
+
+TESTS = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 SIZES = {"small": 50, "mid": 2000, "big": 10000}
 WEIGHTS = [0.7, 0.2, 0.1]
@@ -262,7 +265,7 @@ def test_bad_arguments(sources, tmp_path):
 def test_two_ranks_two_workers(sources, tmp_path):
     from test_distributed import torchrun
 
-    script = os.path.join(os.path.dirname(__file__), "scripts", "ddp_mixture.py")
+    script = os.path.join(TESTS, "scripts", "ddp_mixture.py")
     torchrun(script, str(tmp_path), *sources)
     ranks = [json.loads((tmp_path / f"rank{r}.json").read_text()) for r in range(2)]
     kw = dict(weights=WEIGHTS, epoch_size=4003, batch_size=16, shuffle=True, seed=3,

@@ -14,12 +14,11 @@ import numpy as np
 import pytest
 import torch
 
-
+from shardstream.pytorch import wire as C
+from shardstream.pytorch import wire as pytorch_wire
 from shardstream.pytorch.collation import collate
 from shardstream.pytorch.loader import loader
 from shardstream.pytorch.stream import ShardStream
-from shardstream.pytorch import wire as C
-from shardstream.pytorch import wire as pytorch_wire
 
 
 @pytest.fixture
@@ -35,8 +34,9 @@ def worker(monkeypatch):
 
 def ship(obj):
     """Pickle as the DataLoader's result queue does, and unpickle."""
-    import torch.multiprocessing  # noqa: F401  (registers the tensor reductions)
     from multiprocessing.reduction import ForkingPickler
+
+    import torch.multiprocessing  # noqa: F401  (registers the tensor reductions)
 
     return ForkingPickler.loads(ForkingPickler.dumps(obj))
 

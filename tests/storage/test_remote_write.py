@@ -7,19 +7,20 @@ import os
 
 import pytest
 
-from conftest import sample
 from shardstream.cli.commands import main, write_main
 from shardstream.errors import DatasetExistsError, StorageError
 from shardstream.format.manifest import MANIFEST_NAME
-from shardstream.storage.io import load_manifest
-from shardstream.write.parallel import write_shards
 from shardstream.read.dataset import open_dataset
 from shardstream.read.verify import verify
-from shardstream.write.writer import ShardWriter
-from shardstream.storage import io as storage
-from shardstream.storage import io
 from shardstream.storage import download
+from shardstream.storage import io
+from shardstream.storage import io as storage
 from shardstream.storage import urls
+from shardstream.storage.io import load_manifest
+from shardstream.write.parallel import write_shards
+from shardstream.write.writer import ShardWriter
+
+from conftest import sample
 
 pytestmark = pytest.mark.storage
 
@@ -163,7 +164,7 @@ def test_cli_write_info_verify_on_s3(s3_server, s3_bucket, tmp_path, monkeypatch
 
 
 def test_cli_storage_option_parsing():
-    from shardstream.cli.args import storage_options, _storage_option
+    from shardstream.cli.args import _storage_option, storage_options
 
     pairs = [_storage_option("anon=true"), _storage_option("client_kwargs.region_name=eu"),
              _storage_option("endpoint_url=http://h:1")]
