@@ -22,10 +22,10 @@ cache directory, and then read with ``pread`` exactly like a local shard.
   reader will need next, in the order it will first touch them, at most
   ``depth`` shards ahead of it.
 - :meth:`RemoteCache.start_fetch`: start-up read-ahead. A ShardStream knows
-  the first shards its first batches touch as soon as it has the manifest, so
-  it fetches their indexes and then the shards in a background thread of the
-  process that built it, while DataLoader workers start (fork, their own
-  storage clients). Workers find the indexes on disk and wait for a shard
+  the first shards its first batches touch as soon as it has the manifest;
+  ``ShardStream.start_fetch`` (called by the loader) fetches their indexes and then
+  the shards in a background thread of the calling process, while DataLoader
+  workers start (fork, their own storage clients). Workers find the indexes on disk and wait for a shard
   still downloading under its lock, as for any other process's download; a
   reader in the same process waits for the fetch itself and gets its error.
 """
