@@ -1,0 +1,144 @@
+"""Epoch locality and mixing, computed from the layouts alone (no data is read).
+
+usage: python benchmarks/locality.py [--peers PEERS_PY] [--geometries 2x4,8x4,64x8,128x8]
+                                     [--per-shard 250] [--batch 16] [--workers 2]
+
+For each geometry (nodes x ranks per node) it lays out one shuffled epoch of a
+dataset of equal shards three ways and reports, per way:
+
+- ``node_fraction_max``: the largest fraction of the dataset's shards one node
+  touches in the epoch (what it must read, or download from object storage);
+- ``distinct_shards_per_global_batch``: median distinct shards among the samples of
+  one global batch (every rank's batch of one step: what a DDP gradient averages);
+- ``distinct_shards_per_rank_batch``: the same for one rank's batch.
+
+The ways: shardstream's layout as ``ShardStream`` uses it (``EpochOrder`` +
+``Layout`` from :mod:`shardstream.read.order`, default ``shuffle_buffer`` and block
+shuffle, blocks of ``--block-samples``); a true global shuffle (a random permutation
+dealt the same way); and, with ``--peers`` (the peer venv's python, see
+``../shared/bench/setup.sh``), MosaicML streaming's ``py1e`` and ``py1br`` computed by
+its own partition and shuffle code (``../shared/bench/mds_locality.py``).
+The dataset has ``--shards-per-rank`` shards per rank (at least 160).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import subprocess
+
+import numpy as np
+
+from shardstream.read.order import EpochOrder, Layout
+
+HERE = os.path.dirname(os.path.abspath(__file__))
+BENCH = os.environ.get("SHARDSTREAM_BENCH", os.path.join(HERE, "..", "..", "shared", "bench"))
+
+
+def _stats(shard_of_rank_batches: np.ndarray, valid: np.ndarray, nodes: int,
+           per_node: int, num_shards: int) -> dict:
+    """(ranks, steps, batch) shard ids -> the three figures."""
+    ranks, steps, _ = shard_of_rank_batches.shape
+    touched = []
+    for nd in range(nodes):
+        block = shard_of_rank_batches[nd * per_node:(nd + 1) * per_node]
+        touched.append(len(np.unique(block[valid[nd * per_node:(nd + 1) * per_node]])))
+    glob = [len(np.unique(shard_of_rank_batches[:, j][valid[:, j]])) for j in range(steps)]
+    rank = [len(np.unique(shard_of_rank_batches[r, j][valid[r, j]]))
+            for r in range(0, ranks, max(1, ranks // 64)) for j in range(steps)]
+    return {"node_fraction_max": round(max(touched) / num_shards, 4),
+            "distinct_shards_per_global_batch": int(np.median(glob)),
+            "distinct_shards_per_rank_batch": int(np.median(rank))}
+
+
+def shardstream_layout(nodes: int, per_node: int, shards: int, per_shard: int, batch: int,
+                       block_samples: int, shuffle_buffer: int, seed: int, epoch: int) -> dict:
+    """The layout ShardStream reads one exact, shuffled epoch in (positions only)."""
+    world = nodes * per_node
+    counts = [per_shard] * shards
+    firsts = np.arange(0, per_shard, block_samples, dtype=np.int64)
+    order = EpochOrder(counts, seed=seed, epoch=epoch, shuffle=True, block_shuffle=True,
+                       window=shuffle_buffer, block_firsts=lambda s: firsts)
+    layout = Layout(sum(counts), 0, world, batch, False, "pad")
+    steps = layout.num_units
+    shard = np.full((world, steps, batch), -1, dtype=np.int64)
+    for r in range(world):
+        pos = np.concatenate([np.arange(a, a + n, dtype=np.int64)
+                              for a, n in (layout.span(r, j) for j in range(steps))])
+        s, _ = order.locate(pos)
+        sizes = [layout.span(r, j)[1] for j in range(steps)]
+        k = 0
+        for j, n in enumerate(sizes):
+            shard[r, j, :n] = s[k:k + n]
+            k += n
+    return _stats(shard, shard >= 0, nodes, per_node, shards)
+
+
+def global_shuffle(nodes: int, per_node: int, shards: int, per_shard: int, batch: int,
+                   seed: int) -> dict:
+    """A true global shuffle of all samples, dealt round-robin by batch."""
+    world = nodes * per_node
+    n = shards * per_shard
+    perm = np.random.default_rng(seed).permutation(n)
+    steps = -(-n // (world * batch))
+    ids = np.resize(perm, steps * world * batch).reshape(steps, world, batch)
+    shard = (ids // per_shard).transpose(1, 0, 2)
+    return _stats(shard, np.ones_like(shard, dtype=bool), nodes, per_node, shards)
+
+
+def mosaic(peers: str, algo: str, nodes: int, per_node: int, workers: int, shards: int,
+           per_shard: int, batch: int, seed: int, epoch: int) -> dict:
+    out = subprocess.run([peers, os.path.join(BENCH, "mds_locality.py"), "--algo", algo,
+                          "--nodes", str(nodes), "--ranks-per-node", str(per_node),
+                          "--workers", str(workers), "--shards", str(shards),
+                          "--per-shard", str(per_shard), "--batch", str(batch),
+                          "--seed", str(seed), "--epoch", str(epoch)],
+                         check=True, capture_output=True, text=True).stdout
+    r = json.loads(out.splitlines()[-1])
+    return {"node_fraction_max": round(r["node_fraction_max"], 4),
+            "distinct_shards_per_global_batch": r["distinct_shards_per_global_batch_median"],
+            "distinct_shards_per_rank_batch": r["distinct_shards_per_rank_batch_median"]}
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--geometries", default="2x4,8x4,64x8,128x8")
+    ap.add_argument("--per-shard", type=int, default=250)
+    ap.add_argument("--shards-per-rank", type=int, default=5)
+    ap.add_argument("--batch", type=int, default=16)
+    ap.add_argument("--workers", type=int, default=2)
+    ap.add_argument("--block-samples", type=int, default=32)
+    ap.add_argument("--shuffle-buffer", type=int, default=8192)
+    ap.add_argument("--seed", type=int, default=3)
+    ap.add_argument("--epoch", type=int, default=1)
+    ap.add_argument("--peers", default=None, help="python of the peer venv (MosaicML)")
+    a = ap.parse_args()
+    rows = []
+    for geo in a.geometries.split(","):
+        nodes, per_node = (int(x) for x in geo.split("x"))
+        shards = max(160, a.shards_per_rank * nodes * per_node)
+        base = {"geometry": geo, "shards": shards, "per_shard": a.per_shard, "batch": a.batch}
+        ways = {"shardstream": shardstream_layout(nodes, per_node, shards, a.per_shard,
+                                                  a.batch, a.block_samples, a.shuffle_buffer,
+                                                  a.seed, a.epoch),
+                "global shuffle": global_shuffle(nodes, per_node, shards, a.per_shard,
+                                                 a.batch, a.seed)}
+        if a.peers:
+            for algo in ("py1e", "py1br"):
+                ways[f"mosaicml {algo}"] = mosaic(a.peers, algo, nodes, per_node, a.workers,
+                                                  shards, a.per_shard, a.batch, a.seed,
+                                                  a.epoch)
+        for way, got in ways.items():
+            row = {**base, "layout": way, **got}
+            rows.append(row)
+            print(json.dumps(row), flush=True)
+    print("\n| geometry | shards | layout | node fraction (max) | shards per global batch "
+          "| shards per rank batch |\n|---|---|---|---|---|---|")
+    for r in rows:
+        print(f"| {r['geometry']} | {r['shards']} | {r['layout']} | {r['node_fraction_max']} "
+              f"| {r['distinct_shards_per_global_batch']} | {r['distinct_shards_per_rank_batch']} |")
+
+
+if __name__ == "__main__":
+    main()
