@@ -18,14 +18,17 @@ __all__ = ["SharedState", "MAX_WORKERS"]
 
 #: DataLoader workers with their own skip counter (more share the last one)
 MAX_WORKERS = 256
+#: node-count changes one resumed epoch can carry (see shardstream.read.nodes)
+MAX_CHAIN = 16
 _EPOCH, _START, _SKIP0 = 0, 1, 2  # slots of the array; skips: _SKIP0 + worker + 1
+_CHAIN = _SKIP0 + MAX_WORKERS + 1  # chain length, then (nodes, consumed) pairs
 
 
 class SharedState:
     """(epoch, G offset to start from, samples skipped per process) in shared memory."""
 
     def __init__(self) -> None:
-        self._array = mp.RawArray("q", _SKIP0 + MAX_WORKERS + 1)
+        self._array = mp.RawArray("q", _CHAIN + 1 + 2 * MAX_CHAIN)
 
     def __getstate__(self) -> dict[str, Any]:
         """Plain pickling/deepcopy gets a private copy; starting a worker process
@@ -49,15 +52,30 @@ class SharedState:
     def start(self) -> int:
         return int(self._array[_START])
 
-    def set(self, epoch: int, start: int) -> None:
-        self._array[_EPOCH], self._array[_START] = epoch, start
+    def set(self, epoch: int, start: int, chain: tuple[tuple[int, int], ...] = ()) -> None:
+        """Read ``epoch`` from ``start`` next; ``chain``: the (nodes, consumed) parts of
+        it read on other numbers of nodes before (a resize), oldest first."""
+        if len(chain) > MAX_CHAIN:
+            raise ValueError(f"an epoch resumed on {len(chain) + 1} different node counts; "
+                             f"at most {MAX_CHAIN + 1} are kept: finish the epoch first")
+        a = self._array
+        a[_CHAIN] = len(chain)
+        for k, (nodes, consumed) in enumerate(chain):
+            a[_CHAIN + 1 + 2 * k], a[_CHAIN + 2 + 2 * k] = nodes, consumed
+        a[_EPOCH], a[_START] = epoch, start
+
+    @property
+    def chain(self) -> tuple[tuple[int, int], ...]:
+        a = self._array
+        return tuple((int(a[_CHAIN + 1 + 2 * k]), int(a[_CHAIN + 2 + 2 * k]))
+                     for k in range(int(a[_CHAIN])))
 
     @property
     def skipped(self) -> int:
-        return int(sum(self._array[_SKIP0:]))
+        return int(sum(self._array[_SKIP0:_CHAIN]))
 
     def count_skip(self, n: int) -> None:
         """Add ``n`` skipped samples to this process's counter."""
         info = get_worker_info()
         slot = _SKIP0 + (info.id + 1 if info is not None else 0)
-        self._array[min(slot, len(self._array) - 1)] += n
+        self._array[min(slot, _CHAIN - 1)] += n

@@ -24,9 +24,12 @@ from shardstream.errors import UsageError
 from shardstream.format.index import verify_blocks_default
 from shardstream.pytorch.collation import Collate
 from shardstream.pytorch.collation import collate as default_collate
+from shardstream.pytorch.resume import (STATE_VERSION, check_state, fingerprint, plan, resume_state,
+                                        seek_to)
 from shardstream.pytorch.shared import SharedState
 from shardstream.pytorch.wire import to_wire
 from shardstream.read.modes import MixtureMode, ReadOptions, open_mode, pad_skipped
+from shardstream.read.nodes import SHARES
 from shardstream.read.order import Layout
 from shardstream.read.world import World, get_world
 from shardstream.storage.cache import DEFAULT_CACHE_LIMIT, RemoteCache
@@ -35,13 +38,14 @@ from shardstream.storage.retry import DEFAULT_RETRY, RetryPolicy
 __all__ = ["ShardStream", "STATE_VERSION"]
 
 
-STATE_VERSION = 1
 _START_UNITS = 8  # batches whose shards start_fetch downloads
 _SAMPLE_CHUNK = 256
 
 
 def _check_args(batch_size: int | None, remainder: str, on_error: str, shuffle_buffer: int,
-                epoch_size: int | None) -> None:
+                epoch_size: int | None, node_shares: str) -> None:
+    if node_shares not in SHARES:
+        raise ValueError(f"node_shares must be one of {SHARES}, got {node_shares!r}")
     if batch_size is not None and batch_size < 1:
         raise ValueError(f"batch_size must be >= 1 or None, got {batch_size}")
     if remainder not in ("pad", "drop"):
@@ -57,23 +61,6 @@ def _check_args(batch_size: int | None, remainder: str, on_error: str, shuffle_b
 def _from_mode(name: str, doc: str) -> Any:
     """A read-only property: the mode's attribute ``name``, None where it has none."""
     return property(lambda self: getattr(self.mode, name, None), doc=doc)
-
-
-def _fingerprint(stream: ShardStream) -> dict[str, Any]:
-    """What a resume state must match: the order's parameters and the sample count."""
-    o = stream.options
-    return {"seed": o.seed, "shuffle": o.shuffle, "shuffle_buffer": o.window,
-            "block_shuffle": o.block_shuffle and o.shuffle,
-            "num_samples": stream.num_samples, **stream.mode.fingerprint()}
-
-
-def _check_state(state: dict[str, Any], mine: dict[str, Any]) -> None:
-    if state.get("version") != STATE_VERSION:
-        raise ValueError(f"unsupported state version {state.get('version')!r}")
-    diff = {k: (state.get(k), v) for k, v in mine.items() if state.get(k) != v}
-    if diff:
-        raise ValueError(f"state does not fit this stream (saved vs now: {diff}); resume "
-                         "with the same dataset, seed and shuffle settings")
 
 
 def _refuse_resplit(stream: ShardStream) -> None:
@@ -135,6 +122,11 @@ class ShardStream(IterableDataset):
 
     ``verify_blocks`` (default on, unless ``$SHARDSTREAM_VERIFY_BLOCKS=0``): check
     every block read against the checksum in its index (format v4; docs/safety.md).
+
+    ``local_world_size`` (default torchrun's ``$LOCAL_WORLD_SIZE``, else all ranks):
+    ranks per node. On several nodes each node reads only its share of a dataset's
+    shards (``node_shares="fixed"``: the same every epoch; ``"epoch"``: drawn anew)
+    and every global batch mixes all shares (:mod:`shardstream.read.nodes`).
     """
 
     def __init__(self, source: Any, *, batch_size: int | None = None, shuffle: bool = False,
@@ -148,9 +140,10 @@ class ShardStream(IterableDataset):
                  stop: str | None = None, source_field: str | None = None,
                  storage_options: dict[str, Any] | None = None, cache_dir: str | None = None,
                  cache_limit: int | None = DEFAULT_CACHE_LIMIT, prefetch_shards: int = 2,
-                 retry: RetryPolicy = DEFAULT_RETRY, verify_blocks: bool | None = None) -> None:
+                 retry: RetryPolicy = DEFAULT_RETRY, verify_blocks: bool | None = None,
+                 local_world_size: int | None = None, node_shares: str = "fixed") -> None:
         super().__init__()
-        _check_args(batch_size, remainder, on_error, shuffle_buffer, epoch_size)
+        _check_args(batch_size, remainder, on_error, shuffle_buffer, epoch_size, node_shares)
         self.mode = open_mode(source, weights=weights, stop=stop, epoch_size=epoch_size,
                               resampled=resampled, source_field=source_field,
                               storage_options=storage_options)
@@ -158,11 +151,12 @@ class ShardStream(IterableDataset):
             seed=seed, shuffle=shuffle, shuffle_buffer=shuffle_buffer,
             block_shuffle=block_shuffle, on_error=on_error, cache_bytes=cache_bytes,
             verify_blocks=verify_blocks_default() if verify_blocks is None else verify_blocks,
-            prefetch_shards=prefetch_shards, source_field=source_field)
+            prefetch_shards=prefetch_shards, source_field=source_field, node_shares=node_shares)
         self.batch_size, self.drop_last, self.remainder = batch_size, drop_last, remainder
         self.collate = collate or (Collate(missing="mask") if isinstance(self.mode, MixtureMode)
                                    else default_collate)
-        self.transform, self.rank, self.world_size = transform, rank, world_size
+        self.rank, self.world_size, self.local_world_size = rank, world_size, local_world_size
+        self.transform = transform
         self.remote = RemoteCache(storage_options, cache_dir=cache_dir, max_bytes=cache_limit,
                                   retry=retry)
         self.shared = SharedState()
@@ -178,9 +172,7 @@ class ShardStream(IterableDataset):
     urls = _from_mode("urls", "The shards of a source without manifest, else None.")
     epoch_size = _from_mode("epoch_size", "Samples per epoch of a resampled shard list.")
 
-    @property
-    def verify_blocks(self) -> bool:
-        return self.options.verify_blocks
+    verify_blocks = property(lambda self: self.options.verify_blocks)
 
     @property
     def exact(self) -> bool:
@@ -200,11 +192,13 @@ class ShardStream(IterableDataset):
     def set_epoch(self, epoch: int) -> None:
         """Select the epoch's order; clears a pending resume point of another epoch."""
         _refuse_resplit(self)
-        self.seek(epoch, self.shared.start if epoch == self.shared.epoch else 0)
+        same = epoch == self.shared.epoch
+        self.seek(epoch, self.shared.start if same else 0, self.shared.chain if same else ())
 
-    def seek(self, epoch: int, consumed: int) -> None:
-        """Read ``epoch`` from G offset ``consumed`` at the next ``iter()``."""
-        self.shared.set(epoch, consumed)
+    def seek(self, epoch: int, consumed: int, chain: tuple[tuple[int, int], ...] = ()) -> None:
+        """Read ``epoch`` from offset ``consumed`` of its sequence at the next ``iter()``
+        (``chain``: see :class:`~shardstream.read.modes.Placement`)."""
+        self.shared.set(epoch, consumed, chain)
         self.moves += 1
 
     @property
@@ -222,15 +216,13 @@ class ShardStream(IterableDataset):
         return self.shared.skipped
 
     def world(self) -> World:
-        return get_world(self.rank, self.world_size)
+        return get_world(self.rank, self.world_size, self.local_world_size)
 
-    def layout(self, world_size: int | None = None, start: int | None = None) -> Layout:
-        """The exact layout for this epoch (``start``: samples of G already consumed)."""
+    def layout(self, start: int | None = None) -> Layout:
+        """This rank's exact layout of this epoch (``start``: its sequence consumed)."""
         if not self.exact:
             raise TypeError("an exact layout needs a manifest; this source has none")
-        ws = self.world().world_size if world_size is None else world_size
-        return Layout(self.mode.num_samples, self.shared.start if start is None
-                      else start, ws, self.batch_size or 1, self.drop_last, self.remainder)
+        return plan(self, self.world(), self.shared.start if start is None else start)[0]
 
     def __len__(self) -> int:
         """Per-rank batches (or samples, without batch_size) in one full epoch."""
@@ -245,11 +237,8 @@ class ShardStream(IterableDataset):
     def state_for(self, epoch: int, start: int, units: int) -> dict[str, Any]:
         """State after this rank consumed ``units`` units of an iteration that began at
         G offset ``start`` (every rank is assumed to have consumed as many)."""
-        consumed = self.layout(start=start).consumed_after(units)
-        if consumed is None:
-            epoch, consumed = epoch + 1, 0
-        return {"version": STATE_VERSION, "epoch": epoch, "consumed": consumed,
-                **_fingerprint(self)}
+        layout, _, place = plan(self, self.world(), start)
+        return resume_state(self, epoch, layout.consumed_after(units), place)
 
     def state_dict(self) -> dict[str, Any]:
         """Resume state. In the main process with ``num_workers=0`` it counts what this
@@ -261,18 +250,22 @@ class ShardStream(IterableDataset):
                             "their epoch")
         if get_worker_info() is not None:
             epoch, start, _ = self._local or (self.epoch, self.shared.start, 0)
-            return {"version": STATE_VERSION, "epoch": epoch, "start": start,
-                    "worker_units": self._units, **_fingerprint(self)}
+            place = plan(self, self.world(), start)[2]
+            return resume_state(self, epoch, start, place, start=start, worker_units=self._units)
         return self.state_for(self.epoch, self._iter_start, self._units)
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
         """Continue from ``state`` at the next ``iter()``: the rest of its epoch."""
-        _check_state(state, _fingerprint(self))
+        check_state(state, fingerprint(self))
         if "worker_units" in state:  # a StatefulDataLoader worker's own state
+            if resume_state(self, 0, 0, plan(self, self.world(), 0)[2]).get("nodes") != \
+                    state.get("nodes") or state.get("chain"):
+                raise ValueError("a DataLoader worker's own state resumes on the node count it "
+                                 "was saved on only; save the loader's state instead")
             self._local = (int(state["epoch"]), int(state["start"]), int(state["worker_units"]))
             return
-        self.seek(int(state["epoch"]), int(state["consumed"]))
-        self._iter_start = int(state["consumed"])
+        seek_to(self, state)
+        self._iter_start = self.shared.start
 
     _iter_start = 0
 
@@ -283,11 +276,11 @@ class ShardStream(IterableDataset):
         workers start; a no-op for local sources. Only those: a download beside them
         would slow them down; the workers read ahead once they have a batch."""
         try:
-            layout, batched = self.layout(), bool(self.batch_size)
+            layout, r, place = plan(self, self.world(), self.shared.start)
+            batched = bool(self.batch_size)
             n = _START_UNITS * (1 if batched else _SAMPLE_CHUNK)  # a batch per worker, <= 8
-            for first in _positions(layout, self.world().rank, range(min(n, layout.num_units)),
-                                    batched, step=n):
-                self.mode.start_fetch(self.epoch, self.options, self.remote, first)
+            for first in _positions(layout, r, range(min(n, layout.num_units)), batched, n):
+                self.mode.start_fetch(self.epoch, self.options, self.remote, first, place)
         except Exception:  # noqa: BLE001 - only a head start; iteration reports errors
             return
 
@@ -314,35 +307,29 @@ class ShardStream(IterableDataset):
             yield to_wire(item) if wire else item
 
     def _iter_exact(self, world: World, epoch: int, start: int, skip: int) -> Iterator[Any]:
-        layout = self.layout(world.world_size, start)
+        layout, r, place = plan(self, world, start)
         if layout.num_units == 0:
             return
         reader = self.mode.reader(epoch, self.options, remote=self.remote,
-                                  on_skip=self.shared.count_skip)
-        units = layout.units_of(world.rank, world.worker, world.num_workers)[skip:]
-        positions = _positions(layout, world.rank, units, batched=bool(self.batch_size))
-        self.mode.prefetch(reader, epoch, self.options, positions)
+                                  on_skip=self.shared.count_skip, place=place)
+        units = layout.units_of(r, world.worker, world.num_workers)[skip:]
+        positions = _positions(layout, r, units, batched=bool(self.batch_size))
+        self.mode.prefetch(reader, epoch, self.options, positions, place)
         try:
             if self.batch_size:
-                narrow = self._collates_narrow()  # packed ids widened per batch, not sample
+                narrow = _collates_narrow(self)  # packed ids widened per batch, not sample
                 for j in units:
-                    a, n = layout.span(world.rank, j)
+                    a, n = layout.span(r, j)
                     samples = reader.read(np.arange(a, a + n, dtype=np.int64), narrow=narrow)
                     batch = self._finish(samples)
                     yield self.collate(batch, narrow=True) if narrow else self.collate(batch)
             else:
                 js = np.asarray(units, dtype=np.int64)
                 for c in range(0, len(js), _SAMPLE_CHUNK):
-                    pos = start + js[c:c + _SAMPLE_CHUNK] * world.world_size + world.rank
+                    pos = start + js[c:c + _SAMPLE_CHUNK] * layout.world_size + r
                     yield from self._finish(reader.read(pos))
         finally:
             reader.close()
-
-    def _collates_narrow(self) -> bool:
-        """Read batches with packed arrays left narrow? When the mode can (framed
-        datasets) and nothing but our own collation (which widens them) sees them."""
-        return self.mode.narrow and self.transform is None and \
-            (self.collate is default_collate or type(self.collate) is Collate)
 
     _last_good: list | None = None
 
@@ -354,6 +341,13 @@ class ShardStream(IterableDataset):
         if self.transform is not None:
             samples = [self.transform(s) for s in samples]
         return samples
+
+
+def _collates_narrow(stream: ShardStream) -> bool:
+    """Read batches with packed arrays left narrow? When the mode can (framed
+    datasets) and nothing but our own collation (which widens them) sees them."""
+    return stream.mode.narrow and stream.transform is None and \
+        (stream.collate is default_collate or type(stream.collate) is Collate)
 
 
 def _positions(layout: Layout, rank: int, units: range, batched: bool,

@@ -22,6 +22,7 @@ from shardstream.read import shardlist
 from shardstream.read.blocks import BlockReader
 from shardstream.read.dataset import Dataset
 from shardstream.read.mixture import Mixture, MixtureReader, Source
+from shardstream.read.nodes import NodeOrder, node_shares, remaining
 from shardstream.read.order import EpochOrder
 from shardstream.read.shards import shard_refs
 from shardstream.read.sources import resolve
@@ -29,8 +30,8 @@ from shardstream.read.world import World
 from shardstream.storage.cache import RemoteCache
 from shardstream.storage.urls import is_remote
 
-__all__ = ["ReadOptions", "EpochReader", "DatasetMode", "MixtureMode", "ShardListMode",
-           "open_mode", "pad_skipped"]
+__all__ = ["ReadOptions", "Placement", "EpochReader", "DatasetMode", "MixtureMode",
+           "ShardListMode", "open_mode", "pad_skipped"]
 
 OnSkip = Callable[[int], None]
 
@@ -48,11 +49,28 @@ class ReadOptions:
     verify_blocks: bool = True
     prefetch_shards: int = 2
     source_field: str | None = None
+    node_shares: str = "fixed"
 
     @property
     def window(self) -> int:
         """Positions permuted together: the shuffle buffer when shuffling, else 1."""
         return self.shuffle_buffer if self.shuffle else 1
+
+
+@dataclass(frozen=True)
+class Placement:
+    """Where one rank's node sits in an epoch's layout (see :mod:`shardstream.read.nodes`).
+
+    ``chain``: for an epoch resumed on another number of nodes, the (nodes, consumed)
+    of each earlier part of the epoch, oldest first; empty otherwise."""
+
+    nodes: int = 1
+    node: int = 0
+    chain: tuple[tuple[int, int], ...] = ()
+
+    @property
+    def node_local(self) -> bool:
+        return self.nodes > 1 or bool(self.chain)
 
 
 class EpochReader(Protocol):
@@ -102,37 +120,65 @@ class DatasetMode:
     def _counts(self) -> list[int]:
         return [s.num_samples for s in self.dataset.manifest.shards]
 
+    def order(self, epoch: int, opts: ReadOptions, place: Placement,
+              block_firsts: Callable[[int], np.ndarray] | None = None) -> Any:
+        """The order of ``place``'s node (the whole dataset's on one node): positions ->
+        (shard, sample). Without ``block_firsts`` blocks are not shuffled (the shards
+        each position reads are the same either way)."""
+        bs = opts.block_shuffle and block_firsts is not None
+
+        def orders(nodes: int) -> list[Any]:
+            if nodes == 1:
+                return [EpochOrder(self._counts(), seed=opts.seed, epoch=epoch,
+                                   shuffle=opts.shuffle, block_shuffle=bs,
+                                   window=opts.window, block_firsts=block_firsts)]
+            shares = node_shares(self._counts(), nodes, seed=opts.seed, epoch=epoch,
+                                 shuffle=opts.shuffle, shares=opts.node_shares)
+            return [NodeOrder(pieces, seed=opts.seed, epoch=epoch, node=n,
+                              shuffle=opts.shuffle, block_shuffle=bs, window=opts.window,
+                              block_firsts=block_firsts) for n, pieces in enumerate(shares)]
+
+        if not place.chain:
+            if place.nodes == 1:
+                return orders(1)[0]
+            shares = node_shares(self._counts(), place.nodes, seed=opts.seed, epoch=epoch,
+                                 shuffle=opts.shuffle, shares=opts.node_shares)
+            return NodeOrder(shares[place.node], seed=opts.seed, epoch=epoch, node=place.node,
+                             shuffle=opts.shuffle, block_shuffle=bs, window=opts.window,
+                             block_firsts=block_firsts)
+        parts = orders(place.chain[0][0])
+        after = [nodes for nodes, _ in place.chain[1:]] + [place.nodes]
+        for (_, consumed), nodes in zip(place.chain, after):
+            parts = remaining(parts, consumed, nodes)
+        return parts[place.node]
+
     def reader(self, epoch: int, opts: ReadOptions, *, remote: RemoteCache | None,
-               on_skip: OnSkip | None) -> _OrderReader:
+               on_skip: OnSkip | None, place: Placement = Placement()) -> _OrderReader:
         # in order, a worker never comes back to a block: a big cache only churns memory
         # (~15 % of a worker's time on tokens); shuffled windows need it
         cache = opts.cache_bytes if opts.shuffle else min(opts.cache_bytes, 4 << 20)
         reader = BlockReader(shard_refs(self.dataset), on_error=opts.on_error,
                              cache_bytes=cache, on_skip=on_skip, remote=remote,
                              verify_blocks=opts.verify_blocks)
-        order = EpochOrder(self._counts(), seed=opts.seed, epoch=epoch, shuffle=opts.shuffle,
-                           block_shuffle=opts.block_shuffle, window=opts.window,
-                           block_firsts=reader.block_firsts)
+        order = self.order(epoch, opts, place, block_firsts=reader.block_firsts)
         return _OrderReader(order, reader)
 
     def prefetch(self, reader: EpochReader, epoch: int, opts: ReadOptions,
-                 positions: Iterable[np.ndarray]) -> None:
+                 positions: Iterable[np.ndarray], place: Placement = Placement()) -> None:
         """Download the shards of ``positions`` ahead, in the order they first touch them."""
         if not self.remote or opts.prefetch_shards <= 0 or not isinstance(reader, _OrderReader):
             return
         # a private order: the prefetch thread must not share the reader's caches
-        order = EpochOrder(self._counts(), seed=opts.seed, epoch=epoch, shuffle=opts.shuffle,
-                           block_shuffle=False, window=opts.window)
+        order = self.order(epoch, opts, place)
         reader.reader.prefetch(order.first_use(positions), depth=opts.prefetch_shards)
 
     def start_fetch(self, epoch: int, opts: ReadOptions, remote: RemoteCache,
-                    positions: np.ndarray) -> None:
+                    positions: np.ndarray, place: Placement = Placement()) -> None:
         """Start downloading the first ``prefetch_shards`` shards ``positions`` need (and
         their indexes) in the background: see :meth:`RemoteCache.start_fetch`."""
         if not self.remote or opts.prefetch_shards <= 0:
             return
-        order = EpochOrder(self._counts(), seed=opts.seed, epoch=epoch, shuffle=opts.shuffle,
-                           block_shuffle=False, window=opts.window)
+        order = self.order(epoch, opts, place)
         first = list(order.first_use([positions]))[:opts.prefetch_shards]
         refs = shard_refs(self.dataset)
         remote.start_fetch([(refs[s].path, refs[s].bytes, refs[s].sha256, refs[s].index_path,
@@ -161,7 +207,7 @@ class MixtureMode:
         return {"mixture": self.mixture.signature()}
 
     def reader(self, epoch: int, opts: ReadOptions, *, remote: RemoteCache | None,
-               on_skip: OnSkip | None) -> MixtureReader:
+               on_skip: OnSkip | None, place: Placement = Placement()) -> MixtureReader:
         return MixtureReader(self.mixture, epoch=epoch, seed=opts.seed, shuffle=opts.shuffle,
                              block_shuffle=opts.block_shuffle,
                              shuffle_buffer=opts.shuffle_buffer, on_error=opts.on_error,
@@ -170,11 +216,11 @@ class MixtureMode:
                              verify_blocks=opts.verify_blocks)
 
     def prefetch(self, reader: EpochReader, epoch: int, opts: ReadOptions,
-                 positions: Iterable[np.ndarray]) -> None:
+                 positions: Iterable[np.ndarray], place: Placement = Placement()) -> None:
         return None
 
     def start_fetch(self, epoch: int, opts: ReadOptions, remote: RemoteCache,
-                    positions: np.ndarray) -> None:
+                    positions: np.ndarray, place: Placement = Placement()) -> None:
         return None
 
 

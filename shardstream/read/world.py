@@ -1,8 +1,11 @@
-"""Where this reader sits: distributed rank and DataLoader worker.
+"""Where this reader sits: distributed rank, node and DataLoader worker.
 
 Rank discovery order: explicit arguments, an initialised ``torch.distributed``
 process group, the ``RANK``/``WORLD_SIZE`` environment variables that
-``torchrun`` sets, else a single process. Worker discovery uses
+``torchrun`` sets, else a single process. A node is the ranks sharing a host:
+``local_world_size`` of them, from an explicit argument, else torchrun's
+``LOCAL_WORLD_SIZE``, else all ranks (one node); ranks ``node * local_world_size``
+onwards form node ``node`` (torchrun's numbering). Worker discovery uses
 ``torch.utils.data.get_worker_info()``.
 """
 
@@ -12,7 +15,7 @@ import os
 import sys
 from dataclasses import dataclass
 
-__all__ = ["World", "get_rank", "get_worker", "get_world"]
+__all__ = ["World", "get_rank", "get_worker", "get_world", "get_local_world_size"]
 
 
 @dataclass(frozen=True)
@@ -23,6 +26,20 @@ class World:
     world_size: int = 1
     worker: int = 0
     num_workers: int = 1
+    #: ranks per node (None: all of them, one node)
+    local_world_size: int | None = None
+
+    @property
+    def nodes(self) -> int:
+        return self.world_size // (self.local_world_size or self.world_size)
+
+    @property
+    def node(self) -> int:
+        return self.rank // (self.local_world_size or self.world_size)
+
+    @property
+    def local_rank(self) -> int:
+        return self.rank % (self.local_world_size or self.world_size)
 
     @property
     def readers(self) -> int:
@@ -73,8 +90,23 @@ def get_worker() -> tuple[int, int]:
     return info.id, info.num_workers
 
 
-def get_world(rank: int | None = None, world_size: int | None = None) -> World:
-    """The full picture for the calling process (rank and worker)."""
+def get_local_world_size(world_size: int, local_world_size: int | None = None) -> int:
+    """Ranks per node: explicit, else ``$LOCAL_WORLD_SIZE`` (torchrun), else all ranks.
+
+    A ``world_size`` that is not a multiple of it is a ``ValueError``."""
+    explicit = local_world_size is not None
+    if local_world_size is None:
+        local_world_size = _env_int("LOCAL_WORLD_SIZE") or world_size
+    if local_world_size < 1 or world_size % local_world_size:
+        where = "local_world_size" if explicit else "$LOCAL_WORLD_SIZE"
+        raise ValueError(f"world_size {world_size} is not a multiple of {where}="
+                         f"{local_world_size}: every node must run as many ranks")
+    return local_world_size
+
+
+def get_world(rank: int | None = None, world_size: int | None = None,
+              local_world_size: int | None = None) -> World:
+    """The full picture for the calling process (rank, node and worker)."""
     r, w = get_rank(rank, world_size)
     worker, num_workers = get_worker()
-    return World(r, w, worker, num_workers)
+    return World(r, w, worker, num_workers, get_local_world_size(w, local_world_size))
