@@ -12,9 +12,11 @@ dataset of equal shards three ways and reports, per way:
   one global batch (every rank's batch of one step: what a DDP gradient averages);
 - ``distinct_shards_per_rank_batch``: the same for one rank's batch.
 
-The ways: shardstream's layout as ``ShardStream`` uses it (``EpochOrder`` +
-``Layout`` from :mod:`shardstream.read.order`, default ``shuffle_buffer`` and block
-shuffle, blocks of ``--block-samples``); a true global shuffle (a random permutation
+The ways: shardstream's global layout (``EpochOrder`` + ``Layout`` from
+:mod:`shardstream.read.order`: what ``ShardStream`` reads on one node, and read on
+every node count before node-local epochs), its node-local layout
+(:mod:`shardstream.read.nodes`, what it reads on several nodes), both with the default
+``shuffle_buffer`` and block shuffle, blocks of ``--block-samples``; a true global shuffle (a random permutation
 dealt the same way); and, with ``--peers`` (the peer venv's python, see
 ``../shared/bench/setup.sh``), MosaicML streaming's ``py1e`` and ``py1br`` computed by
 its own partition and shuffle code (``../shared/bench/mds_locality.py``).
@@ -30,6 +32,7 @@ import subprocess
 
 import numpy as np
 
+from shardstream.read.nodes import NodeOrder, node_length, node_shares
 from shardstream.read.order import EpochOrder, Layout
 
 HERE = os.path.dirname(os.path.abspath(__file__))
@@ -72,6 +75,28 @@ def shardstream_layout(nodes: int, per_node: int, shards: int, per_shard: int, b
         for j, n in enumerate(sizes):
             shard[r, j, :n] = s[k:k + n]
             k += n
+    return _stats(shard, shard >= 0, nodes, per_node, shards)
+
+
+def node_local_layout(nodes: int, per_node: int, shards: int, per_shard: int, batch: int,
+                      block_samples: int, shuffle_buffer: int, seed: int, epoch: int) -> dict:
+    """The node-local layout ShardStream reads on ``nodes`` nodes (shardstream.read.nodes)."""
+    counts = [per_shard] * shards
+    shares = node_shares(counts, nodes, seed=seed, epoch=epoch, shuffle=True)
+    layout = Layout(node_length(sum(counts), nodes, "pad"), 0, per_node, batch, False, "pad")
+    steps = layout.num_units
+    shard = np.full((nodes * per_node, steps, batch), -1, dtype=np.int64)
+    for k, pieces in enumerate(shares):
+        order = NodeOrder(pieces, seed=seed, epoch=epoch, node=k, shuffle=True,
+                          window=shuffle_buffer)
+        for r in range(per_node):
+            spans = [layout.span(r, j) for j in range(steps)]
+            s, _ = order.locate(np.concatenate([np.arange(a, a + n, dtype=np.int64)
+                                                for a, n in spans]))
+            at = 0
+            for j, (_, n) in enumerate(spans):
+                shard[k * per_node + r, j, :n] = s[at:at + n]
+                at += n
     return _stats(shard, shard >= 0, nodes, per_node, shards)
 
 
@@ -119,9 +144,12 @@ def main() -> None:
         nodes, per_node = (int(x) for x in geo.split("x"))
         shards = max(160, a.shards_per_rank * nodes * per_node)
         base = {"geometry": geo, "shards": shards, "per_shard": a.per_shard, "batch": a.batch}
-        ways = {"shardstream": shardstream_layout(nodes, per_node, shards, a.per_shard,
+        ways = {"shardstream (global, before)": shardstream_layout(nodes, per_node, shards, a.per_shard,
                                                   a.batch, a.block_samples, a.shuffle_buffer,
                                                   a.seed, a.epoch),
+                "shardstream node-local": node_local_layout(
+                    nodes, per_node, shards, a.per_shard, a.batch, a.block_samples,
+                    a.shuffle_buffer, a.seed, a.epoch),
                 "global shuffle": global_shuffle(nodes, per_node, shards, a.per_shard,
                                                  a.batch, a.seed)}
         if a.peers:

@@ -135,8 +135,8 @@ class DatasetMode:
             shares = node_shares(self._counts(), nodes, seed=opts.seed, epoch=epoch,
                                  shuffle=opts.shuffle, shares=opts.node_shares)
             return [NodeOrder(pieces, seed=opts.seed, epoch=epoch, node=n,
-                              shuffle=opts.shuffle, block_shuffle=bs, window=opts.window,
-                              block_firsts=block_firsts) for n, pieces in enumerate(shares)]
+                              shuffle=opts.shuffle, window=opts.window)
+                    for n, pieces in enumerate(shares)]
 
         if not place.chain:
             if place.nodes == 1:
@@ -144,8 +144,7 @@ class DatasetMode:
             shares = node_shares(self._counts(), place.nodes, seed=opts.seed, epoch=epoch,
                                  shuffle=opts.shuffle, shares=opts.node_shares)
             return NodeOrder(shares[place.node], seed=opts.seed, epoch=epoch, node=place.node,
-                             shuffle=opts.shuffle, block_shuffle=bs, window=opts.window,
-                             block_firsts=block_firsts)
+                             shuffle=opts.shuffle, window=opts.window)
         parts = orders(place.chain[0][0])
         after = [nodes for nodes, _ in place.chain[1:]] + [place.nodes]
         for (_, consumed), nodes in zip(place.chain, after):

@@ -9,10 +9,10 @@ sequence:
    (``shares="epoch"``), are laid end to end and cut into ``nodes`` runs of
    ``N // nodes`` or ``N // nodes + 1`` samples; a shard at a cut is split between
    two nodes by samples (each reads its part through the index).
-2. **The node's sequence.** :class:`NodeOrder` orders one share like an epoch of its
-   own (:class:`~shardstream.read.order.EpochOrder` over the share's pieces: pieces
-   permuted, blocks shuffled, samples permuted in windows of ``shuffle_buffer``), so
-   a window, and the rank batches cut from it, spans many of the node's shards.
+2. **The node's sequence.** :class:`NodeOrder` cuts the share into chunks of
+   :data:`CHUNK` samples, permutes them across all the node's shards and then the
+   positions in windows of ``shuffle_buffer`` (a block shuffle, then windows), so a
+   window, and the rank batches cut from it, spans most of the node's shards.
 3. **Equal units.** Every node's sequence counts as ``M`` samples
    (:func:`node_length`: ``ceil(N / nodes)`` with ``remainder="pad"``, shorter
    sequences wrapping round; ``N // nodes`` with ``"drop"``) and is cut by a
@@ -31,17 +31,20 @@ Mixtures and shard lists are laid out as before (one global sequence).
 
 from __future__ import annotations
 
-from typing import Callable, Iterable, Iterator, Sequence
+from typing import Iterable, Iterator, Sequence
 
 import numpy as np
 
 from shardstream.read.order import EpochOrder, rng_for
 
-__all__ = ["SHARE_TAG", "SHARES", "Pieces", "node_shares", "node_length", "NodeOrder",
+__all__ = ["SHARE_TAG", "SHARES", "CHUNK", "Pieces", "node_shares", "node_length", "NodeOrder",
            "ListOrder", "remaining", "left_after"]
 
 SHARE_TAG = 6
 SHARES = ("fixed", "epoch")
+#: samples per chunk of a node's sequence: permuted across the node's shards, read as a
+#: run (a chunk spans one or two blocks of a shard), so a window mixes many shards
+CHUNK = 64
 _GOLDEN = 0x9E3779B97F4A7C15  # spreads node ids over the seed space
 _MASK = (1 << 64) - 1
 
@@ -84,36 +87,39 @@ def node_length(num_samples: int, nodes: int, remainder: str) -> int:
 class NodeOrder:
     """One node's share as a sequence, in its epoch order: positions -> (shard, sample).
 
-    Positions are taken modulo the share's size (a pad position wraps round)."""
+    The share's pieces are cut into chunks of :data:`CHUNK` consecutive samples; when
+    shuffling, the chunks of all the node's shards are permuted by (seed, epoch, node)
+    and the positions then permuted inside windows of ``window`` (a block shuffle
+    across shards, then windows), so a window spans most of the node's shards while
+    each chunk is still read as a run from one or two blocks. No index is needed to
+    know the order. Positions are taken modulo the share's size (pads wrap round)."""
 
     def __init__(self, pieces: Pieces, *, seed: int, epoch: int, node: int, shuffle: bool,
-                 block_shuffle: bool, window: int,
-                 block_firsts: Callable[[int], np.ndarray] | None = None) -> None:
-        self.shard, self.lo, hi = pieces
-        self.num_samples = int((hi - self.lo).sum())
-        self._block_firsts = block_firsts
-        self._hi = hi
-        self.inner = EpochOrder((hi - self.lo).tolist(), seed=(seed ^ (node + 1) * _GOLDEN) & _MASK,
-                                epoch=epoch, shuffle=shuffle, block_shuffle=block_shuffle,
-                                window=window,
-                                block_firsts=self._piece_firsts if block_firsts else None)
-
-    def _piece_firsts(self, p: int) -> np.ndarray:
-        """The blocks of piece ``p``: its shard's blocks, cut to the piece."""
-        firsts = np.asarray(self._block_firsts(int(self.shard[p])), dtype=np.int64)  # type: ignore[misc]
-        lo, hi = int(self.lo[p]), int(self._hi[p])
-        return np.concatenate([[0], firsts[(firsts > lo) & (firsts < hi)] - lo])
+                 window: int) -> None:
+        shard, lo, hi = pieces
+        counts = hi - lo
+        self.num_samples = int(counts.sum())
+        per = -(-counts // CHUNK)  # chunks per piece
+        piece = np.repeat(np.arange(len(counts)), per)
+        first = np.arange(len(piece)) - np.repeat(np.cumsum(per) - per, per)
+        offset = first * CHUNK
+        self.chunk_shard = shard[piece]
+        self.chunk_lo = lo[piece] + offset
+        sizes = np.minimum(CHUNK, counts[piece] - offset)
+        self.inner = EpochOrder(sizes.tolist(), seed=(seed ^ (node + 1) * _GOLDEN) & _MASK,
+                                epoch=epoch, shuffle=shuffle, block_shuffle=False,
+                                window=window)
 
     def locate(self, positions: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
         """(shard ids, shard-local ordinals) of the samples at ``positions``."""
-        piece, local = self.inner.locate(positions)
-        return self.shard[piece], self.lo[piece] + local
+        chunk, local = self.inner.locate(positions)
+        return self.chunk_shard[chunk], self.chunk_lo[chunk] + local
 
     def first_use(self, positions: Iterable[np.ndarray]) -> Iterator[int]:
         """Shard ids in the order the batches of ``positions`` first touch them."""
         seen: set[int] = set()
-        for p in self.inner.first_use(positions):
-            s = int(self.shard[p])
+        for c in self.inner.first_use(positions):
+            s = int(self.chunk_shard[c])
             if s not in seen:
                 seen.add(s)
                 yield s

@@ -17,10 +17,8 @@ from shardstream.read.nodes import NodeOrder, node_length, node_shares, remainin
 from shardstream.read.order import Layout
 
 
-def _orders(counts, nodes, *, seed=0, epoch=0, shuffle=True, window=64, block=8):
-    firsts = {s: np.arange(0, c, block, dtype=np.int64) for s, c in enumerate(counts)}
-    return [NodeOrder(p, seed=seed, epoch=epoch, node=n, shuffle=shuffle, block_shuffle=True,
-                      window=window, block_firsts=firsts.__getitem__)
+def _orders(counts, nodes, *, seed=0, epoch=0, shuffle=True, window=64):
+    return [NodeOrder(p, seed=seed, epoch=epoch, node=n, shuffle=shuffle, window=window)
             for n, p in enumerate(node_shares(counts, nodes, seed=seed, epoch=epoch,
                                               shuffle=shuffle))]
 
@@ -77,7 +75,7 @@ def test_epoch_is_exact_and_equal_on_every_geometry(counts, nodes, local, unit, 
 def test_each_node_reads_its_share_and_global_batches_mix_all_nodes():
     counts = [250] * 160
     nodes, local, batch = 8, 4, 16
-    ranks = _read_epoch(_orders(counts, nodes, window=8192, block=32), counts, local, batch)
+    ranks = _read_epoch(_orders(counts, nodes, window=8192), counts, local, batch)
     per_node = [np.unique(np.concatenate([u for units in ranks[n * local:(n + 1) * local]
                                            for u in units]) // 250) for n in range(nodes)]
     assert max(len(p) for p in per_node) <= 160 / nodes + 2  # its share plus boundary shards
@@ -113,8 +111,8 @@ def test_layout_simulation_1024_ranks_8_workers_and_a_resume_into_96_nodes():
     counts = [500] * 2048  # 1,024,000 samples
     nodes, local, workers, batch = 128, 8, 8, 16
     shares = node_shares(counts, nodes, seed=7, epoch=2, shuffle=True)
-    orders = [NodeOrder(p, seed=7, epoch=2, node=k, shuffle=True, block_shuffle=False,
-                        window=8192) for k, p in enumerate(shares)]
+    orders = [NodeOrder(p, seed=7, epoch=2, node=k, shuffle=True, window=8192)
+              for k, p in enumerate(shares)]
     base = np.concatenate([[0], np.cumsum(counts)])
     m = node_length(sum(counts), nodes, "pad")
     layout = Layout(m, 0, local, batch, False, "pad")
