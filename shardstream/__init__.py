@@ -8,7 +8,7 @@ imported on first use.
 
 import importlib as _importlib
 
-__version__ = "0.3.0"
+__version__ = "0.4.0"
 
 from .errors import (CorruptShardError, DatasetExistsError, DatasetLockedError, DecodeError,
                      EncodeError, IndexMismatchError, InputError, ManifestError, ShardNotFoundError,
