@@ -32,7 +32,7 @@ from shardstream.format.index import INDEX_SUFFIX
 from shardstream.format.members import decode_member
 from shardstream.format.webdataset import index_from_bytes
 from shardstream.read.blocks import BlockReader
-from shardstream.read.order import rng_for
+from shardstream.read.order import BUFFER_TAG, RESAMPLE_TAG, SHARD_TAG, rng_for
 from shardstream.read.shards import ShardRef
 from shardstream.storage import streams
 from shardstream.storage.cache import Prefetcher, RemoteCache
@@ -43,7 +43,6 @@ __all__ = ["decode_wds_sample", "iter_shard", "iter_shards", "split_shards",
 
 
 log = logging.getLogger("shardstream")
-_SHARD_TAG, _BUFFER_TAG, _RESAMPLE_TAG = 1, 4, 5
 
 
 def decode_wds_sample(sample: dict[str, Any], *, url: str = "?") -> dict[str, Any]:
@@ -181,14 +180,14 @@ def split_shards(urls: Sequence[str], *, rank: int, world_size: int, worker: int
     """Shuffle shards by (seed, epoch), then keep this rank's and worker's share."""
     order = list(urls)
     if shuffle:
-        order = [order[i] for i in rng_for(seed, epoch, _SHARD_TAG).permutation(len(order))]
+        order = [order[i] for i in rng_for(seed, epoch, SHARD_TAG).permutation(len(order))]
     return order[rank::world_size][worker::num_workers]
 
 
 def resampled_shards(urls: Sequence[str], *, seed: int, epoch: int, rank: int,
                      worker: int) -> Iterator[str]:
     """Endless shards drawn with replacement, seeded per (seed, epoch, rank, worker)."""
-    rng = rng_for(seed, epoch, _RESAMPLE_TAG, rank, worker)
+    rng = rng_for(seed, epoch, RESAMPLE_TAG, rank, worker)
     while True:
         for i in rng.integers(0, len(urls), 1024):
             yield urls[int(i)]
@@ -199,7 +198,7 @@ def buffer_shuffle(data: Iterable[Any], size: int, *, seed: int, epoch: int, ran
     """Deterministic buffer shuffle (webdataset's algorithm, seeded per reader)."""
     import webdataset as wds
 
-    rng = random.Random(hash((seed, epoch, _BUFFER_TAG, rank, worker)))
+    rng = random.Random(hash((seed, epoch, BUFFER_TAG, rank, worker)))
     return wds.filters._shuffle(iter(data), bufsize=size, initial=min(size, 100), rng=rng)
 
 
