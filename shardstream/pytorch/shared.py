@@ -14,7 +14,7 @@ from typing import Any
 
 from torch.utils.data import get_worker_info
 
-__all__ = ["SharedState", "MAX_WORKERS"]
+__all__ = ["SharedState", "MAX_WORKERS", "MAX_CHAIN", "STATS"]
 
 #: DataLoader workers with their own skip counter (more share the last one)
 MAX_WORKERS = 256
@@ -22,13 +22,20 @@ MAX_WORKERS = 256
 MAX_CHAIN = 16
 _EPOCH, _START, _SKIP0 = 0, 1, 2  # slots of the array; skips: _SKIP0 + worker + 1
 _CHAIN = _SKIP0 + MAX_WORKERS + 1  # chain length, then (nodes, consumed) pairs
+#: node-cache counters (see RemoteCache.stats), one row of them per process
+STATS = ("bytes_downloaded", "shards_downloaded", "indexes_downloaded", "shard_hits",
+         "index_hits")
+_STATS = _CHAIN + 1 + 2 * MAX_CHAIN
+_SIZE = _STATS + len(STATS) * (MAX_WORKERS + 1)
+_KINDS = {"shard_download": (0, 1), "index_download": (0, 2), "shard_hit": (None, 3),
+          "index_hit": (None, 4)}  # kind -> (bytes counter, count counter)
 
 
 class SharedState:
     """(epoch, G offset to start from, samples skipped per process) in shared memory."""
 
     def __init__(self) -> None:
-        self._array = mp.RawArray("q", _CHAIN + 1 + 2 * MAX_CHAIN)
+        self._array = mp.RawArray("q", _SIZE)
 
     def __getstate__(self) -> dict[str, Any]:
         """Plain pickling/deepcopy gets a private copy; starting a worker process
@@ -74,8 +81,28 @@ class SharedState:
     def skipped(self) -> int:
         return int(sum(self._array[_SKIP0:_CHAIN]))
 
+    def count(self, kind: str, nbytes: int) -> None:
+        """Count a node-cache event of this process (a :class:`CacheStats`)."""
+        row = _STATS + len(STATS) * _process_slot()
+        size_at, count_at = _KINDS[kind]
+        if size_at is not None:
+            self._array[row + size_at] += nbytes
+        self._array[row + count_at] += 1
+
+    @property
+    def cache_stats(self) -> dict[str, int]:
+        """The node-cache counters, summed over this process and its workers."""
+        rows = len(STATS)
+        return {name: int(sum(self._array[_STATS + k:_SIZE:rows]))
+                for k, name in enumerate(STATS)}
+
     def count_skip(self, n: int) -> None:
         """Add ``n`` skipped samples to this process's counter."""
-        info = get_worker_info()
-        slot = _SKIP0 + (info.id + 1 if info is not None else 0)
-        self._array[min(slot, _CHAIN - 1)] += n
+        self._array[_SKIP0 + _process_slot()] += n
+
+
+def _process_slot() -> int:
+    """0 for the main process, 1 + its id for a DataLoader worker (the last slot is
+    shared by workers past MAX_WORKERS)."""
+    info = get_worker_info()
+    return min(info.id + 1, MAX_WORKERS) if info is not None else 0

@@ -157,14 +157,12 @@ class ShardStream(IterableDataset):
                                    else default_collate)
         self.rank, self.world_size, self.local_world_size = rank, world_size, local_world_size
         self.transform = transform
+        self.shared = SharedState()  # epoch, resume point and counters, shared with workers
         self.remote = RemoteCache(storage_options, cache_dir=cache_dir, max_bytes=cache_limit,
-                                  retry=retry)
-        self.shared = SharedState()
+                                  retry=retry, stats=self.shared)
         self._local: tuple[int, int, int] | None = None  # (epoch, start, units) in a worker
         self._units = 0  # units yielded by this process's current iteration
-        #: workers send numpy over shared memory and the loader makes the tensors
-        #: (set by :func:`shardstream.loader`; see :mod:`shardstream.pytorch.wire`)
-        self.wire = False
+        self.wire = False  #: workers hand batches over as numpy in shared memory (loader())
 
     # -- what is read ------------------------------------------------------------
     dataset = _from_mode("dataset", "The dataset (one manifest), else None.")
@@ -173,6 +171,7 @@ class ShardStream(IterableDataset):
     epoch_size = _from_mode("epoch_size", "Samples per epoch of a resampled shard list.")
 
     verify_blocks = property(lambda self: self.options.verify_blocks)
+    cache_stats = property(lambda self: self.shared.cache_stats)  #: this rank's, with workers
 
     @property
     def exact(self) -> bool:

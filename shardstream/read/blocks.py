@@ -22,7 +22,8 @@ from shardstream.format.codec import decode_sample, iter_samples
 from shardstream.format.index import verify_blocks_default
 from shardstream.read.dataset import damage_detail
 from shardstream.read.shards import OpenShard, ShardRef, open_local, open_remote
-from shardstream.storage.cache import Prefetcher, RemoteCache
+from shardstream.storage.cache import RemoteCache
+from shardstream.storage.readahead import Prefetcher
 from shardstream.storage.urls import is_remote
 
 __all__ = ["BlockReader"]

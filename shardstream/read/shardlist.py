@@ -35,7 +35,8 @@ from shardstream.read.blocks import BlockReader
 from shardstream.read.order import BUFFER_TAG, RESAMPLE_TAG, SHARD_TAG, rng_for
 from shardstream.read.shards import ShardRef
 from shardstream.storage import streams
-from shardstream.storage.cache import Prefetcher, RemoteCache
+from shardstream.storage.cache import RemoteCache
+from shardstream.storage.readahead import Prefetcher
 from shardstream.storage.urls import is_remote, local_path
 
 __all__ = ["decode_wds_sample", "iter_shard", "iter_shards", "split_shards",

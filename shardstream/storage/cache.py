@@ -18,15 +18,17 @@ cache directory, and then read with ``pread`` exactly like a local shard.
   what it cannot lock exclusively at once. Entry names are built from the
   URL's hash, a hex digest and a tamed copy of the URL's last component, and
   checked to stay inside the cache directory.
-- :class:`Prefetcher`: a background thread that downloads the shards a
-  reader will need next, in the order it will first touch them, at most
-  ``depth`` shards ahead of it.
+- :class:`~shardstream.storage.readahead.Prefetcher`: a background thread that
+  downloads the shards a reader will need next, in the order it will first touch
+  them, at most ``depth`` shards ahead of it.
+- :class:`CacheStats`: where a cache counts its downloads (bytes, shards, indexes)
+  and its hits (``ShardStream.cache_stats`` sums them over a rank's processes).
 - :meth:`RemoteCache.start_fetch`: start-up read-ahead. A ShardStream knows
   the first shards its first batches touch as soon as it has the manifest;
   ``ShardStream.start_fetch`` (called by the loader) fetches their indexes and then
   the shards in a background thread of the calling process, while DataLoader
-  workers start (fork, their own storage clients). Workers find the indexes on disk and wait for a shard
-  still downloading under its lock, as for any other process's download; a
+  workers start (fork, their own storage clients). Workers find the indexes on
+  disk and wait for a shard still downloading under its lock, as for any other process's download; a
   reader in the same process waits for the fetch itself and gets its error.
 """
 
@@ -40,13 +42,13 @@ import re
 import tempfile
 import threading
 from concurrent.futures import Future
-from typing import Any, Callable, Hashable, Iterable, Sequence
+from typing import Any, Callable, Protocol, Sequence
 
 from shardstream.errors import ManifestError, ShardNotFoundError, StorageError
 from shardstream.storage import download, files, io, locks, urls
 from shardstream.storage.retry import DEFAULT_RETRY, RetryPolicy
 
-__all__ = ["RemoteCache", "Prefetcher", "default_cache_dir", "DEFAULT_CACHE_LIMIT"]
+__all__ = ["RemoteCache", "CacheStats", "default_cache_dir", "DEFAULT_CACHE_LIMIT"]
 
 
 #: default size limit of the node-local shard cache
@@ -77,6 +79,15 @@ def _tag(url: str, sha256: str) -> str:
     return sha256[:16]
 
 
+class CacheStats(Protocol):
+    """Where a :class:`RemoteCache` counts what it did: ``kind`` is ``"shard_download"``
+    or ``"index_download"`` (``nbytes`` downloaded by this process) or ``"shard_hit"``
+    / ``"index_hit"`` (found in the node cache, or fetched by another process of the
+    node while this one waited for it)."""
+
+    def count(self, kind: str, nbytes: int) -> None: ...
+
+
 class RemoteCache:
     """Downloads remote shards (and indexes) into ``cache_dir``; see the module docs.
 
@@ -85,8 +96,10 @@ class RemoteCache:
 
     def __init__(self, storage_options: dict[str, Any] | None = None, *,
                  cache_dir: str | None = None, max_bytes: int | None = DEFAULT_CACHE_LIMIT,
-                 retry: RetryPolicy = DEFAULT_RETRY) -> None:
+                 retry: RetryPolicy = DEFAULT_RETRY, stats: CacheStats | None = None) -> None:
         self.storage_options = dict(storage_options or {})
+        #: where downloads and cache hits are counted (``count(kind, nbytes)``), if anywhere
+        self.stats = stats
         self.cache_dir = os.fspath(cache_dir) if cache_dir is not None else default_cache_dir()
         self.max_bytes = max_bytes
         self.retry = retry
@@ -190,8 +203,13 @@ class RemoteCache:
                     if data is None:
                         data = io.read_bytes(url, storage_options=self.storage_options,
                                                   retry=self.retry, max_bytes=size)
+                        self._count("index_download", len(data))
                         if path is not None and hashlib.sha256(data).hexdigest() == sha256:
                             self._store(path, data)
+                    else:
+                        self._count("index_hit", 0)
+            else:
+                self._count("index_hit", 0)
         except ShardNotFoundError:
             self._indexes[url] = None
             if missing_ok:
@@ -269,6 +287,7 @@ class RemoteCache:
             size = io.size(url, storage_options=self.storage_options, retry=self.retry)
         dest = self._dest(url, size, sha256)
         if self._complete(dest, size):
+            self._count("shard_hit", 0)
             return dest
         os.makedirs(self.cache_dir, exist_ok=True)
         lock = os.path.join(self.cache_dir, "." + os.path.basename(dest) + ".lock")
@@ -277,8 +296,15 @@ class RemoteCache:
                 return None
             if not self._complete(dest, size):
                 download.download(url, dest, self.storage_options, self.retry, size)
+                self._count("shard_download", size)
+            else:  # another process of this node downloaded it meanwhile
+                self._count("shard_hit", 0)
         locks.evict(self.cache_dir, self.max_bytes, keep=dest)
         return dest
+
+    def _count(self, kind: str, nbytes: int) -> None:
+        if self.stats is not None:
+            self.stats.count(kind, nbytes)
 
     @staticmethod
     def _complete(path: str, size: int) -> bool:
@@ -308,75 +334,3 @@ class RemoteCache:
         raise StorageError(f"{url}: the cached copy keeps being evicted from {self.cache_dir} "
                            "before it can be opened; raise the cache size limit "
                            "(cache_limit=) or give this reader a cache_dir of its own")
-
-
-class Prefetcher:
-    """Runs ``fetch(key)`` in a background thread for keys in ``order``, ``depth`` ahead.
-
-    ``depth`` counts fetched values the reader has not taken yet; a fetch that
-    returns None (a shard another process downloads or downloaded) takes no place.
-
-    With ``after``, the thread starts once that event is set. The reader calls
-    :meth:`take` for a key when it needs it: it waits for that
-    key's fetch if one was started (re-raising its error) and lets the thread
-    move on; a key not fetched yet returns None (the reader fetches it itself).
-    """
-
-    def __init__(self, fetch: Callable[[Any], Any], order: Iterable[Hashable], *,
-                 depth: int = 2, after: threading.Event | None = None) -> None:
-        self._fetch, self._order, self.depth = fetch, iter(order), max(1, depth)
-        self._after = after
-        self._futures: dict[Hashable, Future] = {}
-        self._taken: set[Hashable] = set()
-        self._cond = threading.Condition()
-        self._stop = False
-        self._thread = threading.Thread(target=self._run, name="shardstream-prefetch",
-                                        daemon=True)
-        self._thread.start()
-
-    def _run(self) -> None:
-        while self._after is not None and not self._after.wait(0.05):
-            if self._stop:
-                return
-        try:
-            for key in self._order:
-                with self._cond:
-                    while len(self._futures) >= self.depth and not self._stop:
-                        self._cond.wait()
-                    if self._stop:
-                        return
-                    if key in self._futures or key in self._taken:
-                        continue
-                    fut: Future = Future()
-                    self._futures[key] = fut
-                try:
-                    got = self._fetch(key)
-                except BaseException as exc:  # handed to the reader by take()
-                    fut.set_exception(exc)
-                    continue
-                fut.set_result(got)
-                if got is None:  # not ours to fetch (another process has it, or local):
-                    with self._cond:  # it holds no place in the read-ahead
-                        if self._futures.get(key) is fut:
-                            del self._futures[key]
-        except Exception:  # noqa: BLE001 - a broken order: the reader fetches itself
-            return
-
-    def take(self, key: Hashable) -> Any:
-        """The fetched value of ``key``, or None when the thread has not started it."""
-        with self._cond:
-            fut = self._futures.get(key)
-            self._taken.add(key)
-        if fut is None:
-            return None
-        try:
-            return fut.result()
-        finally:
-            with self._cond:
-                self._futures.pop(key, None)
-                self._cond.notify_all()
-
-    def close(self) -> None:
-        with self._cond:
-            self._stop = True
-            self._cond.notify_all()

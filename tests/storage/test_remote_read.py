@@ -208,6 +208,38 @@ def test_torchrun_two_ranks_over_s3(s3_server, s3_bucket, tmp_path, monkeypatch)
     assert sorted(set(flat)) == list(range(1003)) and len(flat) == 1004  # pad repeats 1
 
 
+@pytest.mark.slow
+def test_two_torchrun_nodes_over_s3_each_download_their_share(s3_server, s3_bucket, tmp_path,
+                                                              monkeypatch):
+    """Two torchrun nodes x 2 ranks x 2 workers on this machine, one cache dir per node,
+    reading from SeaweedFS: one exact epoch, and each node downloads about half of
+    the dataset's shards and bytes, each shard once (the stream's cache_stats)."""
+    from test_distributed import torchrun_nodes
+
+    n = 2000
+    url = _write(f"{s3_bucket}/nodes", n=n, opts=s3_server.storage_options)
+    m = load_manifest(url, s3_server.storage_options)
+    for k, v in s3_server.env.items():
+        monkeypatch.setenv(k, v)
+    out = tmp_path / "out"
+    out.mkdir()
+    script = os.path.join(TESTS, "scripts", "ddp_remote.py")
+    torchrun_nodes(script, url, str(out), str(tmp_path / "cache-{node}"))
+    ranks = [json.loads((out / f"rank{r}.json").read_text()) for r in range(4)]
+    assert len({len(r["batches"]) for r in ranks}) == 1
+    flat = [i for r in ranks for b in r["batches"] for i in b]
+    assert set(flat) == set(range(n)) and len(flat) - n < 4
+    total = sum(s.bytes for s in m.shards)
+    for node in (0, 1):
+        stats = [r["stats"] for r in ranks if r["node"] == node]
+        shards = sum(s["shards_downloaded"] for s in stats)
+        got = sum(s["bytes_downloaded"] for s in stats)
+        assert shards <= len(m.shards) / 2 + 1  # its share (+ the shard at the cut), once
+        assert got <= total / 2 + max(s.bytes for s in m.shards) + 64 * 1024 * len(m.shards)
+        cached = [f for f in os.listdir(tmp_path / f"cache-{node}") if f.endswith(".tar")]
+        assert len(cached) == shards  # each shard downloaded once per node
+
+
 def _wait_start_fetch(ds) -> None:
     for fut in list(ds.remote._own_pending().values()):
         fut.exception(timeout=30)
@@ -279,7 +311,7 @@ def test_read_ahead_skips_shards_another_process_fetches():
     reader to get there."""
     import threading
 
-    from shardstream.storage.cache import Prefetcher
+    from shardstream.storage.readahead import Prefetcher
     fetched, release = [], threading.Event()
 
     def fetch(key):
