@@ -28,7 +28,7 @@ from shardstream.pytorch.resume import (STATE_VERSION, check_state, fingerprint,
                                         seek_to)
 from shardstream.pytorch.shared import SharedState
 from shardstream.pytorch.wire import to_wire
-from shardstream.read.modes import MixtureMode, ReadOptions, open_mode, pad_skipped
+from shardstream.read.modes import DatasetMode, MixtureMode, ReadOptions, open_mode, pad_skipped
 from shardstream.read.nodes import SHARES
 from shardstream.read.order import Layout
 from shardstream.read.world import World, get_world
@@ -61,6 +61,22 @@ def _check_args(batch_size: int | None, remainder: str, on_error: str, shuffle_b
 def _from_mode(name: str, doc: str) -> Any:
     """A read-only property: the mode's attribute ``name``, None where it has none."""
     return property(lambda self: getattr(self.mode, name, None), doc=doc)
+
+
+def _check_cache_limit(stream: ShardStream, limit: int | None) -> None:
+    """A ``cache_limit`` below what this rank's node needs at once is a ValueError now,
+    naming the minimum (else the cache would download shards again and again)."""
+    if limit is None or not isinstance(stream.mode, DatasetMode) or not stream.mode.remote:
+        return
+    place = plan(stream, stream.world(), 0)[2]
+    need = stream.mode.cache_needed(stream.epoch, stream.options, place)
+    if limit < need:
+        raise ValueError(
+            f"cache_limit={limit} bytes is below what reading {stream.mode.name} needs in "
+            f"the node cache at once: {need} bytes (the shards two consecutive shuffle "
+            f"windows touch, plus {stream.options.prefetch_shards} read-ahead shards). "
+            f"Raise cache_limit to at least {need}, or lower shuffle_buffer or "
+            "prefetch_shards")
 
 
 def _refuse_resplit(stream: ShardStream) -> None:
@@ -160,6 +176,7 @@ class ShardStream(IterableDataset):
         self.shared = SharedState()  # epoch, resume point and counters, shared with workers
         self.remote = RemoteCache(storage_options, cache_dir=cache_dir, max_bytes=cache_limit,
                                   retry=retry, stats=self.shared)
+        _check_cache_limit(self, cache_limit)
         self._local: tuple[int, int, int] | None = None  # (epoch, start, units) in a worker
         self._units = 0  # units yielded by this process's current iteration
         self.wire = False  #: workers hand batches over as numpy in shared memory (loader())

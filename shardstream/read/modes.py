@@ -22,7 +22,7 @@ from shardstream.read import shardlist
 from shardstream.read.blocks import BlockReader
 from shardstream.read.dataset import Dataset
 from shardstream.read.mixture import Mixture, MixtureReader, Source
-from shardstream.read.nodes import NodeOrder, node_shares, remaining
+from shardstream.read.nodes import NodeOrder, cache_needed, node_shares, remaining
 from shardstream.read.order import EpochOrder
 from shardstream.read.shards import shard_refs
 from shardstream.read.sources import resolve
@@ -150,6 +150,15 @@ class DatasetMode:
         for (_, consumed), nodes in zip(place.chain, after):
             parts = remaining(parts, consumed, nodes)
         return parts[place.node]
+
+    def cache_needed(self, epoch: int, opts: ReadOptions, place: Placement) -> int:
+        """Bytes of node cache this node's schedule needs at once (see
+        :func:`~shardstream.read.nodes.cache_needed`); 0 for a local dataset."""
+        if not self.remote:
+            return 0
+        sizes = np.array([s.bytes for s in self.dataset.manifest.shards], dtype=np.int64)
+        return cache_needed(self.order(epoch, opts, place), sizes, opts.window,
+                            opts.prefetch_shards)
 
     def reader(self, epoch: int, opts: ReadOptions, *, remote: RemoteCache | None,
                on_skip: OnSkip | None, place: Placement = Placement()) -> _OrderReader:

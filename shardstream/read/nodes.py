@@ -38,7 +38,7 @@ import numpy as np
 from shardstream.read.order import EpochOrder, rng_for
 
 __all__ = ["SHARE_TAG", "SHARES", "CHUNK", "Pieces", "node_shares", "node_length", "NodeOrder",
-           "ListOrder", "remaining", "left_after"]
+           "ListOrder", "remaining", "left_after", "cache_needed"]
 
 SHARE_TAG = 6
 SHARES = ("fixed", "epoch")
@@ -115,6 +115,10 @@ class NodeOrder:
         chunk, local = self.inner.locate(positions)
         return self.chunk_shard[chunk], self.chunk_lo[chunk] + local
 
+    def shards_at(self, positions: np.ndarray) -> np.ndarray:
+        """Shard ids of the samples at ``positions``."""
+        return self.chunk_shard[self.inner.shards_at(positions)]
+
     def first_use(self, positions: Iterable[np.ndarray]) -> Iterator[int]:
         """Shard ids in the order the batches of ``positions`` first touch them."""
         seen: set[int] = set()
@@ -135,6 +139,9 @@ class ListOrder:
     def locate(self, positions: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
         i = np.asarray(positions, dtype=np.int64) % max(self.num_samples, 1)
         return self.shards[i], self.local[i]
+
+    def shards_at(self, positions: np.ndarray) -> np.ndarray:
+        return self.locate(positions)[0]
 
     def first_use(self, positions: Iterable[np.ndarray]) -> Iterator[int]:
         seen: set[int] = set()
@@ -188,3 +195,18 @@ def left_after(num_samples: int, chain: Sequence[tuple[int, int]]) -> int:
     for nodes, consumed in chain:
         total = int(np.maximum(_cut(total, nodes) - consumed, 0).sum())
     return total
+
+
+def cache_needed(order: EpochOrder | NodeOrder | ListOrder, shard_bytes: np.ndarray,
+                 window: int, read_ahead: int) -> int:
+    """Bytes of node cache ``order``'s schedule needs at once: the shards any two
+    consecutive windows of ``window`` positions touch (readers are in one window, or
+    crossing into the next), plus ``read_ahead`` of the largest shards."""
+    n, win = order.num_samples, max(window, 2)
+    need, prev = 0, np.zeros(0, np.int64)
+    for a in range(0, n, win):
+        cur = np.unique(order.shards_at(np.arange(a, min(a + win, n), dtype=np.int64)))
+        need = max(need, int(shard_bytes[np.union1d(prev, cur)].sum()))
+        prev = cur
+    ahead = np.sort(shard_bytes)[::-1][:read_ahead]
+    return need + int(ahead.sum())

@@ -224,3 +224,19 @@ def test_world_size_must_be_a_multiple_of_local_world_size(make_dataset):
     path = make_dataset(50)
     with pytest.raises(ValueError, match="not a multiple of local_world_size=2"):
         len(ShardStream(path, rank=0, world_size=3, local_world_size=2))
+
+
+def test_the_cache_a_node_needs_follows_its_schedule():
+    """The bytes of node cache a schedule needs at once: two windows' shards plus the
+    read-ahead; a node-local schedule needs its share's, not the whole dataset's."""
+    from shardstream.read.nodes import cache_needed
+    from shardstream.read.order import EpochOrder
+
+    counts, sizes = [250] * 160, np.full(160, 1000, dtype=np.int64)
+    node = _orders(counts, 8, window=8192)[0]  # a share of 20 shards
+    need = cache_needed(node, sizes, 8192, read_ahead=2)
+    assert 20 * 1000 <= need <= (20 + 1 + 2) * 1000
+    whole = EpochOrder(counts, seed=0, epoch=0, shuffle=True, block_shuffle=False, window=8192)
+    assert cache_needed(whole, sizes, 8192, read_ahead=2) >= 60 * 1000  # ~33-shard windows
+    in_order = EpochOrder(counts, seed=0, epoch=0, shuffle=False, block_shuffle=False, window=1)
+    assert cache_needed(in_order, sizes, 1, read_ahead=2) == 2 * 1000 + 2 * 1000

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import shutil
 import threading
 import tracemalloc
@@ -209,7 +210,12 @@ def test_a_stream_sharing_the_cache_never_evicts_a_dataset_in_use(make_dataset, 
     cache = str(tmp_path / "cache")
     with HTTPTestServer(str(tmp_path)) as srv:
         ds = ShardDataset(srv.url("a"), cache_dir=cache)
-        stream = ShardStream(srv.url("b"), cache_dir=cache, cache_limit=1, retry=FAST)
+        with pytest.raises(ValueError, match=r"cache_limit=1 bytes is below .* at least \d+"
+                           ) as refused:  # the schedule needs more at once: refused up front
+            ShardStream(srv.url("b"), cache_dir=cache, cache_limit=1, retry=FAST)
+        need = int(re.search(r"at least (\d+)", str(refused.value)).group(1))
+        # the least it accepts: dataset a, held, is over the limit and must stay
+        stream = ShardStream(srv.url("b"), cache_dir=cache, cache_limit=need, retry=FAST)
         assert sorted(s["id"] for s in stream) == list(range(300))
         assert [ds[i]["id"] for i in range(len(ds))] == list(range(300))
 
