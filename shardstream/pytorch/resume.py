@@ -42,10 +42,14 @@ def plan(stream: Stream, world: World, start: int) -> tuple[Layout, int, Placeme
     unit, n = stream.batch_size or 1, stream.mode.num_samples
     chain = stream.shared.chain
     if isinstance(stream.mode, DatasetMode) and (world.nodes > 1 or chain):
-        place = Placement(world.nodes, world.node, chain)
-        m = node_length(left_after(n, chain), world.nodes, stream.remainder)
-        return (Layout(m, start, world.world_size // world.nodes, unit, stream.drop_last,
-                       stream.remainder), world.local_rank, place)
+        left = left_after(n, chain)
+        # a cut needs a sample per node: fewer, and all ranks read them as one node
+        nodes = world.nodes if left >= world.nodes else 1
+        if nodes > 1 or chain:
+            place = Placement(nodes, world.node if nodes > 1 else 0, chain)
+            return (Layout(node_length(left, nodes, stream.remainder), start,
+                           world.world_size // nodes, unit, stream.drop_last, stream.remainder),
+                    world.local_rank if nodes > 1 else world.rank, place)
     return (Layout(n, start, world.world_size, unit, stream.drop_last, stream.remainder),
             world.rank, Placement())
 
@@ -71,7 +75,10 @@ def seek_to(stream: Stream, state: dict[str, Any]) -> None:
     chain = tuple((int(a), int(b)) for a, b in state.get("chain", ()))
     saved = int(state.get("nodes", 1))
     world = stream.world()
-    now = world.nodes if isinstance(stream.mode, DatasetMode) else 1
+    now = 1
+    if isinstance(stream.mode, DatasetMode):  # the node count plan() would lay it out on
+        left = left_after(stream.mode.num_samples, chain)
+        now = world.nodes if left >= world.nodes else 1
     epoch, consumed = int(state["epoch"]), int(state["consumed"])
     if saved == now:
         stream.seek(epoch, consumed, chain)

@@ -9,7 +9,7 @@ from collections import Counter
 
 import numpy as np
 import pytest
-from hypothesis import given, settings
+from hypothesis import assume, given, settings
 from hypothesis import strategies as st
 
 from shardstream import ShardStream
@@ -59,6 +59,7 @@ def test_shares_are_disjoint_cover_everything_and_differ_by_at_most_one(counts, 
 @given(st.lists(st.integers(1, 40), min_size=1, max_size=20), st.integers(1, 4),
        st.integers(1, 4), st.integers(1, 7), st.sampled_from(["pad", "drop"]))
 def test_epoch_is_exact_and_equal_on_every_geometry(counts, nodes, local, unit, remainder):
+    assume(sum(counts) >= nodes)  # fewer samples than nodes: the stream uses one node
     ranks = _read_epoch(_orders(counts, nodes), counts, local, unit, remainder)
     assert len({len(units) for units in ranks}) == 1  # every rank as many units
     ids = np.concatenate([u for units in ranks for u in units]) if ranks[0] else np.zeros(0)
@@ -240,3 +241,10 @@ def test_the_cache_a_node_needs_follows_its_schedule():
     assert cache_needed(whole, sizes, 8192, read_ahead=2) >= 60 * 1000  # ~33-shard windows
     in_order = EpochOrder(counts, seed=0, epoch=0, shuffle=False, block_shuffle=False, window=1)
     assert cache_needed(in_order, sizes, 1, read_ahead=2) == 2 * 1000 + 2 * 1000
+
+
+def test_fewer_samples_than_nodes_read_as_one_node(make_dataset):
+    path = make_dataset(3)
+    got = [_ids(s) for s in _streams(path, 4, 2, batch_size=1)]
+    assert len({len(r) for r in got}) == 1
+    assert set(i for r in got for b in r for i in b) == {0, 1, 2}
