@@ -180,6 +180,7 @@ class ShardStream(IterableDataset):
         self._local: tuple[int, int, int] | None = None  # (epoch, start, units) in a worker
         self._units = 0  # units yielded by this process's current iteration
         self.wire = False  #: workers hand batches over as numpy in shared memory (loader())
+        self._iter_start = 0
 
     # -- what is read ------------------------------------------------------------
     dataset = _from_mode("dataset", "The dataset (one manifest), else None.")
@@ -234,11 +235,12 @@ class ShardStream(IterableDataset):
     def world(self) -> World:
         return get_world(self.rank, self.world_size, self.local_world_size)
 
-    def layout(self, start: int | None = None) -> Layout:
-        """This rank's exact layout of this epoch (``start``: its sequence consumed)."""
+    def layout(self, world_size: int | None = None, start: int | None = None) -> Layout:
+        """This rank's exact layout (``world_size``: as on that many ranks of one node)."""
         if not self.exact:
             raise TypeError("an exact layout needs a manifest; this source has none")
-        return plan(self, self.world(), self.shared.start if start is None else start)[0]
+        world = self.world() if world_size is None else World(0, world_size)
+        return plan(self, world, self.shared.start if start is None else start)[0]
 
     def __len__(self) -> int:
         """Per-rank batches (or samples, without batch_size) in one full epoch."""
@@ -282,8 +284,6 @@ class ShardStream(IterableDataset):
             return
         seek_to(self, state)
         self._iter_start = self.shared.start
-
-    _iter_start = 0
 
     # -- iteration -----------------------------------------------------------------
     def start_fetch(self) -> None:
