@@ -28,7 +28,8 @@ HERE = os.path.dirname(os.path.abspath(__file__))
 ROOT = os.path.dirname(HERE)
 
 
-def _export(rev: str, dest: str) -> str:
+def export(rev: str, dest: str) -> str:
+    """``rev`` of this repository, extracted into ``dest`` (returned)."""
     archive = subprocess.run(["git", "-C", ROOT, "archive", rev], check=True,
                              capture_output=True).stdout
     subprocess.run(["tar", "-x", "-C", dest], input=archive, check=True)
@@ -86,7 +87,7 @@ def main() -> None:
     with tempfile.TemporaryDirectory(prefix="ss-ab-") as tmp:
         base = os.path.join(tmp, "base")
         os.makedirs(base)
-        trees = {"base": _export(a.base, base), "head": ROOT}
+        trees = {"base": export(a.base, base), "head": ROOT}
         rows: dict[str, dict[str, list[float]]] = {"base": {}, "head": {}}
         for k in range(a.rounds):
             for name in (("base", "head") if k % 2 == 0 else ("head", "base")):

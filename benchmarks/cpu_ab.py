@@ -26,6 +26,9 @@ import time
 HERE = os.path.dirname(os.path.abspath(__file__))
 ROOT = os.path.dirname(HERE)
 BENCH = os.environ.get("SHARDSTREAM_BENCH", os.path.join(ROOT, "..", "shared", "bench"))
+sys.path.insert(0, HERE)
+from ab import export  # noqa: E402  (the same git-archive export as the wall-clock A/B)
+
 SIZES = {"tabular": 100_000, "tokens": 30_000}
 
 
@@ -99,10 +102,7 @@ def main() -> None:
     with tempfile.TemporaryDirectory(prefix="ss-cpu-ab-") as tmp:
         base = os.path.join(tmp, "base")
         os.makedirs(base)
-        archive = subprocess.run(["git", "-C", ROOT, "archive", a.base], check=True,
-                                 capture_output=True).stdout
-        subprocess.run(["tar", "-x", "-C", base], input=archive, check=True)
-        trees = {"base": base, "head": ROOT}
+        trees = {"base": export(a.base, base), "head": ROOT}
         print(f"{'figure':18} {'base (samples per CPU s)':>26} {'head':>22} {'head/base':>9}")
         for name in SIZES:
             for what in ("getitem", "write", "cli"):

@@ -55,48 +55,44 @@ def _stats(shard_of_rank_batches: np.ndarray, valid: np.ndarray, nodes: int,
             "distinct_shards_per_rank_batch": int(np.median(rank))}
 
 
+def _rank_shards(order, layout: Layout, r: int, row: np.ndarray) -> None:
+    """Fill ``row`` (steps, batch) with the shard ids of rank ``r``'s units."""
+    spans = [layout.span(r, j) for j in range(layout.num_units)]
+    s, _ = order.locate(np.concatenate([np.arange(a, a + n, dtype=np.int64)
+                                        for a, n in spans]))
+    at = 0
+    for j, (_, n) in enumerate(spans):
+        row[j, :n] = s[at:at + n]
+        at += n
+
+
 def shardstream_layout(nodes: int, per_node: int, shards: int, per_shard: int, batch: int,
                        block_samples: int, shuffle_buffer: int, seed: int, epoch: int) -> dict:
-    """The layout ShardStream reads one exact, shuffled epoch in (positions only)."""
+    """The global layout: what ShardStream reads on one node (positions only)."""
     world = nodes * per_node
     counts = [per_shard] * shards
     firsts = np.arange(0, per_shard, block_samples, dtype=np.int64)
     order = EpochOrder(counts, seed=seed, epoch=epoch, shuffle=True, block_shuffle=True,
                        window=shuffle_buffer, block_firsts=lambda s: firsts)
     layout = Layout(sum(counts), 0, world, batch, False, "pad")
-    steps = layout.num_units
-    shard = np.full((world, steps, batch), -1, dtype=np.int64)
+    shard = np.full((world, layout.num_units, batch), -1, dtype=np.int64)
     for r in range(world):
-        pos = np.concatenate([np.arange(a, a + n, dtype=np.int64)
-                              for a, n in (layout.span(r, j) for j in range(steps))])
-        s, _ = order.locate(pos)
-        sizes = [layout.span(r, j)[1] for j in range(steps)]
-        k = 0
-        for j, n in enumerate(sizes):
-            shard[r, j, :n] = s[k:k + n]
-            k += n
+        _rank_shards(order, layout, r, shard[r])
     return _stats(shard, shard >= 0, nodes, per_node, shards)
 
 
 def node_local_layout(nodes: int, per_node: int, shards: int, per_shard: int, batch: int,
-                      block_samples: int, shuffle_buffer: int, seed: int, epoch: int) -> dict:
+                      shuffle_buffer: int, seed: int, epoch: int) -> dict:
     """The node-local layout ShardStream reads on ``nodes`` nodes (shardstream.read.nodes)."""
     counts = [per_shard] * shards
     shares = node_shares(counts, nodes, seed=seed, epoch=epoch, shuffle=True)
     layout = Layout(node_length(sum(counts), nodes, "pad"), 0, per_node, batch, False, "pad")
-    steps = layout.num_units
-    shard = np.full((nodes * per_node, steps, batch), -1, dtype=np.int64)
+    shard = np.full((nodes * per_node, layout.num_units, batch), -1, dtype=np.int64)
     for k, pieces in enumerate(shares):
         order = NodeOrder(pieces, seed=seed, epoch=epoch, node=k, shuffle=True,
                           window=shuffle_buffer)
         for r in range(per_node):
-            spans = [layout.span(r, j) for j in range(steps)]
-            s, _ = order.locate(np.concatenate([np.arange(a, a + n, dtype=np.int64)
-                                                for a, n in spans]))
-            at = 0
-            for j, (_, n) in enumerate(spans):
-                shard[k * per_node + r, j, :n] = s[at:at + n]
-                at += n
+            _rank_shards(order, layout, r, shard[k * per_node + r])
     return _stats(shard, shard >= 0, nodes, per_node, shards)
 
 
@@ -148,8 +144,8 @@ def main() -> None:
                                                   a.batch, a.block_samples, a.shuffle_buffer,
                                                   a.seed, a.epoch),
                 "shardstream node-local": node_local_layout(
-                    nodes, per_node, shards, a.per_shard, a.batch, a.block_samples,
-                    a.shuffle_buffer, a.seed, a.epoch),
+                    nodes, per_node, shards, a.per_shard, a.batch, a.shuffle_buffer, a.seed,
+                    a.epoch),
                 "global shuffle": global_shuffle(nodes, per_node, shards, a.per_shard,
                                                  a.batch, a.seed)}
         if a.peers:

@@ -18,7 +18,8 @@ from shardstream.read.world import World
 #: a ShardStream (not imported: it imports this module)
 Stream = Any
 
-__all__ = ["STATE_VERSION", "fingerprint", "check_state", "plan", "resume_state", "seek_to"]
+__all__ = ["STATE_VERSION", "fingerprint", "check_state", "plan", "layout_nodes", "resume_state",
+           "seek_to", "state_nodes"]
 
 #: resume states: 1, one global sequence (one node); 2, node-local (shardstream.read.nodes)
 STATE_VERSION = 2
@@ -41,17 +42,28 @@ def plan(stream: Stream, world: World, start: int) -> tuple[Layout, int, Placeme
     sequence dealt to all ranks."""
     unit, n = stream.batch_size or 1, stream.mode.num_samples
     chain = stream.shared.chain
-    if isinstance(stream.mode, DatasetMode) and (world.nodes > 1 or chain):
-        left = left_after(n, chain)
-        # a cut needs a sample per node: fewer, and all ranks read them as one node
-        nodes = world.nodes if left >= world.nodes else 1
-        if nodes > 1 or chain:
-            place = Placement(nodes, world.node if nodes > 1 else 0, chain)
-            return (Layout(node_length(left, nodes, stream.remainder), start,
-                           world.world_size // nodes, unit, stream.drop_last, stream.remainder),
-                    world.local_rank if nodes > 1 else world.rank, place)
+    nodes = layout_nodes(stream, world, chain)
+    if nodes > 1 or (chain and isinstance(stream.mode, DatasetMode)):
+        place = Placement(nodes, world.node if nodes > 1 else 0, chain)
+        return (Layout(node_length(left_after(n, chain), nodes, stream.remainder), start,
+                       world.world_size // nodes, unit, stream.drop_last, stream.remainder),
+                world.local_rank if nodes > 1 else world.rank, place)
     return (Layout(n, start, world.world_size, unit, stream.drop_last, stream.remainder),
             world.rank, Placement())
+
+
+def layout_nodes(stream: Stream, world: World, chain: tuple[tuple[int, int], ...]) -> int:
+    """The node count an epoch (after ``chain``) is laid out on: the world's for one
+    dataset, unless fewer samples are left than nodes (a cut needs a sample per node;
+    then all ranks read them as one node); 1 for anything else."""
+    if not isinstance(stream.mode, DatasetMode):
+        return 1
+    return world.nodes if left_after(stream.mode.num_samples, chain) >= world.nodes else 1
+
+
+def state_nodes(place: Placement) -> int | None:
+    """The node count a state laid out by ``place`` records (None: version 1)."""
+    return place.nodes if place.node_local else None
 
 
 def resume_state(stream: Stream, epoch: int, consumed: int | None, place: Placement,
@@ -74,13 +86,8 @@ def seek_to(stream: Stream, state: dict[str, Any]) -> None:
     the rest of its epoch is cut anew for this node count (its chain grows by one)."""
     chain = tuple((int(a), int(b)) for a, b in state.get("chain", ()))
     saved = int(state.get("nodes", 1))
-    world = stream.world()
-    now = 1
-    if isinstance(stream.mode, DatasetMode):  # the node count plan() would lay it out on
-        left = left_after(stream.mode.num_samples, chain)
-        now = world.nodes if left >= world.nodes else 1
     epoch, consumed = int(state["epoch"]), int(state["consumed"])
-    if saved == now:
+    if saved == layout_nodes(stream, stream.world(), chain):
         stream.seek(epoch, consumed, chain)
     else:
         stream.seek(epoch, 0, chain + ((saved, consumed),))
@@ -91,9 +98,7 @@ def check_state(state: dict[str, Any], mine: dict[str, Any]) -> None:
         raise ValueError(f"unsupported state version {state.get('version')!r} (this "
                          f"shardstream reads versions {_STATE_VERSIONS}); resume with the "
                          "shardstream that saved it, or restart the epoch")
-    if state.get("version") == 2:
-        mine = {**mine, "node_shares": mine["node_shares"]}
-    else:
+    if state.get("version") == 1:  # one global sequence: shares do not apply
         mine = {k: v for k, v in mine.items() if k != "node_shares"}
     diff = {k: (state.get(k), v) for k, v in mine.items() if state.get(k) != v}
     if diff:

@@ -25,7 +25,7 @@ from shardstream.format.index import verify_blocks_default
 from shardstream.pytorch.collation import Collate
 from shardstream.pytorch.collation import collate as default_collate
 from shardstream.pytorch.resume import (STATE_VERSION, check_state, fingerprint, plan, resume_state,
-                                        seek_to)
+                                        seek_to, state_nodes)
 from shardstream.pytorch.shared import SharedState
 from shardstream.pytorch.wire import to_wire
 from shardstream.read.modes import DatasetMode, MixtureMode, ReadOptions, open_mode, pad_skipped
@@ -276,8 +276,8 @@ class ShardStream(IterableDataset):
         """Continue from ``state`` at the next ``iter()``: the rest of its epoch."""
         check_state(state, fingerprint(self))
         if "worker_units" in state:  # a StatefulDataLoader worker's own state
-            if resume_state(self, 0, 0, plan(self, self.world(), 0)[2]).get("nodes") != \
-                    state.get("nodes") or state.get("chain"):
+            if state.get("chain") or state.get("nodes") != \
+                    state_nodes(plan(self, self.world(), 0)[2]):
                 raise ValueError("a DataLoader worker's own state resumes on the node count it "
                                  "was saved on only; save the loader's state instead")
             self._local = (int(state["epoch"]), int(state["start"]), int(state["worker_units"]))

@@ -127,24 +127,20 @@ class DatasetMode:
         each position reads are the same either way)."""
         bs = opts.block_shuffle and block_firsts is not None
 
-        def orders(nodes: int) -> list[Any]:
+        def orders(nodes: int, only: int | None = None) -> list[Any]:
+            """Every node's order (or only node ``only``'s) on ``nodes`` nodes."""
             if nodes == 1:
                 return [EpochOrder(self._counts(), seed=opts.seed, epoch=epoch,
                                    shuffle=opts.shuffle, block_shuffle=bs,
                                    window=opts.window, block_firsts=block_firsts)]
             shares = node_shares(self._counts(), nodes, seed=opts.seed, epoch=epoch,
                                  shuffle=opts.shuffle, shares=opts.node_shares)
-            return [NodeOrder(pieces, seed=opts.seed, epoch=epoch, node=n,
+            return [NodeOrder(shares[n], seed=opts.seed, epoch=epoch, node=n,
                               shuffle=opts.shuffle, window=opts.window)
-                    for n, pieces in enumerate(shares)]
+                    for n in (range(nodes) if only is None else [only])]
 
         if not place.chain:
-            if place.nodes == 1:
-                return orders(1)[0]
-            shares = node_shares(self._counts(), place.nodes, seed=opts.seed, epoch=epoch,
-                                 shuffle=opts.shuffle, shares=opts.node_shares)
-            return NodeOrder(shares[place.node], seed=opts.seed, epoch=epoch, node=place.node,
-                             shuffle=opts.shuffle, window=opts.window)
+            return orders(place.nodes, place.node if place.nodes > 1 else None)[0]
         parts = orders(place.chain[0][0])
         after = [nodes for nodes, _ in place.chain[1:]] + [place.nodes]
         for (_, consumed), nodes in zip(place.chain, after):

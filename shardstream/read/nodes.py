@@ -35,7 +35,7 @@ from typing import Iterable, Iterator, Sequence
 
 import numpy as np
 
-from shardstream.read.order import EpochOrder, rng_for
+from shardstream.read.order import EpochOrder, first_use, rng_for
 
 __all__ = ["SHARE_TAG", "SHARES", "CHUNK", "Pieces", "node_shares", "node_length", "NodeOrder",
            "ListOrder", "remaining", "left_after", "cache_needed"]
@@ -65,7 +65,7 @@ def node_shares(counts: Sequence[int], nodes: int, *, seed: int, epoch: int, shu
     ends = np.cumsum(c)
     starts = ends - c
     total = int(ends[-1]) if len(ends) else 0
-    cuts = np.arange(nodes + 1, dtype=np.int64) * total // nodes
+    cuts = _cuts(total, nodes)
     out = []
     for n in range(nodes):
         a, b = int(cuts[n]), int(cuts[n + 1])
@@ -121,12 +121,7 @@ class NodeOrder:
 
     def first_use(self, positions: Iterable[np.ndarray]) -> Iterator[int]:
         """Shard ids in the order the batches of ``positions`` first touch them."""
-        seen: set[int] = set()
-        for c in self.inner.first_use(positions):
-            s = int(self.chunk_shard[c])
-            if s not in seen:
-                seen.add(s)
-                yield s
+        return first_use(self.shards_at, positions)
 
 
 class ListOrder:
@@ -144,14 +139,7 @@ class ListOrder:
         return self.locate(positions)[0]
 
     def first_use(self, positions: Iterable[np.ndarray]) -> Iterator[int]:
-        seen: set[int] = set()
-        for pos in positions:
-            shards = self.locate(pos)[0]
-            u, first = np.unique(shards, return_index=True)
-            for s in u[np.argsort(first)].tolist():
-                if s not in seen:
-                    seen.add(s)
-                    yield s
+        return first_use(self.shards_at, positions)
 
 
 def remaining(orders: Sequence[NodeOrder | ListOrder], consumed: int, nodes: int
@@ -175,7 +163,7 @@ def remaining(orders: Sequence[NodeOrder | ListOrder], consumed: int, nodes: int
     shards, local = np.concatenate(shard_parts), np.concatenate(local_parts)
     key = np.concatenate(node_parts) * (int(shards.max()) + 1) + shards
     grouped = np.argsort(key, kind="stable")  # by (old node, shard), in order inside
-    cuts = np.arange(nodes + 1, dtype=np.int64) * len(shards) // nodes
+    cuts = _cuts(len(shards), nodes)
     out = []
     for n in range(nodes):
         idx = np.sort(grouped[cuts[n]:cuts[n + 1]])  # back in the order they had
@@ -183,9 +171,9 @@ def remaining(orders: Sequence[NodeOrder | ListOrder], consumed: int, nodes: int
     return out
 
 
-def _cut(total: int, nodes: int) -> np.ndarray:
-    """Sizes of ``total`` cut into ``nodes`` contiguous runs (as every cut here is)."""
-    return np.diff(np.arange(nodes + 1, dtype=np.int64) * total // nodes)
+def _cuts(total: int, nodes: int) -> np.ndarray:
+    """Where ``total`` samples are cut into ``nodes`` contiguous runs (every cut here)."""
+    return np.arange(nodes + 1, dtype=np.int64) * total // nodes
 
 
 def left_after(num_samples: int, chain: Sequence[tuple[int, int]]) -> int:
@@ -193,7 +181,7 @@ def left_after(num_samples: int, chain: Sequence[tuple[int, int]]) -> int:
     what :func:`remaining` cuts anew (from sizes alone; no order is built)."""
     total = num_samples
     for nodes, consumed in chain:
-        total = int(np.maximum(_cut(total, nodes) - consumed, 0).sum())
+        total = int(np.maximum(np.diff(_cuts(total, nodes)) - consumed, 0).sum())
     return total
 
 

@@ -14,7 +14,7 @@ from typing import Callable, Iterable, Iterator, Sequence
 
 import numpy as np
 
-__all__ = ["Layout", "EpochOrder", "rng_for", "SHARD_TAG", "BLOCK_TAG", "WINDOW_TAG",
+__all__ = ["Layout", "EpochOrder", "first_use", "rng_for", "SHARD_TAG", "BLOCK_TAG", "WINDOW_TAG",
            "BUFFER_TAG", "RESAMPLE_TAG"]
 
 
@@ -35,6 +35,19 @@ _SHARD_ORDER_CACHE = 64
 def rng_for(*parts: int) -> np.random.Generator:
     """A generator seeded by a tuple of non-negative ints (seed, epoch, tag, ...)."""
     return np.random.default_rng([int(p) & 0xFFFFFFFFFFFFFFFF for p in parts])
+
+
+def first_use(shards_at: Callable[[np.ndarray], np.ndarray],
+              positions: Iterable[np.ndarray]) -> Iterator[int]:
+    """Shard ids (``shards_at`` of each batch of ``positions``) in the order the batches
+    first touch them, each once."""
+    seen: set[int] = set()
+    for pos in positions:
+        u, first = np.unique(shards_at(pos), return_index=True)
+        for s in u[np.argsort(first)].tolist():
+            if s not in seen:
+                seen.add(s)
+                yield s
 
 
 # ---------------------------------------------------------------- layout
@@ -181,14 +194,7 @@ class EpochOrder:
 
     def first_use(self, positions: Iterable[np.ndarray]) -> Iterator[int]:
         """Shard ids in the order the batches of ``positions`` first touch them."""
-        seen: set[int] = set()
-        for pos in positions:
-            shards = self.shards_at(pos)
-            u, first = np.unique(shards, return_index=True)
-            for s in u[np.argsort(first)].tolist():
-                if s not in seen:
-                    seen.add(s)
-                    yield s
+        return first_use(self.shards_at, positions)
 
     def locate(self, positions: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
         """(shard ids, shard-local ordinals) of the samples at ``positions`` of G."""
