@@ -329,8 +329,7 @@ class ShardStream(IterableDataset):
         reader = self.mode.reader(epoch, self.options, remote=self.remote,
                                   on_skip=self.shared.count_skip, place=place)
         units = layout.units_of(r, world.worker, world.num_workers)[skip:]
-        positions = _positions(layout, r, units, batched=bool(self.batch_size))
-        self.mode.prefetch(reader, epoch, self.options, positions, place)
+        self.mode.prefetch(reader, epoch, self.options, _schedule(layout, r, units), place)
         try:
             if self.batch_size:
                 narrow = _collates_narrow(self)  # packed ids widened per batch, not sample
@@ -364,6 +363,15 @@ def _collates_narrow(stream: ShardStream) -> bool:
     datasets) and nothing but our own collation (which widens them) sees them."""
     return stream.mode.narrow and stream.transform is None and \
         (stream.collate is default_collate or type(stream.collate) is Collate)
+
+
+def _schedule(layout: Layout, rank: int, units: range) -> tuple[int, int]:
+    """Positions (start, end) of the node's sequence from ``rank``'s first ``units``
+    to the end of the epoch: the schedule its read-ahead walks."""
+    if not len(units):
+        return 0, 0
+    last = layout.span(layout.world_size - 1, layout.num_units - 1)
+    return layout.span(rank, units[0])[0], last[0] + last[1]
 
 
 def _positions(layout: Layout, rank: int, units: range, batched: bool,

@@ -62,13 +62,18 @@ class BlockReader:
         self.on_skip = on_skip
         self.remote = remote
         self._prefetcher: Prefetcher | None = None
+        #: shard id -> steps until this reader's schedule needs it again (see advance)
+        self.next_use: Callable[[int], float] | None = None
+        self._released_at, self.release_every = 0, 1024  # positions between two looks
         self._first_read = threading.Event()
         self._cache: OrderedDict[tuple[int, int], bytes] = OrderedDict()
         self._cached = 0
         self._open: dict[int, OpenShard] = {}  # shard id -> this reader's open state
 
-    def prefetch(self, order: Iterable[int], depth: int = 2) -> None:
-        """Download remote shards ``order`` (shard ids, first use first) in the background."""
+    def prefetch(self, order: Iterable[Any], depth: int = 2, positioned: bool = False) -> None:
+        """Download remote shards ``order`` (shard ids, first use first; ``positioned``:
+        ``(shard id, position of first use)`` of the node's schedule, see
+        :class:`~shardstream.storage.readahead.Prefetcher`) in the background."""
         store = self._store()
 
         def fetch(s: int) -> str | None:
@@ -83,7 +88,20 @@ class BlockReader:
         self._first_read = threading.Event()
         if self._open:
             self._first_read.set()
-        self._prefetcher = Prefetcher(fetch, order, depth=depth, after=self._first_read)
+        self._prefetcher = Prefetcher(fetch, order, depth=depth, after=self._first_read,
+                                      positioned=positioned)
+
+    def advance(self, position: int) -> None:
+        """The reader is at ``position`` of the schedule :meth:`prefetch` walks; with
+        :attr:`next_use`, now and then close the remote shards not needed in this step
+        or the next, so that the cache may evict them."""
+        if self._prefetcher is not None:
+            self._prefetcher.advance(position)
+        if self.next_use is not None and abs(position - self._released_at) >= self.release_every:
+            self._released_at = position
+            for s in [s for s, o in self._open.items() if o.fd >= 0 and is_remote(o.path)]:
+                if self.next_use(s) > 1:
+                    self._open.pop(s).close()
 
     def _store(self) -> RemoteCache:
         if self.remote is None:

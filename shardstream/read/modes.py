@@ -12,7 +12,7 @@ from __future__ import annotations
 
 import os
 from dataclasses import dataclass
-from typing import Any, Callable, Iterable, Iterator, Protocol, Sequence
+from typing import Any, Callable, Iterator, Protocol, Sequence
 
 import numpy as np
 
@@ -22,8 +22,8 @@ from shardstream.read import shardlist
 from shardstream.read.blocks import BlockReader
 from shardstream.read.dataset import Dataset
 from shardstream.read.mixture import Mixture, MixtureReader, Source
-from shardstream.read.nodes import NodeOrder, cache_needed, node_shares, remaining
-from shardstream.read.order import EpochOrder
+from shardstream.read.nodes import NextUse, NodeOrder, cache_needed, node_shares, remaining
+from shardstream.read.order import EpochOrder, first_use_at
 from shardstream.read.shards import shard_refs
 from shardstream.read.sources import resolve
 from shardstream.read.world import World
@@ -86,8 +86,12 @@ class _OrderReader:
 
     def __init__(self, order: EpochOrder, reader: BlockReader) -> None:
         self.order, self.reader = order, reader
+        self.position = -1  # of the last read: where eviction looks from
 
     def read(self, positions: np.ndarray, narrow: bool = False) -> list[Any]:
+        if len(positions):
+            self.position = int(positions[0])
+            self.reader.advance(self.position)
         return self.reader.read(*self.order.locate(positions), narrow=narrow)
 
     def close(self) -> None:
@@ -168,13 +172,26 @@ class DatasetMode:
         return _OrderReader(order, reader)
 
     def prefetch(self, reader: EpochReader, epoch: int, opts: ReadOptions,
-                 positions: Iterable[np.ndarray], place: Placement = Placement()) -> None:
-        """Download the shards of ``positions`` ahead, in the order they first touch them."""
+                 schedule: tuple[int, int], place: Placement = Placement()) -> None:
+        """Download shards ahead along the node's schedule: positions ``schedule =
+        (start, end)`` of the node's sequence, which every rank and worker of the node
+        walks, in the order they first touch them (see ``Prefetcher(positioned=True)``)."""
         if not self.remote or opts.prefetch_shards <= 0 or not isinstance(reader, _OrderReader):
             return
         # a private order: the prefetch thread must not share the reader's caches
         order = self.order(epoch, opts, place)
-        reader.reader.prefetch(order.first_use(positions), depth=opts.prefetch_shards)
+        reader.reader.prefetch(first_use_at(order.shards_at, *schedule),
+                               depth=opts.prefetch_shards, positioned=True)
+        if reader.reader.remote is not None:  # evict by the same schedule's next use
+            refs, store = reader.reader.shards, reader.reader.remote
+            nu = NextUse(
+                self.order(epoch, opts, place).shards_at, *schedule,
+                position=lambda: reader.position,
+                entries=lambda: {store.entry_name(r.path, size=r.bytes, sha256=r.sha256): s
+                                 for s, r in enumerate(refs) if r.bytes is not None},
+                window=opts.window)
+            store.next_use, reader.reader.next_use = nu, nu.steps
+            reader.reader.release_every = max(nu.step // 2, 1)
 
     def start_fetch(self, epoch: int, opts: ReadOptions, remote: RemoteCache,
                     positions: np.ndarray, place: Placement = Placement()) -> None:
@@ -220,7 +237,7 @@ class MixtureMode:
                              verify_blocks=opts.verify_blocks)
 
     def prefetch(self, reader: EpochReader, epoch: int, opts: ReadOptions,
-                 positions: Iterable[np.ndarray], place: Placement = Placement()) -> None:
+                 schedule: tuple[int, int], place: Placement = Placement()) -> None:
         return None
 
     def start_fetch(self, epoch: int, opts: ReadOptions, remote: RemoteCache,

@@ -31,14 +31,15 @@ Mixtures and shard lists are laid out as before (one global sequence).
 
 from __future__ import annotations
 
-from typing import Iterable, Iterator, Sequence
+import os
+from typing import Callable, Iterable, Iterator, Sequence
 
 import numpy as np
 
 from shardstream.read.order import EpochOrder, first_use, rng_for
 
 __all__ = ["SHARE_TAG", "SHARES", "CHUNK", "Pieces", "node_shares", "node_length", "NodeOrder",
-           "ListOrder", "remaining", "left_after", "cache_needed"]
+           "ListOrder", "remaining", "left_after", "cache_needed", "NextUse"]
 
 SHARE_TAG = 6
 SHARES = ("fixed", "epoch")
@@ -198,3 +199,53 @@ def cache_needed(order: EpochOrder | NodeOrder | ListOrder, shard_bytes: np.ndar
         prev = cur
     ahead = np.sort(shard_bytes)[::-1][:read_ahead]
     return need + int(ahead.sum())
+
+
+class NextUse:
+    """When a node's schedule next needs each cached shard: the cache evicts the entry
+    needed last (or never again this epoch) first, Belady's rule on a known schedule.
+
+    ``shards_at`` maps positions of the node's sequence to shard ids; the schedule is
+    positions ``start .. end``; ``position()`` is where this process reads now (the
+    node's processes read within a few batches of each other); ``entries()`` maps cache
+    entry names to shard ids. Built on first use, at a resolution of ``step`` positions
+    (the shuffle window, at least 64, at most 4,096 steps per epoch).
+    """
+
+    def __init__(self, shards_at: Callable[[np.ndarray], np.ndarray], start: int, end: int,
+                 position: Callable[[], int], entries: Callable[[], dict[str, int]], *,
+                 window: int = 1) -> None:
+        self._shards_at, self._start, self._end = shards_at, start, end
+        self.step = max(window, 64, -(-(end - start) // 4096))
+        self._position, self._entries_of = position, entries
+        self._built: tuple[dict[str, int], np.ndarray, np.ndarray] | None = None
+
+    def _build(self) -> tuple[dict[str, int], np.ndarray, np.ndarray]:
+        shards, steps = [], []
+        for k, a in enumerate(range(self._start, self._end, self.step)):
+            u = np.unique(self._shards_at(np.arange(a, min(a + self.step, self._end),
+                                                    dtype=np.int64)))
+            shards.append(u)
+            steps.append(np.full(len(u), k, dtype=np.int64))
+        s = np.concatenate(shards) if shards else np.zeros(0, np.int64)
+        k = np.concatenate(steps) if steps else np.zeros(0, np.int64)
+        by = np.lexsort((k, s))  # by shard, then step
+        return self._entries_of(), s[by], k[by]
+
+    def __call__(self, entry: str) -> float:
+        """Steps until ``entry`` (a cache entry's path or name) is needed again; inf for
+        an entry this schedule does not need again (another dataset's, or passed)."""
+        if self._built is None:
+            self._built = self._build()
+        s = self._built[0].get(os.path.basename(entry))
+        return float("inf") if s is None else self.steps(s)
+
+    def steps(self, s: int) -> float:
+        """Steps until shard ``s`` is needed again (0: in this step); inf: not again."""
+        if self._built is None:
+            self._built = self._build()
+        _, shards, steps = self._built
+        now = max(self._position() - self._start, 0) // self.step
+        lo, hi = np.searchsorted(shards, [s, s + 1])
+        i = lo + int(np.searchsorted(steps[lo:hi], now))
+        return float(steps[i] - now) if i < hi else float("inf")

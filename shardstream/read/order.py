@@ -14,7 +14,7 @@ from typing import Callable, Iterable, Iterator, Sequence
 
 import numpy as np
 
-__all__ = ["Layout", "EpochOrder", "first_use", "rng_for", "SHARD_TAG", "BLOCK_TAG", "WINDOW_TAG",
+__all__ = ["Layout", "EpochOrder", "first_use", "first_use_at", "rng_for", "SHARD_TAG", "BLOCK_TAG", "WINDOW_TAG",
            "BUFFER_TAG", "RESAMPLE_TAG"]
 
 
@@ -48,6 +48,21 @@ def first_use(shards_at: Callable[[np.ndarray], np.ndarray],
             if s not in seen:
                 seen.add(s)
                 yield s
+
+
+def first_use_at(shards_at: Callable[[np.ndarray], np.ndarray], start: int, end: int,
+                 step: int = 4096) -> Iterator[tuple[int, int]]:
+    """``(shard id, position of first use)`` over positions ``start .. end`` of a schedule,
+    in that order, each shard once: what a node's read-ahead walks."""
+    seen: set[int] = set()
+    for a in range(start, end, step):
+        u, first = np.unique(shards_at(np.arange(a, min(a + step, end), dtype=np.int64)),
+                             return_index=True)
+        for k in np.argsort(first).tolist():
+            s = int(u[k])
+            if s not in seen:
+                seen.add(s)
+                yield s, a + int(first[k])
 
 
 # ---------------------------------------------------------------- layout

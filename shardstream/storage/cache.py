@@ -12,8 +12,9 @@ cache directory, and then read with ``pread`` exactly like a local shard.
   dataset never reads a stale copy. Files appear by atomic rename; one
   process downloads an entry under an ``flock`` while the others wait for
   it, so DataLoader workers and ranks on one node share each download. The
-  directory is kept under ``max_bytes`` by evicting least recently used
-  entries, never one a reader has open: :meth:`RemoteCache.open_shard`'s fd
+  directory is kept under ``max_bytes`` by evicting the entry the reader's
+  schedule needs last (:attr:`RemoteCache.next_use`; least recently used without
+  one), never one a reader has open: :meth:`RemoteCache.open_shard`'s fd
   holds a shared ``flock`` on the entry, and eviction (any process) skips
   what it cannot lock exclusively at once. Entry names are built from the
   URL's hash, a hex digest and a tamed copy of the URL's last component, and
@@ -79,6 +80,17 @@ def _tag(url: str, sha256: str) -> str:
     return sha256[:16]
 
 
+def _cached_index(path: str | None) -> bytes | None:
+    """The index kept at ``path``, if there is one."""
+    if path is None:
+        return None
+    try:
+        with open(path, "rb") as f:
+            return f.read()
+    except OSError:
+        return None
+
+
 class CacheStats(Protocol):
     """Where a :class:`RemoteCache` counts what it did: ``kind`` is ``"shard_download"``
     or ``"index_download"`` (``nbytes`` downloaded by this process) or ``"shard_hit"``
@@ -106,12 +118,20 @@ class RemoteCache:
         self._indexes: dict[str, bytes | None] = {}
         self._pending: dict[tuple[str, str], Future] = {}  # start_fetch's, by (kind, url)
         self._pending_pid = os.getpid()
+        #: how soon this process's schedule needs an entry again (path -> steps, inf:
+        #: not again), set by the reader; eviction drops the one needed last first
+        self.next_use: Callable[[str], float] | None = None
 
     def __getstate__(self) -> dict[str, Any]:
         state = self.__dict__.copy()
         state["_indexes"] = {}
         state["_pending"] = {}
+        state["next_use"] = None
         return state
+
+    def entry_name(self, url: str, *, size: int, sha256: str | None = None) -> str:
+        """The file name of ``url``'s entry in the cache directory."""
+        return os.path.basename(self._dest(url, size, sha256))
 
     # -- start-up read-ahead ------------------------------------------------------
     def start_fetch(self, shards: Sequence[tuple[str, int | None, str | None, str, str | None]]
@@ -192,14 +212,14 @@ class RemoteCache:
             return data
         path = self._inside(url, _entry_name(url, _tag(url, sha256))) if sha256 else None
         try:
-            data = self._cached_index(path)
+            data = _cached_index(path)
             if data is None:
                 with contextlib.ExitStack() as stack:
                     if path is not None:  # one process fetches it, the others read its copy
                         lock = self._index_lock(path)
                         if lock is not None:
                             stack.enter_context(locks.locked(lock))
-                            data = self._cached_index(path)
+                            data = _cached_index(path)
                     if data is None:
                         data = io.read_bytes(url, storage_options=self.storage_options,
                                                   retry=self.retry, max_bytes=size)
@@ -219,16 +239,6 @@ class RemoteCache:
             self._indexes.clear()
         self._indexes[url] = data
         return data
-
-    @staticmethod
-    def _cached_index(path: str | None) -> bytes | None:
-        if path is None:
-            return None
-        try:
-            with open(path, "rb") as f:
-                return f.read()
-        except OSError:
-            return None
 
     def _index_lock(self, path: str) -> str | None:
         """The lock file of a cached index; None where the cache dir is unusable."""
@@ -299,7 +309,7 @@ class RemoteCache:
                 self._count("shard_download", size)
             else:  # another process of this node downloaded it meanwhile
                 self._count("shard_hit", 0)
-        locks.evict(self.cache_dir, self.max_bytes, keep=dest)
+        locks.evict(self.cache_dir, self.max_bytes, keep=dest, next_use=self.next_use)
         return dest
 
     def _count(self, kind: str, nbytes: int) -> None:

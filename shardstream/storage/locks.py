@@ -13,7 +13,7 @@ import os
 import re
 import shutil
 import time
-from typing import Any, Iterator
+from typing import Any, Callable, Iterator
 
 from shardstream.errors import StorageError
 from shardstream.storage.files import storage_error
@@ -168,8 +168,11 @@ def _try_exclusive(path: str) -> int | None:
         return None
 
 
-def evict(cache_dir: str, max_bytes: int | None, keep: str) -> None:
-    """Drop least recently used entries until the cache fits ``max_bytes``.
+def evict(cache_dir: str, max_bytes: int | None, keep: str,
+          next_use: Callable[[str], float] | None = None) -> None:
+    """Drop entries until the cache fits ``max_bytes``: with ``next_use`` (an entry's
+    path -> how soon the schedule needs it again, inf: not again), the one needed last
+    first, least recently used among equals; else least recently used first.
 
     An entry is dropped only under its fill lock and an exclusive ``flock`` on it,
     both taken without waiting: one being downloaded, or held by a reader in any
@@ -191,7 +194,13 @@ def evict(cache_dir: str, max_bytes: int | None, keep: str) -> None:
         with contextlib.suppress(OSError):
             entries.append((os.stat(p).st_mtime, p, _entry_bytes(p)))
     total = sum(e[2] for e in entries)
-    for _, p, nbytes in sorted(entries):
+    if total <= max_bytes:
+        return
+    if next_use is not None:
+        entries = [(-next_use(p), mtime, p, nbytes) for mtime, p, nbytes in entries]
+    else:
+        entries = [(0.0, mtime, p, nbytes) for mtime, p, nbytes in entries]
+    for _, _, p, nbytes in sorted(entries):
         if total <= max_bytes:
             break
         if p == keep:
