@@ -10,7 +10,12 @@ dataset of equal shards three ways and reports, per way:
   touches in the epoch (what it must read, or download from object storage);
 - ``distinct_shards_per_global_batch``: median distinct shards among the samples of
   one global batch (every rank's batch of one step: what a DDP gradient averages);
-- ``distinct_shards_per_rank_batch``: the same for one rank's batch.
+- ``distinct_shards_per_rank_batch``: the same for one rank's batch;
+- ``live_shards_max``: the most shards one node has live at once (between a shard's
+  first and last use in the epoch): the node cache, in shards, it needs to download
+  each shard once per epoch (MosaicML's own ``cache_limit`` check asks for 4 shards);
+- per geometry, the fraction of a node's epoch-2 shards it read in epoch 1 as well,
+  with ``node_shares="fixed"`` and ``"epoch"`` (cache reuse across epochs).
 
 The ways: shardstream's global layout (``EpochOrder`` + ``Layout`` from
 :mod:`shardstream.read.order`: what ``ShardStream`` reads on one node, and read on
@@ -39,20 +44,34 @@ HERE = os.path.dirname(os.path.abspath(__file__))
 BENCH = os.environ.get("SHARDSTREAM_BENCH", os.path.join(HERE, "..", "..", "shared", "bench"))
 
 
+def live_max(seq: np.ndarray) -> int:
+    """Most shards live at once in ``seq`` (shard ids in time order): from a shard's first
+    use to its last, the node cache must hold it to download it once per epoch. (The
+    peers' script computes the same in their venv: it cannot import this one.)"""
+    _, first = np.unique(seq, return_index=True)
+    _, last_rev = np.unique(seq[::-1], return_index=True)
+    starts, ends = np.sort(first), np.sort(len(seq) - 1 - last_rev)
+    return int((np.arange(1, len(starts) + 1) - np.searchsorted(ends, starts, "left")).max())
+
+
 def _stats(shard_of_rank_batches: np.ndarray, valid: np.ndarray, nodes: int,
            per_node: int, num_shards: int) -> dict:
-    """(ranks, steps, batch) shard ids -> the three figures."""
+    """(ranks, steps, batch) shard ids -> the figures."""
     ranks, steps, _ = shard_of_rank_batches.shape
-    touched = []
+    touched, live = [], []
     for nd in range(nodes):
         block = shard_of_rank_batches[nd * per_node:(nd + 1) * per_node]
-        touched.append(len(np.unique(block[valid[nd * per_node:(nd + 1) * per_node]])))
+        ok = valid[nd * per_node:(nd + 1) * per_node]
+        touched.append(len(np.unique(block[ok])))
+        seq = block.transpose(1, 0, 2).reshape(-1)  # the node's samples in step order
+        live.append(live_max(seq[ok.transpose(1, 0, 2).reshape(-1)]))
     glob = [len(np.unique(shard_of_rank_batches[:, j][valid[:, j]])) for j in range(steps)]
     rank = [len(np.unique(shard_of_rank_batches[r, j][valid[r, j]]))
             for r in range(0, ranks, max(1, ranks // 64)) for j in range(steps)]
     return {"node_fraction_max": round(max(touched) / num_shards, 4),
             "distinct_shards_per_global_batch": int(np.median(glob)),
-            "distinct_shards_per_rank_batch": int(np.median(rank))}
+            "distinct_shards_per_rank_batch": int(np.median(rank)),
+            "live_shards_max": max(live)}
 
 
 def _rank_shards(order, layout: Layout, r: int, row: np.ndarray) -> None:
@@ -117,9 +136,29 @@ def mosaic(peers: str, algo: str, nodes: int, per_node: int, workers: int, shard
                           "--seed", str(seed), "--epoch", str(epoch)],
                          check=True, capture_output=True, text=True).stdout
     r = json.loads(out.splitlines()[-1])
+    live = subprocess.run([peers, os.path.join(HERE, "peers_locality.py"), "--algo", algo,
+                           "--nodes", str(nodes), "--ranks-per-node", str(per_node),
+                           "--workers", str(workers), "--shards", str(shards),
+                           "--per-shard", str(per_shard), "--batch", str(batch),
+                           "--seed", str(seed), "--epoch", str(epoch)],
+                          check=True, capture_output=True, text=True).stdout
     return {"node_fraction_max": round(r["node_fraction_max"], 4),
             "distinct_shards_per_global_batch": r["distinct_shards_per_global_batch_median"],
-            "distinct_shards_per_rank_batch": r["distinct_shards_per_rank_batch_median"]}
+            "distinct_shards_per_rank_batch": r["distinct_shards_per_rank_batch_median"],
+            "live_shards_max": json.loads(live.splitlines()[-1])["live_shards_max"]}
+
+
+def reuse(nodes: int, shards: int, per_shard: int, seed: int) -> dict:
+    """Fraction of a node's shards of epoch 2 it read in epoch 1 too (what a node cache
+    that holds its share serves without a download), for each ``node_shares``."""
+    counts = [per_shard] * shards
+    out = {}
+    for mode in ("fixed", "epoch"):
+        a, b = (node_shares(counts, nodes, seed=seed, epoch=e, shuffle=True, shares=mode)
+                for e in (1, 2))
+        out[mode] = round(float(np.mean([np.isin(b[n][0], a[n][0]).mean()
+                                         for n in range(nodes)])), 3)
+    return out
 
 
 def main() -> None:
@@ -157,11 +196,14 @@ def main() -> None:
             row = {**base, "layout": way, **got}
             rows.append(row)
             print(json.dumps(row), flush=True)
+        print(json.dumps({**base, "epoch 2 shards already read in epoch 1":
+                          reuse(nodes, shards, a.per_shard, a.seed)}), flush=True)
     print("\n| geometry | shards | layout | node fraction (max) | shards per global batch "
-          "| shards per rank batch |\n|---|---|---|---|---|---|")
+          "| shards per rank batch | live shards per node (max) |\n|---|---|---|---|---|---|---|")
     for r in rows:
         print(f"| {r['geometry']} | {r['shards']} | {r['layout']} | {r['node_fraction_max']} "
-              f"| {r['distinct_shards_per_global_batch']} | {r['distinct_shards_per_rank_batch']} |")
+              f"| {r['distinct_shards_per_global_batch']} | {r['distinct_shards_per_rank_batch']} "
+              f"| {r['live_shards_max']} |")
 
 
 if __name__ == "__main__":

@@ -10,7 +10,7 @@ from __future__ import annotations
 
 from typing import Any
 
-from shardstream.read.modes import DatasetMode, Placement
+from shardstream.read.modes import DatasetMode, MixtureMode, Placement
 from shardstream.read.nodes import left_after, node_length
 from shardstream.read.order import Layout
 from shardstream.read.world import World
@@ -37,13 +37,13 @@ def fingerprint(stream: Stream) -> dict[str, Any]:
 def plan(stream: Stream, world: World, start: int) -> tuple[Layout, int, Placement]:
     """The layout this rank reads, its index in it, and where its node sits.
 
-    One dataset on several nodes (or an epoch resumed after a change of node count)
-    is laid out per node (:mod:`shardstream.read.nodes`); anything else as one global
+    One dataset or a mixture on several nodes (or an epoch resumed after a change of
+    node count) is laid out per node (:mod:`shardstream.read.nodes`); anything else as one global
     sequence dealt to all ranks."""
     unit, n = stream.batch_size or 1, stream.mode.num_samples
     chain = stream.shared.chain
     nodes = layout_nodes(stream, world, chain)
-    if nodes > 1 or (chain and isinstance(stream.mode, DatasetMode)):
+    if nodes > 1 or (chain and isinstance(stream.mode, (DatasetMode, MixtureMode))):
         place = Placement(nodes, world.node if nodes > 1 else 0, chain)
         return (Layout(node_length(left_after(n, chain), nodes, stream.remainder), start,
                        world.world_size // nodes, unit, stream.drop_last, stream.remainder),
@@ -56,7 +56,7 @@ def layout_nodes(stream: Stream, world: World, chain: tuple[tuple[int, int], ...
     """The node count an epoch (after ``chain``) is laid out on: the world's for one
     dataset, unless fewer samples are left than nodes (a cut needs a sample per node;
     then all ranks read them as one node); 1 for anything else."""
-    if not isinstance(stream.mode, DatasetMode):
+    if not isinstance(stream.mode, (DatasetMode, MixtureMode)):
         return 1
     return world.nodes if left_after(stream.mode.num_samples, chain) >= world.nodes else 1
 

@@ -37,7 +37,7 @@ import numpy as np
 
 from shardstream.read.blocks import BlockReader
 from shardstream.read.dataset import Dataset
-from shardstream.read.order import EpochOrder, rng_for
+from shardstream.read.mixorder import MixOrder, MixSequence
 from shardstream.read.shards import shard_refs
 from shardstream.read.sources import open_source
 
@@ -45,7 +45,6 @@ __all__ = ["Source", "Mixture", "MixOrder", "MixtureReader", "epoch_counts", "ST
 
 
 STOP_RULES = ("exhaust_all", "first_exhausted")
-_MIX_TAG, _PHASE_TAG = 11, 12
 
 
 @dataclass(frozen=True)
@@ -205,160 +204,47 @@ class Mixture:
         return f"Mixture({parts}; {self.num_samples} samples per epoch)"
 
 
-class MixOrder:
-    """Maps positions of one epoch's mixed ``G`` to (source, ordinal in its epoch sequence)."""
-
-    def __init__(self, counts: Sequence[int], *, seed: int, epoch: int, shuffle: bool,
-                 window: int) -> None:
-        self.counts = [int(c) for c in counts]
-        self.total = sum(self.counts)
-        self.seed, self.epoch, self.shuffle, self.window = seed, epoch, shuffle, window
-        rest, self.phases = self.total, []
-        rng = rng_for(seed, epoch, _PHASE_TAG)
-        for c in self.counts[:-1]:  # a phase in [0, rest) per nested split
-            self.phases.append(int(rng.integers(0, rest)) if shuffle and rest else rest // 2)
-            rest -= c
-        self._cache: dict[int, tuple[np.ndarray, np.ndarray]] = {}
-
-    def prefix(self, b: int) -> list[int]:
-        """Slots of each source among the first ``b`` of G (exact Python ints)."""
-        out, rest_b, rest_t = [], b, self.total
-        for c, h in zip(self.counts[:-1], self.phases):
-            p = (c * rest_b + h) // rest_t if rest_t else 0
-            out.append(p)
-            rest_b, rest_t = rest_b - p, rest_t - c
-        out.append(rest_b)
-        return out
-
-    def _window(self, w: int) -> tuple[np.ndarray, np.ndarray]:
-        """(source of each slot, ordinal in that source's sequence) of window ``w``."""
-        got = self._cache.get(w)
-        if got is not None:
-            return got
-        a = w * self.window
-        lo, hi = self.prefix(a), self.prefix(min(a + self.window, self.total))
-        n = np.asarray([h - l for l, h in zip(lo, hi)], dtype=np.int64)
-        k = len(n)
-        if self.shuffle:
-            labels = rng_for(self.seed, self.epoch, _MIX_TAG, w).permutation(
-                np.repeat(np.arange(k, dtype=np.int64), n))
-        else:  # spread evenly: slot j of source i sits at (j + 0.5) / n_i
-            keys = np.concatenate([(np.arange(m) + 0.5) / m for m in n.tolist() if m])
-            labels = np.repeat(np.arange(k, dtype=np.int64), n)[np.argsort(keys, kind="stable")]
-        idx = np.argsort(labels, kind="stable")
-        firsts = np.concatenate([[0], np.cumsum(n)[:-1]])
-        ordinal = np.empty(len(labels), dtype=np.int64)
-        ordinal[idx] = np.arange(len(labels)) - firsts[labels[idx]]
-        ordinal += np.asarray(lo, dtype=np.int64)[labels]
-        if len(self._cache) > 8:
-            self._cache.clear()
-        self._cache[w] = (labels, ordinal)
-        return labels, ordinal
-
-    def locate(self, positions: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
-        """(source ids, ordinals within each source's epoch sequence) at ``positions``."""
-        y = np.asarray(positions, dtype=np.int64) % self.total
-        w = y // self.window
-        if w[0] == w[-1] and (len(w) < 3 or not np.any(w != w[0])):  # one window: fast path
-            labels, ordinal = self._window(int(w[0]))
-            off = y - int(w[0]) * self.window
-            return labels[off], ordinal[off]
-        src = np.empty(len(y), dtype=np.int64)
-        ordn = np.empty(len(y), dtype=np.int64)
-        for wi in np.unique(w).tolist():
-            sel = w == wi
-            labels, ordinal = self._window(wi)
-            off = y[sel] - wi * self.window
-            src[sel], ordn[sel] = labels[off], ordinal[off]
-        return src, ordn
-
-
-class _SourceOrder:
-    """One source's endless sequence (its single-source epochs end to end)."""
-
-    def __init__(self, dataset: Dataset, block_firsts: Callable[[int], np.ndarray], *,
-                 count: int, seed: int, shuffle: bool, block_shuffle: bool,
-                 window: int) -> None:
-        self.counts = [s.num_samples for s in dataset.manifest.shards]
-        self.size = sum(self.counts)
-        self.count = count
-        self.block_firsts = block_firsts
-        self.kw = dict(seed=seed, shuffle=shuffle, block_shuffle=block_shuffle, window=window)
-        self._orders: dict[int, EpochOrder] = {}
-
-    def _order(self, q: int) -> EpochOrder:
-        order = self._orders.get(q)
-        if order is None:
-            if len(self._orders) > 4:
-                self._orders.clear()
-            order = self._orders[q] = EpochOrder(self.counts, epoch=q, **self.kw,
-                                                 block_firsts=self.block_firsts)
-        return order
-
-    def locate(self, epoch: int, ordinals: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
-        """(shard ids, shard-local ordinals) of mixture epoch ``epoch``'s ``ordinals``."""
-        n, c = self.size, self.count
-        if c >= n:  # upsampled: a fresh pass starts every mixture epoch
-            q, within = epoch * -(-c // n) + ordinals // n, ordinals % n
-        else:  # downsampled: continue the endless sequence
-            g = epoch * c + ordinals
-            q, within = g // n, g % n
-        if q[0] == q[-1]:
-            return self._order(int(q[0])).locate(within)
-        shards = np.empty(len(q), dtype=np.int64)
-        local = np.empty(len(q), dtype=np.int64)
-        for qi in np.unique(q).tolist():
-            sel = q == qi
-            shards[sel], local[sel] = self._order(qi).locate(within[sel])
-        return shards, local
-
-
 class MixtureReader:
     """Reads positions of one epoch's mixed G: interleave, then each source's own order.
 
     All sources' shards sit in one :class:`BlockReader` (one block cache of
     ``cache_bytes``); a batch is read in (shard, ordinal) order, in one call.
     ``source_field``: when set, each sample gets its source index (int) there.
+    ``order(block_firsts)``: the sequence to read (a node's, see
+    :class:`~shardstream.read.mixorder.MixSequence`); default: the whole epoch's.
     """
 
     def __init__(self, mixture: Mixture, *, epoch: int, seed: int, shuffle: bool,
                  block_shuffle: bool, shuffle_buffer: int, on_error: str, cache_bytes: int,
                  on_skip: Callable[[int], None] | None = None, verify_blocks: bool | None = None,
-                 source_field: str | None = None, remote: Any = None) -> None:
+                 source_field: str | None = None, remote: Any = None,
+                 order: Callable[[Callable[[int], np.ndarray]], Any] | None = None) -> None:
         self.epoch = epoch
         self.source_field = source_field
-        self.mix = MixOrder(mixture.counts, seed=seed, epoch=epoch, shuffle=shuffle,
-                            window=mixture.window)
         refs = [shard_refs(d) for d in mixture.datasets]
-        self.offsets = np.cumsum([0] + [len(r) for r in refs[:-1]]).tolist()
+        self.offsets = np.cumsum([0] + [len(r) for r in refs[:-1]])
         self.reader = BlockReader([ref for rs in refs for ref in rs], on_error=on_error,
                                   cache_bytes=cache_bytes, on_skip=on_skip, remote=remote,
                                   verify_blocks=verify_blocks)
-        self.orders = [_SourceOrder(d, self._firsts(off), count=c, seed=seed, shuffle=shuffle,
-                                    block_shuffle=block_shuffle,
-                                    window=shuffle_buffer if shuffle else 1)
-                       for d, off, c in zip(mixture.datasets, self.offsets, mixture.counts)]
-
-    def _firsts(self, offset: int) -> Callable[[int], np.ndarray]:
-        return lambda s: self.reader.block_firsts(offset + s)
+        if order is None:
+            self.order = MixSequence(mixture, epoch=epoch, seed=seed, shuffle=shuffle,
+                                     block_shuffle=block_shuffle, shuffle_buffer=shuffle_buffer,
+                                     block_firsts=self.reader.block_firsts)
+        else:
+            self.order = order(self.reader.block_firsts)
 
     def read(self, positions: np.ndarray, narrow: bool = False) -> list[Any]:
         """Decoded samples at ``positions`` of G (``None`` where skipped after errors);
         ``narrow``: packed arrays stay narrow (see :mod:`shardstream.format.codec`)."""
-        src, ordinal = self.mix.locate(positions)
-        n = len(src)
-        shards = np.empty(n, dtype=np.int64)
-        local = np.empty(n, dtype=np.int64)
-        for i in np.flatnonzero(np.bincount(src, minlength=len(self.orders))).tolist():
-            sel = src == i
-            sh, local[sel] = self.orders[i].locate(self.epoch, ordinal[sel])
-            shards[sel] = sh + self.offsets[i]
+        shards, local = self.order.locate(positions)
+        n = len(shards)
         idx = np.argsort((shards << 40) | local, kind="stable")
         got = self.reader.read(shards[idx], local[idx], narrow=narrow)
         out: list[Any] = [None] * n
         for k, sample in zip(idx.tolist(), got):
             out[k] = sample
         if self.source_field is not None:
+            src = np.searchsorted(self.offsets, shards, side="right") - 1
             for sample, i in zip(out, src.tolist()):
                 if sample is not None:
                     sample[self.source_field] = i

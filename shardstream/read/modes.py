@@ -21,6 +21,7 @@ from shardstream.format.codec import widen
 from shardstream.read import shardlist
 from shardstream.read.blocks import BlockReader
 from shardstream.read.dataset import Dataset
+from shardstream.read.mixorder import MixSequence
 from shardstream.read.mixture import Mixture, MixtureReader, Source
 from shardstream.read.nodes import NextUse, NodeOrder, cache_needed, node_shares, remaining
 from shardstream.read.order import EpochOrder, first_use_at
@@ -31,7 +32,7 @@ from shardstream.storage.cache import RemoteCache
 from shardstream.storage.urls import is_remote
 
 __all__ = ["ReadOptions", "Placement", "EpochReader", "DatasetMode", "MixtureMode",
-           "ShardListMode", "open_mode", "pad_skipped"]
+           "ShardListMode", "open_mode", "pad_skipped", "placed"]
 
 OnSkip = Callable[[int], None]
 
@@ -79,6 +80,19 @@ class EpochReader(Protocol):
     def read(self, positions: np.ndarray, narrow: bool = False) -> list[Any]: ...
 
     def close(self) -> None: ...
+
+
+def placed(orders: Callable[[int, int | None], list[Any]], place: Placement) -> Any:
+    """The order ``place``'s node reads: ``orders(nodes, only)`` gives every node's order
+    on ``nodes`` nodes (or only node ``only``'s); an epoch resumed on another node count
+    is the rest of the first layout, cut anew at each change (``place.chain``)."""
+    if not place.chain:
+        return orders(place.nodes, place.node if place.nodes > 1 else None)[0]
+    parts = orders(place.chain[0][0], None)
+    after = [nodes for nodes, _ in place.chain[1:]] + [place.nodes]
+    for (_, consumed), nodes in zip(place.chain, after):
+        parts = remaining(parts, consumed, nodes)
+    return parts[place.node]
 
 
 class _OrderReader:
@@ -142,14 +156,7 @@ class DatasetMode:
             return [NodeOrder(shares[n], seed=opts.seed, epoch=epoch, node=n,
                               shuffle=opts.shuffle, window=opts.window)
                     for n in (range(nodes) if only is None else [only])]
-
-        if not place.chain:
-            return orders(place.nodes, place.node if place.nodes > 1 else None)[0]
-        parts = orders(place.chain[0][0])
-        after = [nodes for nodes, _ in place.chain[1:]] + [place.nodes]
-        for (_, consumed), nodes in zip(place.chain, after):
-            parts = remaining(parts, consumed, nodes)
-        return parts[place.node]
+        return placed(orders, place)
 
     def cache_needed(self, epoch: int, opts: ReadOptions, place: Placement) -> int:
         """Bytes of node cache this node's schedule needs at once (see
@@ -227,6 +234,18 @@ class MixtureMode:
     def fingerprint(self) -> dict[str, Any]:
         return {"mixture": self.mixture.signature()}
 
+    def order(self, epoch: int, opts: ReadOptions, place: Placement,
+              block_firsts: Callable[[int], np.ndarray] | None = None) -> Any:
+        """The sequence ``place``'s node reads (the whole epoch's on one node): positions
+        -> (shard among all sources' shards, sample); see :mod:`~shardstream.read.mixorder`."""
+        def orders(nodes: int, only: int | None = None) -> list[Any]:
+            return [MixSequence(self.mixture, epoch=epoch, seed=opts.seed, shuffle=opts.shuffle,
+                                block_shuffle=opts.block_shuffle, block_firsts=block_firsts,
+                                shuffle_buffer=opts.shuffle_buffer, nodes=nodes, node=n,
+                                shares=opts.node_shares)
+                    for n in (range(nodes) if only is None else [only])]
+        return placed(orders, place)
+
     def reader(self, epoch: int, opts: ReadOptions, *, remote: RemoteCache | None,
                on_skip: OnSkip | None, place: Placement = Placement()) -> MixtureReader:
         return MixtureReader(self.mixture, epoch=epoch, seed=opts.seed, shuffle=opts.shuffle,
@@ -234,7 +253,8 @@ class MixtureMode:
                              shuffle_buffer=opts.shuffle_buffer, on_error=opts.on_error,
                              cache_bytes=opts.cache_bytes, on_skip=on_skip,
                              source_field=opts.source_field, remote=remote,
-                             verify_blocks=opts.verify_blocks)
+                             verify_blocks=opts.verify_blocks,
+                             order=lambda firsts: self.order(epoch, opts, place, firsts))
 
     def prefetch(self, reader: EpochReader, epoch: int, opts: ReadOptions,
                  schedule: tuple[int, int], place: Placement = Placement()) -> None:

@@ -38,15 +38,16 @@ import numpy as np
 
 from shardstream.read.order import EpochOrder, first_use, rng_for
 
-__all__ = ["SHARE_TAG", "SHARES", "CHUNK", "Pieces", "node_shares", "node_length", "NodeOrder",
-           "ListOrder", "remaining", "left_after", "cache_needed", "NextUse"]
+__all__ = ["SHARE_TAG", "STAGGER_TAG", "SHARES", "CHUNK", "Pieces", "node_shares", "node_length", "NodeOrder",
+           "ListOrder", "remaining", "left_after", "cache_needed", "NextUse",
+           "cut_points", "GOLDEN_MIX"]
 
-SHARE_TAG = 6
+SHARE_TAG, STAGGER_TAG = 6, 7
 SHARES = ("fixed", "epoch")
 #: samples per chunk of a node's sequence: permuted across the node's shards, read as a
 #: run (a chunk spans one or two blocks of a shard), so a window mixes many shards
 CHUNK = 64
-_GOLDEN = 0x9E3779B97F4A7C15  # spreads node ids over the seed space
+_GOLDEN = GOLDEN_MIX = 0x9E3779B97F4A7C15  # spreads node ids over the seed space
 _MASK = (1 << 64) - 1
 
 #: one share: (shard ids, first shard-local sample, end) of its pieces, in share order
@@ -66,7 +67,7 @@ def node_shares(counts: Sequence[int], nodes: int, *, seed: int, epoch: int, shu
     ends = np.cumsum(c)
     starts = ends - c
     total = int(ends[-1]) if len(ends) else 0
-    cuts = _cuts(total, nodes)
+    cuts = cut_points(total, nodes)
     out = []
     for n in range(nodes):
         a, b = int(cuts[n]), int(cuts[n + 1])
@@ -83,6 +84,23 @@ def node_shares(counts: Sequence[int], nodes: int, *, seed: int, epoch: int, shu
 def node_length(num_samples: int, nodes: int, remainder: str) -> int:
     """Samples every node's sequence counts as, so all ranks get equal units."""
     return -(-num_samples // nodes) if remainder == "pad" else num_samples // nodes
+
+
+def staggered(piece: np.ndarray, first: np.ndarray, per: np.ndarray, live: int,
+              rng: np.random.Generator) -> np.ndarray:
+    """The order of a node's chunks: chunk ``first[c]`` of piece ``piece[c]`` (of
+    ``per[p]`` chunks) at ``t_p + (first + jitter) * gap_p`` round a circle of all
+    ``C`` chunks, ``t_p`` random and ``gap_p = min(live, C / per[p])``: each piece's
+    chunks are spread over ``per * live`` places, so about ``live`` shards are read at
+    any time (what the cache holds) and each of them about once every ``live`` chunks;
+    a share with fewer chunks than that is spread evenly (stratified) over the epoch."""
+    c = len(piece)
+    if c == 0:
+        return np.zeros(0, np.int64)
+    start = rng.random(len(per)) * c
+    gap = np.minimum(float(live), c / np.maximum(per, 1))
+    key = (start[piece] + (first + rng.random(c)) * gap[piece]) % c
+    return np.argsort(key, kind="stable")
 
 
 class NodeOrder:
@@ -107,9 +125,14 @@ class NodeOrder:
         self.chunk_shard = shard[piece]
         self.chunk_lo = lo[piece] + offset
         sizes = np.minimum(CHUNK, counts[piece] - offset)
-        self.inner = EpochOrder(sizes.tolist(), seed=(seed ^ (node + 1) * _GOLDEN) & _MASK,
-                                epoch=epoch, shuffle=shuffle, block_shuffle=False,
-                                window=window)
+        seed = (seed ^ (node + 1) * _GOLDEN) & _MASK
+        order = None
+        if shuffle:
+            live = max(1, window // CHUNK)
+            order = staggered(piece, first, per, live, rng_for(seed, epoch, STAGGER_TAG))
+        self.inner = EpochOrder(sizes.tolist(), seed=seed, epoch=epoch, shuffle=shuffle,
+                                block_shuffle=False, window=window, order=order,
+                                stratified=shuffle)
 
     def locate(self, positions: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
         """(shard ids, shard-local ordinals) of the samples at ``positions``."""
@@ -164,7 +187,7 @@ def remaining(orders: Sequence[NodeOrder | ListOrder], consumed: int, nodes: int
     shards, local = np.concatenate(shard_parts), np.concatenate(local_parts)
     key = np.concatenate(node_parts) * (int(shards.max()) + 1) + shards
     grouped = np.argsort(key, kind="stable")  # by (old node, shard), in order inside
-    cuts = _cuts(len(shards), nodes)
+    cuts = cut_points(len(shards), nodes)
     out = []
     for n in range(nodes):
         idx = np.sort(grouped[cuts[n]:cuts[n + 1]])  # back in the order they had
@@ -172,7 +195,7 @@ def remaining(orders: Sequence[NodeOrder | ListOrder], consumed: int, nodes: int
     return out
 
 
-def _cuts(total: int, nodes: int) -> np.ndarray:
+def cut_points(total: int, nodes: int) -> np.ndarray:
     """Where ``total`` samples are cut into ``nodes`` contiguous runs (every cut here)."""
     return np.arange(nodes + 1, dtype=np.int64) * total // nodes
 
@@ -182,7 +205,7 @@ def left_after(num_samples: int, chain: Sequence[tuple[int, int]]) -> int:
     what :func:`remaining` cuts anew (from sizes alone; no order is built)."""
     total = num_samples
     for nodes, consumed in chain:
-        total = int(np.maximum(np.diff(_cuts(total, nodes)) - consumed, 0).sum())
+        total = int(np.maximum(np.diff(cut_points(total, nodes)) - consumed, 0).sum())
     return total
 
 

@@ -14,8 +14,8 @@ from typing import Callable, Iterable, Iterator, Sequence
 
 import numpy as np
 
-__all__ = ["Layout", "EpochOrder", "first_use", "first_use_at", "rng_for", "SHARD_TAG", "BLOCK_TAG", "WINDOW_TAG",
-           "BUFFER_TAG", "RESAMPLE_TAG"]
+__all__ = ["Layout", "EpochOrder", "first_use", "first_use_at", "rng_for", "SHARD_TAG",
+           "BLOCK_TAG", "WINDOW_TAG", "BUFFER_TAG", "RESAMPLE_TAG"]
 
 
 SHARD_TAG, BLOCK_TAG, WINDOW_TAG, BUFFER_TAG, RESAMPLE_TAG = 1, 2, 3, 4, 5
@@ -134,13 +134,17 @@ class EpochOrder:
 
     def __init__(self, counts: Sequence[int], *, seed: int, epoch: int, shuffle: bool,
                  block_shuffle: bool, window: int,
-                 block_firsts: Callable[[int], np.ndarray] | None = None) -> None:
+                 block_firsts: Callable[[int], np.ndarray] | None = None,
+                 order: np.ndarray | None = None, stratified: bool = False) -> None:
         self.counts = np.asarray(counts, dtype=np.int64)
         self.num_samples = int(self.counts.sum())
         self.seed, self.epoch, self.window = seed, epoch, window
         self.block_shuffle = shuffle and block_shuffle
         n = len(self.counts)
-        self.order = rng_for(seed, epoch, SHARD_TAG).permutation(n) if shuffle else np.arange(n)
+        if order is None:  # else the shards' order is given (a node's staggered chunks)
+            order = rng_for(seed, epoch, SHARD_TAG).permutation(n) if shuffle else np.arange(n)
+        self.order = np.asarray(order, dtype=np.int64)
+        self.stratified = stratified
         self.cum = np.concatenate([[0], np.cumsum(self.counts[self.order])])
         # indexed by k = searchsorted(cum, i, "right"), 1 + the place in ``order`` of the
         # shard holding S index i: that shard, and its first S index
@@ -155,11 +159,24 @@ class EpochOrder:
         perm = self._windows.get(w)
         if perm is None:
             size = min(self.window, self.num_samples - w * self.window)
-            perm = rng_for(self.seed, self.epoch, WINDOW_TAG, w).permutation(size)
+            rng = rng_for(self.seed, self.epoch, WINDOW_TAG, w)
+            perm = self._stratified(w * self.window, size, rng) if self.stratified \
+                else rng.permutation(size)
             if len(self._windows) >= _WINDOW_CACHE:
                 self._windows.clear()
             self._windows[w] = perm
         return perm
+
+    def _stratified(self, lo: int, size: int, rng: np.random.Generator) -> np.ndarray:
+        """A window's permutation that deals the window's shards round robin: each
+        shard's samples (in random order) at evenly spread, jittered places, so any run
+        of positions draws from the shards in proportion to their part of the window."""
+        k = np.searchsorted(self.cum, np.arange(lo, lo + size), side="right")  # shard slot
+        slot, first, part = np.unique(k, return_index=True, return_counts=True)
+        by = np.lexsort((rng.random(size), k))  # by shard, random inside
+        rank = np.arange(size) - np.repeat(first, part)
+        key = (rank + rng.random(size)) / np.repeat(part, part)
+        return by[np.argsort(key, kind="stable")]
 
     def _sequence_index(self, positions: np.ndarray) -> np.ndarray:
         """For positions of G, the indexes into S, the epoch's shards end to end in
