@@ -69,6 +69,7 @@ class _Progress:
 
 def cmd_write(args: argparse.Namespace) -> int:
     from shardstream.storage.io import load_manifest
+    from shardstream.write.arrow_encode import EncodedRows
     from shardstream.write.inputs import iter_task
     from shardstream.write.parallel import run_workers
     from shardstream.write.plan import group_tasks, plan_tasks, task_bytes
@@ -81,10 +82,14 @@ def cmd_write(args: argparse.Namespace) -> int:
     progress = _Progress(not args.quiet and args.engine == "local",
                          None if stdin else sum(map(task_bytes, tasks)), len(groups))
 
-    def slice_of(group: list, slot: int = 0) -> Callable[[], Iterator[dict]]:
+    # Parquet/Arrow batches come encoded already where their column types allow
+    encode = args.compress is None
+
+    def slice_of(group: list, slot: int = 0) -> Callable[[], Iterator[Any]]:
         read = progress.reader(slot)
-        return lambda: chain.from_iterable(iter_task(t, allow_pickle=allow, arrays=arrays,
-                                                     progress=read) for t in group)
+        return lambda: chain.from_iterable(iter_task(
+            t, allow_pickle=allow, arrays=arrays, progress=read, encode=encode,
+            key_field=args.key_field) for t in group)
 
     common = dict(prefix=args.prefix, overwrite=args.overwrite, append=args.append,
                   key_field=args.key_field, storage_options=storage_options(args.storage_option))
@@ -114,12 +119,17 @@ def cmd_write(args: argparse.Namespace) -> int:
             manifest = run_workers(args.output, [slice_of(g, i) for i, g in enumerate(groups)],
                                    progress=progress, **common, **sink)
         else:
+            told = 0
             with ShardWriter(args.output, **common, **sink) as w:
                 for sample in slice_of(tasks)():
-                    w.write(sample)
-                    if w.num_samples & 255 == 0:
-                        progress(256, 0)
-            progress(w.num_samples & 255, 0)
+                    if type(sample) is EncodedRows:
+                        w.write_encoded(sample.samples, sample.schema)
+                    else:
+                        w.write(sample)
+                    if w.num_samples - told >= 256:
+                        progress(w.num_samples - told, 0)
+                        told = w.num_samples
+            progress(w.num_samples - told, 0)
             manifest = w.close()
     finally:
         progress.close()

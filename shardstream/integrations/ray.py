@@ -16,6 +16,9 @@ The output must be a path that the driver and every worker node see (a local
 disk on one machine, a shared filesystem on a cluster). Object storage URLs are
 refused for now; everything that touches the output goes through the functions
 of :mod:`shardstream.write.writer` so that a storage layer can replace them later.
+
+Reading a dataset into Ray Data (:func:`read`, :class:`ShardstreamDatasource`,
+:func:`arrow_batch`) lives in :mod:`shardstream.integrations.ray_read`, re-exported here.
 """
 
 from __future__ import annotations
@@ -42,6 +45,7 @@ from shardstream.errors import EncodeError, InputError, StorageError
 from shardstream.format.compression import Compression, parse_compression
 from shardstream.format.manifest import STAGING_PREFIX, Manifest, ShardInfo
 from shardstream.format.schema import SchemaBuilder
+from shardstream.integrations.ray_read import ShardstreamDatasource, arrow_batch, read
 from shardstream.write.inputs import iter_task
 from shardstream.write.output import PreparedOutput, prepare_output
 from shardstream.write.plan import InputTask, group_tasks, plan_tasks
@@ -49,7 +53,7 @@ from shardstream.write.publish import publish
 from shardstream.write.sink import DEFAULT_BLOCK_BYTES, DEFAULT_MAX_BYTES, ShardSink
 
 __all__ = ["ShardstreamDatasink", "write", "write_inputs_with_ray", "block_rows",
-           "RAY_STAGING_PREFIX"]
+           "RAY_STAGING_PREFIX", "ShardstreamDatasource", "read", "arrow_batch"]
 
 RAY_STAGING_PREFIX = STAGING_PREFIX + "ray-"
 _URL = re.compile(r"([A-Za-z][A-Za-z0-9+.-]*)://")

@@ -23,7 +23,9 @@ from shardstream.format.compression import Compression, parse_compression
 from shardstream.format.encode import encode_sample
 from shardstream.format.manifest import Manifest
 from shardstream.format.schema import SchemaBuilder
+from shardstream.write.arrow_encode import EncodedRows
 from shardstream.write.output import make_staging, prepare_output
+from shardstream.write.parquet import arrow_source
 from shardstream.write.publish import publish
 from shardstream.write.sink import DEFAULT_BLOCK_BYTES, DEFAULT_MAX_BYTES, ShardSink, sample_key
 from shardstream.write.writer import ShardWriter
@@ -46,10 +48,14 @@ def _worker(rank: int, make_iter: Callable[[], Iterator[dict]], staging: str,
         sink = ShardSink(staging, **sink_kw)
         done = 0
         for sample in make_iter():
-            sink.write(sample)
-            done += 1
-            if done & 255 == 0:
-                counters[2 * rank] = sink.num_samples
+            if type(sample) is EncodedRows:  # a batch encoded already (Arrow inputs)
+                for data in sample.samples:
+                    sink.write_encoded(data)
+                sink.schema.merge(sample.schema)
+            else:
+                sink.write(sample)
+            if sink.num_samples - done >= 256:
+                done = counters[2 * rank] = sink.num_samples
                 counters[2 * rank + 1] = sink.bytes_written
         infos = sink.finish()
         counters[2 * rank] = sink.num_samples
@@ -160,12 +166,29 @@ def write_shards(samples: Iterable[dict], output_dir: str | os.PathLike, *, work
     input order either way. ``output_dir`` may be a URL (``s3://bucket/prefix``;
     ``storage_options`` go to fsspec). ``compression``/``level``: as for
     :class:`ShardWriter`. Returns the manifest written.
+
+    A Hugging Face ``datasets.Dataset`` (no format or transform set) or a
+    ``pyarrow.Table`` is read as Arrow batches, its values as ``shardstream-write``
+    reads the same data from files (docs/inputs.md: lists of numbers -> numpy arrays
+    in the column's dtype), and encoded a batch at a time; pass ``iter(ds)`` to store
+    the dicts the dataset gives instead.
     """
     if workers < 1:
         raise ValueError(f"workers must be >= 1, got {workers}")
     out = os.fspath(output_dir)
     sink_kw = dict(max_samples=max_samples, max_bytes=max_bytes, block_bytes=block_bytes,
                    fsync=fsync, compression=parse_compression(compression, level))
+    source = arrow_source(samples)
+    if source is not None:  # compressing sinks narrow integer arrays: give them dicts
+        rows = partial(source.items, encode=sink_kw["compression"] is None, key_field=key_field)
+        n = len(source)
+        if workers > 1 and n >= 2 * workers:
+            cuts = [n * w // workers for w in range(workers + 1)]
+            return run_workers(out, [partial(rows, cuts[w], cuts[w + 1]) for w in range(workers)],
+                               prefix=prefix, overwrite=overwrite, append=append,
+                               key_field=key_field, progress=progress,
+                               storage_options=storage_options, **sink_kw)
+        samples, workers = rows(0, n), 1
     if workers > 1 and isinstance(samples, Sequence) and len(samples) >= 2 * workers:
         n = len(samples)
         cuts = [n * w // workers for w in range(workers + 1)]
@@ -176,14 +199,19 @@ def write_shards(samples: Iterable[dict], output_dir: str | os.PathLike, *, work
     if workers > 1:
         return _write_encoded(samples, out, workers, chunk_size, prefix, overwrite, append,
                               key_field, progress, dict(sink_kw, storage_options=storage_options))
+    told = 0
     with ShardWriter(out, prefix=prefix, overwrite=overwrite, append=append,
                      key_field=key_field, storage_options=storage_options, **sink_kw) as w:
         for sample in samples:
-            w.write(sample)
-            if progress and w.num_samples & 1023 == 0:
-                progress(1024, 0)
+            if type(sample) is EncodedRows:
+                w.write_encoded(sample.samples, sample.schema)
+            else:
+                w.write(sample)
+            if progress and w.num_samples - told >= 1024:
+                progress(w.num_samples - told, 0)
+                told = w.num_samples
     if progress:
-        progress(w.num_samples & 1023, 0)
+        progress(w.num_samples - told, 0)
     return w.close()
 
 

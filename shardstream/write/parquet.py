@@ -1,157 +1,65 @@
-"""Parquet (and Arrow) input: columns -> samples, list columns as numpy arrays."""
+"""Parquet and Arrow IPC input (``.arrow`` files, Hugging Face ``save_to_disk`` folders)
+and in-memory Arrow (a ``datasets.Dataset``, a ``pyarrow.Table``: :func:`arrow_source`,
+for ``write_shards``): record batches -> samples by :mod:`shardstream.write.arrow`
+(list columns as numpy arrays in their Arrow dtype), or encoded a batch at a time by
+:mod:`shardstream.write.arrow_encode`; never a whole table at once.
+"""
 
 from __future__ import annotations
 
-from typing import Any, Iterator
-
-import numpy as np
+import sys
+from typing import Any, Callable, Iterable, Iterator
 
 from shardstream.errors import InputError
-from shardstream.write.infer import NEVER_HINT, BadValue
-from shardstream.write.plan import InputTask, Progress, parquet_groups, pyarrow_parquet
+from shardstream.write.arrow import batch_dicts, open_ipc
+from shardstream.write.arrow_encode import EncodedRows, encode_batch
+from shardstream.write.plan import (InputTask, Progress, arrow_batches, parquet_groups,
+                                    pyarrow_parquet)
 
-__all__ = ["iter_parquet"]
-
-
-_ARROW_NULL_FIX = ("so it cannot become a numpy array: fill the nulls "
-                   f"(pyarrow.compute.fill_null), {NEVER_HINT}")
+__all__ = ["iter_parquet", "iter_arrow", "iter_batches", "ArrowSource", "arrow_source"]
 
 
-def _listlike(t: Any) -> bool:
-    import pyarrow as pa
-
-    return pa.types.is_list(t) or pa.types.is_large_list(t) or pa.types.is_fixed_size_list(t)
-
-
-def _numeric(t: Any) -> bool:
-    import pyarrow as pa
-
-    return pa.types.is_integer(t) or pa.types.is_floating(t) or pa.types.is_boolean(t)
-
-
-def _type_name(t: Any) -> str:
-    """``list<int16>`` rather than pyarrow's ``list<element: int16>``."""
-    import pyarrow as pa
-
-    if pa.types.is_fixed_size_list(t):
-        return f"fixed_size_list<{_type_name(t.value_type)}>[{t.list_size}]"
-    if _listlike(t):
-        kind = "large_list" if pa.types.is_large_list(t) else "list"
-        return f"{kind}<{_type_name(t.value_type)}>"
-    return str(t)
+def iter_batches(batches: Iterable[Any], arrays: str, source: str, first_row: int = 0, *,
+                 batch_rows: int = 8192, encode: bool = False, key_field: str = "__key__"
+                 ) -> Iterator[dict | EncodedRows]:
+    """The rows of record ``batches`` (cut to ``batch_rows`` rows) as dicts or, with
+    ``encode`` (and ``arrays="auto"``), as :class:`EncodedRows` where
+    :func:`encode_batch` can encode a batch. Errors name ``source`` and the row,
+    counted from ``first_row``."""
+    row = first_row
+    for big in batches:
+        for lo in range(0, big.num_rows, batch_rows):
+            batch = big.slice(lo, batch_rows) if big.num_rows > batch_rows else big
+            enc = encode_batch(batch, key_field) if encode and arrays == "auto" else None
+            if enc is not None:
+                yield enc
+            else:
+                yield from batch_dicts(batch, arrays, source, row)
+            row += batch.num_rows
 
 
-def _leaf_dtype(t: Any) -> np.dtype | None:
-    """The numpy dtype of a list type nesting only lists down to a number or bool leaf."""
-    while _listlike(t):
-        t = t.value_type
-    return np.dtype(t.to_pandas_dtype()) if _numeric(t) else None
+def _pro_rata(items: Iterator[dict | EncodedRows], rows: int, nbytes: int,
+              progress: Progress | None) -> Iterator[dict | EncodedRows]:
+    """Pass ``items`` on, calling ``progress`` with ``nbytes`` pro rata of the rows done."""
+    if progress is None:
+        yield from items
+        return
+    read = done = 0
+    for item in items:
+        yield item
+        read += len(item.samples) if type(item) is EncodedRows else 1
+        if type(item) is EncodedRows or read & 1023 == 0 or read == rows:
+            now = nbytes * min(read, rows) // max(rows, 1)
+            progress(now - done)
+            done = now
+    if done < nbytes:
+        progress(nbytes - done)
 
 
-def _has_arrays(t: Any) -> bool:
-    """Does a value of Arrow type ``t`` hold lists that the rule turns into arrays?"""
-    import pyarrow as pa
-
-    if _listlike(t):
-        return _leaf_dtype(t) is not None or _has_arrays(t.value_type)
-    if pa.types.is_struct(t):
-        return any(_has_arrays(t.field(i).type) for i in range(t.num_fields))
-    return False
-
-
-def _first_null(v: Any) -> list[int] | None:
-    """The index path of the first None inside nested lists, else None."""
-    for i, x in enumerate(v):
-        if x is None:
-            return [i]
-        if type(x) is list:
-            inner = _first_null(x)
-            if inner is not None:
-                return [i, *inner]
-    return None
-
-
-def _typed_array(v: list, dtype: np.dtype, t: Any) -> Any:
-    """A (nested) list of Arrow type ``t`` as an array of its leaf dtype; ragged levels
-    become lists of arrays."""
-    hole = _first_null(v)
-    if hole is not None:
-        at = "".join(f"[{i}]" for i in hole)
-        raise BadValue(f"{_type_name(t)} holds a null at {at}, {_ARROW_NULL_FIX}")
-    try:
-        return np.array(v, dtype)
-    except ValueError:  # ragged below this level
-        return [_typed_array(x, dtype, t.value_type) for x in v]
-
-
-def _typed(v: Any, t: Any) -> Any:
-    """A Python value of Arrow type ``t`` under the arrays rule (dtype from ``t``)."""
-    import pyarrow as pa
-
-    if v is None:
-        return None
-    if _listlike(t):
-        dtype = _leaf_dtype(t)
-        if dtype is not None:
-            return _typed_array(v, dtype, t)
-        out = []
-        for i, x in enumerate(v):
-            try:
-                out.append(_typed(x, t.value_type))
-            except BadValue as bad:
-                raise bad.at(i)
-        return out
-    if pa.types.is_struct(t):
-        for i in range(t.num_fields):
-            f = t.field(i)
-            try:
-                v[f.name] = _typed(v[f.name], f.type)
-            except BadValue as bad:
-                raise bad.at(f.name)
-    return v
-
-
-def _flat_arrays(col: Any) -> list:
-    """A flat list column of numbers/bools as numpy views per row, vectorised."""
-    import pyarrow.compute as pc
-
-    flat_arr = col.flatten()  # items of the non-null rows, slice offset applied
-    lengths = pc.list_value_length(col).fill_null(0).to_numpy(zero_copy_only=False)
-    offs = np.concatenate([[0], np.cumsum(lengths)])
-    if flat_arr.null_count:
-        item = int(np.flatnonzero(~flat_arr.is_valid().to_numpy(zero_copy_only=False))[0])
-        row = int(np.searchsorted(offs, item, side="right")) - 1
-        at = item - int(offs[row])
-        raise BadValue(f"{_type_name(col.type)} holds a null at [{at}], {_ARROW_NULL_FIX}"
-                       ).at(row)  # the row travels as the last path part
-    flat = flat_arr.to_numpy(zero_copy_only=False)
-    rows: list = [flat[a:b] for a, b in zip(offs.tolist(), offs[1:].tolist())]
-    if col.null_count:
-        rows = [r if ok else None for r, ok in zip(rows, col.is_valid().to_pylist())]
-    return rows
-
-
-def _column(col: Any, arrays: str = "auto") -> list:
-    """Arrow column -> list of values, lists of numbers/bools as numpy arrays (``auto``).
-
-    A refused row raises :class:`_Bad` whose last path part is the row (batch-local).
-    """
-    t = col.type
-    if arrays == "never" or not _has_arrays(t):
-        return col.to_pylist()
-    if _listlike(t) and _numeric(t.value_type):
-        return _flat_arrays(col)
-    rows = col.to_pylist()
-    for r, v in enumerate(rows):
-        try:
-            rows[r] = _typed(v, t)
-        except BadValue as bad:
-            raise bad.at(r)
-    return rows
-
-
-def iter_parquet(task: InputTask, batch_rows: int, arrays: str,
-                 progress: Progress | None) -> Iterator[dict]:
+def iter_parquet(task: InputTask, batch_rows: int, arrays: str, progress: Progress | None,
+                 encode: bool = False, key_field: str = "__key__"
+                 ) -> Iterator[dict | EncodedRows]:
+    """The rows of the row groups ``[task.start, task.stop)`` of a Parquet file."""
     pq = pyarrow_parquet()
     meta = parquet_groups(task.path)
     n = len(meta)
@@ -160,32 +68,95 @@ def iter_parquet(task: InputTask, batch_rows: int, arrays: str,
         return
     import pyarrow as pa
 
-    row = sum(r for r, _ in meta[:task.start])  # file row number of the next row
-    rows = sum(meta[g][0] for g in groups)
-    nbytes = sum(meta[g][1] for g in groups)
-    read = done = 0
+    first = sum(r for r, _ in meta[:task.start])  # file row number of the task's first row
     batches = pq.ParquetFile(task.path).iter_batches(batch_size=batch_rows, row_groups=groups)
-    while True:
+
+    def read() -> Iterator[Any]:
         try:
-            batch = next(batches, None)
+            yield from batches
         except pa.ArrowException as exc:
             raise InputError(f"{task.path}: cannot read Parquet: {exc}") from exc
-        if batch is None:
-            return
-        names = batch.schema.names
-        columns = []
-        for name, c in zip(names, batch.columns):
-            try:
-                columns.append(_column(c, arrays))
-            except BadValue as bad:
-                r = bad.parts.pop()
-                raise InputError(f"{task.path}: row {row + r}: {bad.at(name).describe()}") \
-                    from None
-        for values in zip(*columns):
-            yield dict(zip(names, values))
-        row += batch.num_rows
-        read += batch.num_rows
-        if progress is not None:  # compressed bytes, pro rata of the rows read
-            now = nbytes * read // max(rows, 1)
-            progress(now - done)
-            done = now
+
+    yield from _pro_rata(iter_batches(read(), arrays, task.path, first, batch_rows=batch_rows,
+                                      encode=encode, key_field=key_field),
+                         sum(meta[g][0] for g in groups), sum(meta[g][1] for g in groups),
+                         progress)
+
+
+def iter_arrow(task: InputTask, batch_rows: int, arrays: str, progress: Progress | None,
+               encode: bool = False, key_field: str = "__key__"
+               ) -> Iterator[dict | EncodedRows]:
+    """The rows of the record batches ``[task.start, task.stop)`` of an Arrow IPC file
+    (memory-mapped; a streaming-format file is read through the batches before them)."""
+    meta = arrow_batches(task.path)
+    stop = len(meta) if task.stop is None else min(task.stop, len(meta))
+    if task.start >= stop:
+        return
+    first = sum(r for r, _ in meta[:task.start])
+
+    def read() -> Iterator[Any]:
+        import pyarrow as pa
+
+        with open_ipc(task.path) as reader:
+            random = hasattr(reader, "get_batch")  # file format: no need to read the rest
+            for i in range(task.start if random else 0, stop):
+                try:
+                    batch = reader.get_batch(i) if random else reader.read_next_batch()
+                except (pa.ArrowException, StopIteration) as exc:
+                    raise InputError(f"{task.path}: record batch {i} cannot be read ({exc}); "
+                                     "the file is truncated or corrupt: write it again"
+                                     ) from None
+                if i >= task.start:
+                    yield batch
+
+    yield from _pro_rata(iter_batches(read(), arrays, task.path, first, batch_rows=batch_rows,
+                                      encode=encode, key_field=key_field),
+                         sum(r for r, _ in meta[task.start:stop]),
+                         sum(b for _, b in meta[task.start:stop]), progress)
+
+
+class ArrowSource:
+    """The rows of an in-memory Arrow-backed dataset, read ``batch_rows`` at a time as
+    Arrow batches (see :func:`arrow_source`); ``items(lo, hi)`` is what
+    :func:`iter_batches` gives for rows ``[lo, hi)``."""
+
+    def __init__(self, table_of: Callable[[int, int], Any], num_rows: int, label: str) -> None:
+        self.table_of, self.num_rows, self.label = table_of, num_rows, label
+
+    def __len__(self) -> int:
+        return self.num_rows
+
+    def items(self, lo: int, hi: int, *, encode: bool = True, key_field: str = "__key__",
+              batch_rows: int = 4096) -> Iterator[dict | EncodedRows]:
+        def batches() -> Iterator[Any]:
+            for a in range(lo, hi, batch_rows):
+                yield from self.table_of(a, min(a + batch_rows, hi)).combine_chunks().to_batches()
+
+        return iter_batches(batches(), "auto", self.label, lo, batch_rows=batch_rows,
+                            encode=encode, key_field=key_field)
+
+
+def arrow_source(obj: Any) -> ArrowSource | None:
+    """An :class:`ArrowSource` for a ``datasets.Dataset`` with no format or transform set
+    (its columns as stored: lists -> arrays by the Arrow rule, Image/Audio features as their
+    ``{"bytes", "path"}`` structs) or a ``pyarrow.Table``/``RecordBatch``; else ``None``.
+    Neither package is imported here: an object of one is only seen once it is loaded."""
+    top = type(obj).__module__.split(".")[0]
+    if top == "pyarrow" and "pyarrow" in sys.modules:
+        pa = sys.modules["pyarrow"]
+        if isinstance(obj, pa.RecordBatch):
+            obj = pa.Table.from_batches([obj])
+        if isinstance(obj, pa.Table):
+            return ArrowSource(lambda a, b: obj.slice(a, b - a), obj.num_rows, "pyarrow.Table")
+    if top == "datasets" and "datasets" in sys.modules:
+        hf = sys.modules["datasets"]
+        if isinstance(obj, hf.DatasetDict):
+            splits = list(obj)
+            raise InputError(f"got a datasets.DatasetDict with the splits {', '.join(splits)}: "
+                             f"pass one split, e.g. dd[{(splits or ['train'])[0]!r}]")
+        if isinstance(obj, hf.Dataset) and obj.format["type"] is None:
+            fmt = obj.format
+            view = obj.with_format("arrow", columns=fmt["columns"],
+                                   output_all_columns=fmt["output_all_columns"])
+            return ArrowSource(lambda a, b: view[a:b], len(obj), "datasets.Dataset")
+    return None

@@ -1,0 +1,192 @@
+"""Reading on Ray Data: exact reads of local and S3 datasets, columns, task plans, errors."""
+
+from __future__ import annotations
+
+import os
+import sys
+
+import numpy as np
+import pytest
+
+ray = pytest.importorskip("ray", reason="Ray is not installed (pip install 'shardstream[ray]')")
+pytest.importorskip("ray.data", reason="Ray Data is not installed (pip install 'ray[data]')")
+
+import pyarrow as pa  # noqa: E402
+
+from shardstream.errors import ManifestError, ShardNotFoundError  # noqa: E402
+from shardstream.integrations import ray as ssray  # noqa: E402
+from shardstream.integrations.ray_read import (arrow_batch, column_plan, plan_pieces,  # noqa: E402
+                                               rows_to_block)
+from shardstream.read.shards import ShardRef  # noqa: E402
+from shardstream.storage.io import load_manifest  # noqa: E402
+from shardstream.write.writer import ShardWriter  # noqa: E402
+
+from conftest import sample  # noqa: E402
+
+N = 1_000
+pytestmark = pytest.mark.filterwarnings("ignore::DeprecationWarning:ray.*")
+
+
+@pytest.fixture(scope="module")
+def ray_session():
+    """One local Ray for the tests that need it, shut down after this module."""
+    ray.init(num_cpus=2, include_dashboard=False, log_to_driver=False,
+             logging_level="ERROR", configure_logging=False)
+    ray.data.DataContext.get_current().enable_progress_bars = False
+    ray.cloudpickle.register_pickle_by_value(sys.modules[__name__])
+    yield
+    ray.shutdown()
+
+
+def rich(i: int) -> dict:
+    """The shared test sample plus a fixed-shape float32 tensor and an optional field."""
+    s = sample(i)
+    s["vec"] = np.full((2, 3), i, dtype=np.float32)
+    if i % 3 == 0:
+        s["opt"] = i
+    return s
+
+
+def check_rows(rows: list[dict], n: int, make=rich) -> None:
+    """Every id in range(n) exactly once, each row equal to the sample written."""
+    ids = [r["id"] for r in rows]
+    assert len(ids) == n and sorted(ids) == list(range(n))
+    for r in rows:
+        want = make(r["id"])
+        assert set(r) >= set(want)
+        for k, v in want.items():
+            if isinstance(v, np.ndarray):
+                assert r[k].dtype == v.dtype and np.array_equal(r[k], v), (k, r)
+            else:
+                assert r[k] == v, (k, r)
+        assert r.get("opt") == want.get("opt")
+
+
+# ---------------------------------------------------------------- without Ray running
+def refs(counts: list[int]) -> list[ShardRef]:
+    return [ShardRef(f"s{i}.tar", f"s{i}.idx", num_samples=n, bytes=n * 10)
+            for i, n in enumerate(counts)]
+
+
+@pytest.mark.parametrize("counts", [[97] * 10 + [30], [1000], [5, 0, 7, 1], [3]])
+@pytest.mark.parametrize("tasks", [1, 2, 3, 4, 11, 25, 200, 10_000])
+def test_plan_covers_every_sample_once_in_order(counts, tasks):
+    plan = plan_pieces(refs(counts), tasks)
+    got = [(p.ref.path, i) for task in plan for p in task for i in range(p.start, p.stop)]
+    assert got == [(f"s{s}.tar", i) for s, n in enumerate(counts) for i in range(n)]
+    assert all(task for task in plan) and len(plan) <= max(tasks, sum(c > 0 for c in counts))
+    if tasks <= sum(counts):
+        assert len(plan) >= min(tasks, sum(c > 0 for c in counts))
+
+
+def test_plan_whole_shards_when_there_are_enough():
+    plan = plan_pieces(refs([97] * 10), 3)
+    assert len(plan) == 3 and all(p.start == 0 and p.stop == 97 for t in plan for p in t)
+    assert sorted(len(t) for t in plan) == [3, 3, 4]
+    split = plan_pieces(refs([1000, 500]), 6)  # shards cut by their share of samples
+    assert [len(t) for t in split] == [1] * 6 and [p.stop - p.start for t in split
+                                                   for p in t] == [250] * 6
+
+
+def test_column_plan_from_manifest_schema(make_dataset):
+    m = load_manifest(make_dataset(300, make=rich))
+    plan = column_plan(m.schema)
+    assert plan["x"][0] == "ragged" and plan["vec"] == ("fixed", (np.dtype("float32"), (2, 3)))
+    assert plan["id"][0] == plan["opt"][0] == plan["meta"][0] == "arrow"
+    with pytest.raises(ValueError, match="nope.*fields: "):
+        column_plan(m.schema, ["id", "nope"], where="ds")
+
+
+def test_source_without_manifest_is_refused(tmp_path):
+    with ShardWriter(str(tmp_path / "ds"), fsync=False) as w:
+        w.write(sample(0))
+    os.remove(tmp_path / "ds" / "manifest.json")
+    tars = [str(p) for p in (tmp_path / "ds").glob("*.tar")]
+    with pytest.raises(ManifestError, match=r"shard-000000\.tar.*Ray reads need a dataset "
+                                            "with a manifest"):
+        ssray.ShardstreamDatasource(tars)
+
+
+# ---------------------------------------------------------------- on Ray
+def test_local_read_exact_with_values(ray_session, make_dataset):
+    out = make_dataset(N, make=rich, max_samples=97)  # 11 shards of several blocks
+    for blocks in (3, 40):  # whole shards grouped; shards cut into ranges
+        ds = ssray.read(out, override_num_blocks=blocks, block_bytes=4096)
+        check_rows(ds.take_all(), N)
+    schema = ds.schema()
+    assert "ArrowVariableShapedTensorType" in str(schema.types[schema.names.index("x")])
+    assert "Tensor" in str(schema.types[schema.names.index("vec")])
+    batch = ssray.read(out, columns=["id", "vec"]).take_batch(N)  # numpy batch
+    assert set(batch) == {"id", "vec"} and batch["vec"].shape == (N, 2, 3)
+    assert np.array_equal(batch["vec"][:, 0, 0], batch["id"].astype(np.float32))
+
+
+def test_arrow_batch_pads_like_shardstream():
+    rows = [rich(i) for i in range(60)]
+    for r in rows:
+        r["m"] = np.full((r["id"] % 3 + 1, 2), r["id"], dtype=np.int16)  # ragged in dim 0
+        r["w"] = np.ones((r["id"] % 2 + 1, r["id"] % 3 + 1))  # ragged beyond dim 0
+    plan = {"id": ("arrow", pa.int64()), "s": ("arrow", pa.string()),
+            "x": ("ragged", (np.dtype("int32"), 1)), "m": ("ragged", (np.dtype("int16"), 2)),
+            "w": ("ragged", (np.dtype("float64"), 2)),
+            "vec": ("fixed", (np.dtype("float32"), (2, 3)))}
+    table = rows_to_block(rows, plan)
+    for part in (table, table.slice(7, 20), pa.concat_tables([table.slice(3, 5),
+                                                                table.slice(30, 9)])):
+        b = arrow_batch(part, pad_value=-1)
+        assert b["vec"].shape == (len(part), 2, 3) and isinstance(b["w"], list)
+        for k, i in enumerate(b["id"].tolist()):
+            n, m = b["x_lengths"][k], b["m_lengths"][k]
+            assert np.array_equal(b["x"][k, :n], rows[i]["x"]) and (b["x"][k, n:] == -1).all()
+            assert np.array_equal(b["m"][k, :m], rows[i]["m"]) and (b["m"][k, m:] == -1).all()
+            assert np.array_equal(b["w"][k], rows[i]["w"]) and b["s"][k] == rows[i]["s"]
+            assert np.array_equal(b["vec"][k], rows[i]["vec"])
+
+
+def test_iter_torch_batches_for_ray_train(ray_session, make_dataset):
+    pytest.importorskip("ray.train", reason="Ray Train is not installed (pip install 'ray[train]')")
+    import torch
+    from ray.data.collate_fn import ArrowBatchCollateFn
+
+    class Collate(ArrowBatchCollateFn):  # as in docs/scaling.md
+        def __call__(self, table):
+            return {k: torch.from_numpy(v) if isinstance(v, np.ndarray) else v
+                    for k, v in ssray.arrow_batch(table).items()}
+
+    out = make_dataset(300, make=rich)
+    ids = []
+    for b in ssray.read(out).iter_torch_batches(batch_size=64, collate_fn=Collate()):
+        assert b["vec"].dtype == torch.float32 and b["vec"].shape[1:] == (2, 3)
+        assert b["x"].dtype == torch.int32 and b["x"].shape[1] == int(b["x_lengths"].max())
+        assert b["x_lengths"].tolist() == [i % 5 + 1 for i in b["id"].tolist()]
+        ids += b["id"].tolist()
+    assert sorted(ids) == list(range(300))
+    plain = next(iter(ssray.read(out, columns=["id", "vec"]).iter_torch_batches(batch_size=8)))
+    assert plain["vec"].shape == (8, 2, 3) and plain["id"].dtype == torch.int64
+
+
+def test_missing_shard_is_named(ray_session, make_dataset):
+    out = make_dataset(300)
+    ds = ssray.read(out, override_num_blocks=4)
+    gone = os.path.join(out, load_manifest(out).shards[1].name)
+    os.remove(gone)
+    with pytest.raises(ShardNotFoundError, match=os.path.basename(gone)):
+        ds.take_all()
+
+
+@pytest.mark.storage
+def test_s3_read_exact_with_values(ray_session, s3_server, s3_bucket, tmp_path):
+    opts = s3_server.storage_options
+    url = f"{s3_bucket}/ds"
+    with ShardWriter(url, max_samples=97, block_bytes=1024, fsync=False,
+                     storage_options=opts) as w:
+        for i in range(N):
+            w.write(rich(i))
+    cache = str(tmp_path / "cache")
+    ds = ssray.read(url, storage_options=opts, cache_dir=cache, override_num_blocks=20)
+    check_rows(ds.take_all(), N)  # shards cut into ranges: several tasks share a download
+    m = load_manifest(url, opts)
+    assert sum(n.endswith(".tar") for n in os.listdir(cache)) == len(m.shards)
+    grouped = ssray.read(url, storage_options=opts, cache_dir=str(tmp_path / "cache2"),
+                         override_num_blocks=3)  # several shards per task, read ahead
+    check_rows(grouped.take_all(), N)
