@@ -8,16 +8,17 @@ reader, a bounded HTTP reader, or fsspec).
 from __future__ import annotations
 
 import os
+import re
 import threading
 from typing import Any
 
 from shardstream.errors import ManifestError, StorageError
-from shardstream.storage import s3
+from shardstream.storage import objstore
 from shardstream.storage.retry import DEFAULT_RETRY
-from shardstream.storage.s3 import check_content_range, too_long
 from shardstream.storage.urls import is_pipe, url_protocol
 
-__all__ = ["get_fs", "info_size", "read_fs", "BoundedHTTP", "server_size"]
+__all__ = ["get_fs", "info_size", "read_fs", "BoundedHTTP", "ObjectFS", "server_size",
+           "too_long", "check_content_range"]
 
 
 #: a body is read in steps of this many bytes; buffers grow as bytes arrive
@@ -142,17 +143,34 @@ def get_fs(url: str, storage_options: StorageOptions = None, *,
 
 def read_fs(url: str, storage_options: StorageOptions, timeout: float | None
             ) -> tuple[Any, str]:
-    """The filesystem for reads: :mod:`shardstream.storage.s3` for ``s3://`` where it can
-    sign the requests itself (no s3fs/botocore import, no client to build), else
-    :func:`get_fs`."""
-    if url_protocol(os.fspath(url)) in ("s3", "s3a"):
-        lite = s3.reader(os.fspath(url), storage_options, timeout=timeout)
-        if lite is not None:
-            return lite
+    """The filesystem for reads: :class:`ObjectFS` (obstore, through
+    :mod:`shardstream.storage.engine`) for the object stores and HTTP it handles, else
+    :func:`get_fs` (fsspec: any other protocol, and HTTP URLs with a query)."""
+    if objstore.handles(os.fspath(url)):
+        return ObjectFS(storage_options, timeout), os.fspath(url)
     fs, path = get_fs(url, storage_options, timeout=timeout)
     if url_protocol(os.fspath(url)) in ("http", "https") and BoundedHTTP.fits(fs):
         return BoundedHTTP(fs), path
     return fs, path
+
+
+class ObjectFS:
+    """Reads through :func:`shardstream.storage.engine.request` with the filesystem
+    calls the readers make (``cat_file``, ``size``); paths are whole URLs."""
+
+    def __init__(self, storage_options: StorageOptions, timeout: float | None) -> None:
+        self.options = dict(storage_options or {})
+        self.timeout = timeout
+
+    def cat_file(self, path: str, start: int | None = None, end: int | None = None,
+                 max_bytes: int | None = None) -> bytes:
+        from shardstream.storage import engine
+        return engine.request("get", path, self.options, start=start, end=end,
+                              max_bytes=max_bytes, timeout=self.timeout)
+
+    def size(self, path: str) -> int:
+        from shardstream.storage import engine
+        return engine.request("size", path, self.options, timeout=self.timeout)
 
 
 class BoundedHTTP:
@@ -256,3 +274,26 @@ def _shared_session(options: dict[str, Any]) -> None:
                 del _sessions[k]
             _sessions[key] = session
     options["session"] = session
+
+
+_CONTENT_RANGE = re.compile(r"\s*bytes\s+(\d+)-(\d+)/(\d+|\*)\s*$")
+
+
+def too_long(url: str, expected: int, claimed: int | str, what: str) -> StorageError:
+    return StorageError(f"{url}: the server sent (or announced) {claimed} bytes where "
+                        f"{expected} were {what}; refusing to read past that. Check that the "
+                        "URL points at the object meant and the server answers Range requests")
+
+
+def check_content_range(url: str, header: str | None, lo: int, length: int | None) -> None:
+    """A 206's Content-Range must start at ``lo`` and agree with Content-Length."""
+    if header is None:
+        return
+    m = _CONTENT_RANGE.match(header)
+    if m is None:
+        raise StorageError(f"{url}: unreadable Content-Range {header!r} in a ranged answer")
+    first, last = int(m.group(1)), int(m.group(2))
+    if first != lo or last < first or (length is not None and last - first + 1 != length):
+        raise StorageError(f"{url}: asked for bytes from {lo}, the server answered bytes "
+                           f"{first}-{last} (Content-Range {header!r}, Content-Length "
+                           f"{length}); refusing bytes from the wrong place")

@@ -1,12 +1,14 @@
 """Reads, sizes, listing and uploads for any URL (``s3://``, ``gs://``, ``http(s)://``,
 ``file://``) or local path, with retries; and :func:`load_manifest`.
 
-Every function takes a URL (or a local path) plus ``storage_options`` (passed
-to the fsspec filesystem: ``key``, ``secret``, ``endpoint_url``, ``anon``,
-``client_kwargs``...) and a :class:`~shardstream.storage.retry.RetryPolicy`.
-Credentials come from the usual places when not given: environment
-(``AWS_ACCESS_KEY_ID``, ``AWS_PROFILE``, ``AWS_ENDPOINT_URL`` for S3-compatible
-stores, ``GOOGLE_APPLICATION_CREDENTIALS``), ``~/.aws``, instance metadata.
+Every function takes a URL (or a local path) plus ``storage_options`` and a
+:class:`~shardstream.storage.retry.RetryPolicy`. ``s3:// gs:// az:// abfs://
+http(s)://`` go through obstore (:mod:`shardstream.storage.objstore`, called via
+:mod:`shardstream.storage.engine`: in this process, or in the node's engine from a
+forked worker); its credential providers find what the options do not give
+(environment: ``AWS_ACCESS_KEY_ID``, ``AWS_ENDPOINT_URL``, ``GOOGLE_APPLICATION_CREDENTIALS``,
+``AZURE_STORAGE_ACCOUNT_NAME`` ...; instance metadata; web identity). Any other
+protocol goes through fsspec with the options as its filesystem's arguments.
 
 Errors leave as :class:`StorageError` (``.url``, ``.kind`` = ``"auth"``,
 ``"transient"``, ``"fatal"``; ``.tries``) or, for a missing object,
@@ -32,11 +34,11 @@ from typing import Any, Callable
 
 from shardstream.errors import ManifestError, ShardNotFoundError, StorageError
 from shardstream.format.manifest import MANIFEST_NAME, Manifest
-from shardstream.storage import urls
-from shardstream.storage.backends import BoundedHTTP, StorageOptions, get_fs, read_fs, server_size
+from shardstream.storage import engine, objstore, urls
+from shardstream.storage.backends import (BoundedHTTP, ObjectFS, StorageOptions, get_fs, read_fs,
+                                          server_size, too_long)
 from shardstream.storage.files import atomic_write, storage_error
 from shardstream.storage.retry import DEFAULT_RETRY, RetryPolicy, classify
-from shardstream.storage.s3 import S3Reader, too_long
 from shardstream.storage.urls import is_remote, local_path
 
 __all__ = ["load_manifest", "DEFAULT_CHUNK_SIZE", "read_bytes", "size", "exists",
@@ -82,6 +84,11 @@ MANIFEST_LIMIT = 256 << 20
 # ---------------------------------------------------------------- errors + retries
 def _fail(url: str, action: str) -> Callable[[BaseException, int], Exception]:
     def describe(exc: BaseException, tries: int) -> Exception:
+        if isinstance(exc, ShardNotFoundError):
+            return exc  # names the object already
+        if isinstance(exc, StorageError) and exc.url == url and exc.kind != "transient":
+            exc.tries = tries  # objstore's: says what and where already
+            return exc
         kind = classify(exc)
         last = f"{type(exc).__name__}: {exc}".rstrip(": ")
         if kind == "missing":
@@ -130,7 +137,7 @@ def read_bytes(url: str, start: int | None = None, end: int | None = None, *,
     fs, path = read_fs(url, storage_options, timeout=retry.timeout)
     want = None if start is None or end is None else end - start
     bound = want if want is not None else max_bytes if start is None and end is None else None
-    bounded = isinstance(fs, (BoundedHTTP, S3Reader))
+    bounded = isinstance(fs, (BoundedHTTP, ObjectFS))
 
     def fetch() -> bytes:
         if bounded and bound is not None and want is None:
@@ -168,7 +175,7 @@ def fetch_range(fs: Any, path: str, url: str, start: int, end: int, retry: Retry
         try:
             data = fs.cat_file(path, start=lo, end=end)
         except Exception as exc:
-            partial = getattr(exc, "partial", None)  # http.client.IncompleteRead (s3read)
+            partial = getattr(exc, "partial", None)  # a broken body's bytes (objstore.get)
             if isinstance(partial, bytes) and 0 < len(partial) <= end - lo:
                 parts.append(partial)  # what arrived before the break counts as progress
                 got += len(partial)
@@ -193,6 +200,9 @@ def raw_size(fs: Any, path: str, url: str, retry: RetryPolicy) -> int:
 def exists(url: str, *, storage_options: StorageOptions = None,
            retry: RetryPolicy = DEFAULT_RETRY) -> bool:
     """Whether the object (or prefix) exists; listing caches are bypassed."""
+    if objstore.handles(url):
+        return bool(call(url, "check", lambda: engine.request(
+            "exists", url, storage_options, timeout=retry.timeout), retry))
     fs, path = get_fs(url, storage_options, timeout=retry.timeout)
     fs.invalidate_cache(path)
     return bool(call(url, "check", lambda: fs.exists(path), retry))
@@ -201,6 +211,10 @@ def exists(url: str, *, storage_options: StorageOptions = None,
 def list_prefix(url: str, *, storage_options: StorageOptions = None,
                 retry: RetryPolicy = DEFAULT_RETRY) -> list[str]:
     """Sorted names of the objects directly under ``url`` (``[]`` if there are none)."""
+    if objstore.handles(url):
+        found = call(url, "list", lambda: engine.request(
+            "list_prefix", url, storage_options, timeout=retry.timeout), retry)
+        return sorted(u.rstrip("/").rsplit("/", 1)[-1] for u in found)
     fs, path = get_fs(url, storage_options, timeout=retry.timeout)
     fs.invalidate_cache(path)
 
@@ -217,9 +231,13 @@ def list_prefix(url: str, *, storage_options: StorageOptions = None,
 
 def put_file(local: str | os.PathLike, url: str, *, storage_options: StorageOptions = None,
              retry: RetryPolicy = DEFAULT_RETRY) -> None:
-    """Upload a local file whole (s3fs uses multipart uploads above 50 MiB)."""
-    fs, path = get_fs(url, storage_options, timeout=retry.timeout)
+    """Upload a local file whole (object stores: multipart above 16 MiB)."""
     local = os.fspath(local)
+    if objstore.handles(url):
+        call(url, "upload to", lambda: engine.request(
+            "put_file", url, storage_options, local=local, timeout=retry.timeout), retry)
+        return
+    fs, path = get_fs(url, storage_options, timeout=retry.timeout)
     if not is_remote(url):
         fs.makedirs(fs._parent(path), exist_ok=True)
     call(url, "upload to", lambda: fs.put_file(local, path), retry)
@@ -233,6 +251,10 @@ def put_bytes(data: bytes, url: str, *, storage_options: StorageOptions = None,
         os.makedirs(os.path.dirname(path) or ".", exist_ok=True)
         atomic_write(path, data)
         return
+    if objstore.handles(url):
+        call(url, "upload to", lambda: engine.request(
+            "put_bytes", url, storage_options, data=bytes(data), timeout=retry.timeout), retry)
+        return
     fs, path = get_fs(url, storage_options, timeout=retry.timeout)
     call(url, "upload to", lambda: fs.pipe_file(path, data), retry)
 
@@ -240,6 +262,11 @@ def put_bytes(data: bytes, url: str, *, storage_options: StorageOptions = None,
 def remove(url: str, *, missing_ok: bool = True, storage_options: StorageOptions = None,
            retry: RetryPolicy = DEFAULT_RETRY) -> None:
     """Delete one object."""
+    if objstore.handles(url):
+        call(url, "delete", lambda: engine.request(
+            "delete", url, storage_options, missing_ok=missing_ok, timeout=retry.timeout),
+            retry)
+        return
     fs, path = get_fs(url, storage_options, timeout=retry.timeout)
 
     def rm() -> None:

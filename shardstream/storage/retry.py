@@ -85,7 +85,7 @@ def http_status(exc: BaseException) -> int | None:
 
 
 def _error_code(e: BaseException) -> str | None:
-    if isinstance(e, StorageError):  # shardstream's own S3 reader (storage.s3)
+    if isinstance(e, StorageError):  # ours (objstore's)
         return e.code
     response = getattr(e, "response", None)
     if isinstance(response, dict):
@@ -95,6 +95,9 @@ def _error_code(e: BaseException) -> str | None:
 
 def classify(exc: BaseException) -> str:
     """``"auth"``, ``"missing"``, ``"transient"`` or ``"fatal"`` (see the module doc)."""
+    for e in _chain(exc):  # a StorageError that knows its kind (objstore's, ours) says so
+        if isinstance(e, StorageError) and e.kind in ("auth", "transient", "fatal"):
+            return e.kind
     transient = False
     for e in _chain(exc):
         name = type(e).__name__
