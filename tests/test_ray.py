@@ -190,11 +190,13 @@ def test_overwrite_and_append(tmp_path):
     assert [s.name for s in m.shards][:len(kept)] == kept
 
 
-def test_remote_output_refused(tmp_path):
-    with pytest.raises(NotImplementedError, match="issue #7"):
-        ssray.ShardstreamDatasink("s3://bucket/ds")
+def test_remote_output_accepted(tmp_path):
+    sink = ssray.ShardstreamDatasink("s3://bucket/ds")  # written by tests/test_ray_remote.py
+    assert sink.output_dir == "s3://bucket/ds" and sink.remote is not None
+    with pytest.raises(ValueError, match="memory://"):
+        ssray.ShardstreamDatasink("memory://x/ds")
     sink = ssray.ShardstreamDatasink(f"file://{tmp_path}/ds")
-    assert sink.output_dir == f"{tmp_path}/ds"
+    assert sink.output_dir == f"{tmp_path}/ds" and sink.remote is None
     with pytest.raises(ValueError, match="max_bytes"):
         ssray.ShardstreamDatasink(str(tmp_path / "x"), max_bytes=10)
 

@@ -12,10 +12,13 @@ staging folder of the job, so a dataset is complete or has no new manifest.
 The driver holds the output's lock (:func:`shardstream.write.output.prepare_output`)
 from ``prepare`` until the commit or the failure; the tasks write under it.
 
-The output must be a path that the driver and every worker node see (a local
-disk on one machine, a shared filesystem on a cluster). Object storage URLs are
-refused for now; everything that touches the output goes through the functions
-of :mod:`shardstream.write.writer` so that a storage layer can replace them later.
+The output is a path that the driver and every worker node see (a local disk
+on one machine, a shared filesystem on a cluster), or an object-storage URL
+(``s3://``, ``gs://``, ``az://``, with ``storage_options``): then each task
+stages its shards in a local temporary folder on its node and uploads them
+under job- and attempt-unique final names, and the driver PUTs the manifest
+last and deletes whatever the job uploaded that it does not list
+(:mod:`shardstream.integrations.ray_remote`). Remote outputs are not locked.
 
 Reading a dataset into Ray Data (:func:`read`, :class:`ShardstreamDatasource`,
 :func:`arrow_batch`) lives in :mod:`shardstream.integrations.ray_read`, re-exported here.
@@ -28,7 +31,6 @@ import re
 import shutil
 import tempfile
 import uuid
-from dataclasses import dataclass
 from itertools import chain
 from typing import Any, Iterable, Iterator
 
@@ -43,9 +45,12 @@ except ImportError as exc:  # pragma: no cover - depends on the environment
 
 from shardstream.errors import EncodeError, InputError, StorageError
 from shardstream.format.compression import Compression, parse_compression
-from shardstream.format.manifest import STAGING_PREFIX, Manifest, ShardInfo
+from shardstream.format.manifest import STAGING_PREFIX, Manifest
 from shardstream.format.schema import SchemaBuilder
 from shardstream.integrations.ray_read import ShardstreamDatasource, arrow_batch, read
+from shardstream.integrations.ray_remote import (RemoteJob, StagedPart, check_remote_output,
+                                                 ordered_parts)
+from shardstream.storage import urls
 from shardstream.write.inputs import iter_task
 from shardstream.write.output import PreparedOutput, prepare_output
 from shardstream.write.plan import InputTask, group_tasks, plan_tasks
@@ -59,15 +64,12 @@ RAY_STAGING_PREFIX = STAGING_PREFIX + "ray-"
 _URL = re.compile(r"([A-Za-z][A-Za-z0-9+.-]*)://")
 
 
-def local_output(output: str | os.PathLike) -> str:
-    """The absolute local path of ``output``; URLs other than ``file://`` are refused."""
+def output_location(output: str | os.PathLike) -> str:
+    """An object-storage URL as it is; else the absolute local path (``file://`` dropped)."""
     path = os.fspath(output)
+    if urls.is_remote(path):
+        return check_remote_output(path)
     m = _URL.match(path)
-    if m and m.group(1).lower() != "file":
-        raise NotImplementedError(
-            f"{path}: the Ray writer writes to local or shared-filesystem paths only; object "
-            "storage output (fsspec URLs) is a follow-up to issue #7. Write to a directory "
-            "that every Ray node mounts, or pack locally and upload")
     return os.path.abspath(path[len("file://"):] if m else path)
 
 
@@ -103,17 +105,6 @@ def _column_values(col: Any) -> list:
 
 
 # ---------------------------------------------------------------- worker side
-@dataclass(frozen=True)
-class StagedPart:
-    """What one write task staged: its shards, in order, and their schema."""
-
-    order: int            # position of this part in the dataset (task index or input group)
-    staging: str          # staging folder name inside the output directory
-    shards: tuple[ShardInfo, ...]
-    schema: dict[str, dict[str, Any]]
-    num_samples: int
-
-
 def pack_rows(output_dir: str, job: str, order: int, rows: Iterable[dict],
               sink_kw: dict[str, Any], where: str) -> StagedPart:
     """Write ``rows`` into a fresh staging folder; on error nothing is left behind."""
@@ -171,11 +162,7 @@ def commit(target: PreparedOutput, parts: list[StagedPart], *, key_field: str,
     ``target``: from :func:`~shardstream.write.output.prepare_output`, whose lock the
     driver holds from ``prepare`` until the job is committed or failed."""
     output_dir = target.output_dir
-    parts = sorted(parts, key=lambda p: p.order)
-    for a, b in zip(parts, parts[1:]):
-        if a.order == b.order:
-            raise RuntimeError(f"two results for write task {a.order} ({a.staging}, "
-                               f"{b.staging}); refusing to publish a duplicated part")
+    parts = ordered_parts(parts)
     schema = SchemaBuilder()
     for p in parts:
         schema.merge(p.schema)
@@ -192,7 +179,8 @@ class ShardstreamDatasink(Datasink):
 
     >>> ds.write_datasink(ShardstreamDatasink("out", max_bytes=64 << 20))  # doctest: +SKIP
 
-    Takes :class:`~shardstream.ShardWriter`'s options. The dataset order is
+    Takes :class:`~shardstream.ShardWriter`'s options (``storage_options`` for a URL
+    output go to every task). The dataset order is
     the write-task order (``ctx.task_idx``), which is the input order when
     ``DataContext.execution_options.preserve_order`` is set (:func:`write` sets
     it). Every task writes at least one shard: with many tiny Ray blocks, set
@@ -204,6 +192,7 @@ class ShardstreamDatasink(Datasink):
                  max_samples: int | None = None, max_bytes: int = DEFAULT_MAX_BYTES,
                  block_bytes: int = DEFAULT_BLOCK_BYTES, key_field: str = "__key__",
                  overwrite: bool = False, append: bool = False, fsync: bool = True,
+                 storage_options: dict[str, Any] | None = None,
                  compression: Compression | str | None = None, level: int | None = None,
                  min_rows_per_write: int | None = None,
                  min_bytes_per_write: int | None = None) -> None:
@@ -213,7 +202,8 @@ class ShardstreamDatasink(Datasink):
             raise ValueError("overwrite and append are mutually exclusive")
         if min_rows_per_write is not None and min_bytes_per_write is not None:
             raise ValueError("set min_rows_per_write or min_bytes_per_write, not both")
-        self.output_dir = local_output(output)
+        self.output_dir = output_location(output)
+        self.storage_options = storage_options
         self.prefix = prefix
         self.key_field = key_field
         self.block_bytes = block_bytes
@@ -227,6 +217,9 @@ class ShardstreamDatasink(Datasink):
         self._min_rows = min_rows_per_write
         self._min_bytes = min_bytes_per_write
         self.job = uuid.uuid4().hex[:12]
+        #: the object-storage side of the job (None: a local or shared path)
+        self.remote = RemoteJob(self.output_dir, storage_options, prefix, self.job) \
+            if urls.is_remote(self.output_dir) else None
         self.manifest: Manifest | None = None
         self._prepared: PreparedOutput | None = None
 
@@ -241,25 +234,38 @@ class ShardstreamDatasink(Datasink):
             self._prepared = prepare_output(self.output_dir, prefix=self.prefix,
                                             overwrite=self.overwrite, append=self.append,
                                             key_field=self.key_field,
+                                            storage_options=self.storage_options,
                                             compression=self.compression)
 
     def commit(self, parts: list[StagedPart]) -> Manifest:
         """Publish the parts of a finished job; ``manifest.json`` last."""
         self.prepare()  # an empty dataset may never start a write task
         assert self._prepared is not None
-        self.manifest = commit(self._prepared, parts, key_field=self.key_field,
-                               block_bytes=self.block_bytes, compression=self.compression)
+        if self.remote is not None:
+            self.manifest = self.remote.commit(
+                self._prepared, parts, key_field=self.key_field, block_bytes=self.block_bytes,
+                compression=self.compression, overwrite=self.overwrite)
+        else:
+            self.manifest = commit(self._prepared, parts, key_field=self.key_field,
+                                   block_bytes=self.block_bytes, compression=self.compression)
         return self.manifest
 
     def release(self) -> None:
-        """Remove this job's staging folders, then release the output's lock."""
-        remove_staging(self.output_dir, self.job)
+        """Remove this job's staging folders (a URL: its unpublished objects), then
+        release the output's lock."""
         prepared, self._prepared = self._prepared, None
+        if self.remote is None:
+            remove_staging(self.output_dir, self.job)
+        elif prepared is not None:  # once per job: listing a store is not free
+            self.remote.cleanup()
         if prepared is not None:
             prepared.release()
 
     def pack(self, order: int, rows: Iterable[dict], where: str) -> StagedPart:
-        """In a task: pack ``rows`` as part ``order`` into a fresh staging folder."""
+        """In a task: pack ``rows`` as part ``order`` into a fresh staging folder (a URL:
+        a local one, each finished shard uploaded)."""
+        if self.remote is not None:
+            return self.remote.pack(order, rows, self._sink_kw, where)
         return pack_rows(self.output_dir, self.job, order, rows, self._sink_kw, where)
 
     def on_write_start(self, schema: Any = None) -> None:
@@ -316,6 +322,17 @@ def write(ray_ds: Any, output: str | os.PathLike, *, preserve_order: bool = True
 
 
 # ---------------------------------------------------------------- CLI inputs
+def _stop(refs: list[Any], timeout: float = 60.0) -> None:
+    """Cancel the tasks of ``refs`` still running and wait (bounded) until all ended."""
+    if not refs:
+        return
+    _, running = ray.wait(refs, num_returns=len(refs), timeout=0)
+    for ref in running:
+        ray.cancel(ref)
+    if running:
+        ray.wait(running, num_returns=len(running), timeout=timeout)
+
+
 def _pack_group(sink: "ShardstreamDatasink", order: int, group: list[InputTask],
                 allow_pickle: bool) -> StagedPart:
     """Ray task: read one input group with shardstream's readers and pack it."""
@@ -333,8 +350,8 @@ def write_inputs_with_ray(inputs: list[str], output: str, *, address: str | None
     group is read and packed by one Ray task with shardstream's own readers,
     so rows stay exact (no Arrow round trip) and errors name file and line.
     Connects with ``ray.init(address)`` unless Ray is already initialised (and
-    then shuts down what it started). Inputs and output must be paths that
-    every node sees.
+    then shuts down what it started). Inputs must be paths that every node
+    sees; the output too, or an object-storage URL (``storage_options``).
     """
     if "-" in inputs:
         raise InputError("the Ray engine cannot read standard input ('-'): Ray tasks read "
@@ -356,14 +373,17 @@ def write_inputs_with_ray(inputs: list[str], output: str, *, address: str | None
         sink = ShardstreamDatasink(output, **writer_kwargs)
         sink.prepare()  # refuse a bad output before any task runs
         task = ray.remote(max_retries=3, retry_exceptions=False)(_pack_group)
+        refs: list[Any] = []
         try:
-            return sink.commit(ray.get([task.remote(sink, g, group, allow_pickle)
-                                        for g, group in enumerate(groups)]))
+            for g, group in enumerate(groups):
+                refs.append(task.remote(sink, g, group, allow_pickle))
+            return sink.commit(ray.get(refs))
         except ray.exceptions.RayTaskError as exc:  # the task's own error, e.g. InputError
             cause = exc.as_instanceof_cause()
             raise (cause.cause if isinstance(getattr(cause, "cause", None), Exception)
                    else cause) from None
         finally:
+            _stop(refs)  # no task still writing while the job's leftovers are removed
             sink.release()
     finally:
         if started:

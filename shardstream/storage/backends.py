@@ -172,6 +172,14 @@ class ObjectFS:
         from shardstream.storage import engine
         return engine.request("size", path, self.options, timeout=self.timeout)
 
+    def read_into(self, path: str, fd: int, start: int, end: int) -> int:
+        """Bytes ``[start, end)`` written into ``fd`` at the same offsets, as they arrive
+        (from a forked worker the engine writes them); returns the count. On a broken
+        body the error's ``written`` says how many landed."""
+        from shardstream.storage import engine
+        return engine.request("read_into", path, self.options, fd=fd, start=start, end=end,
+                              timeout=self.timeout)
+
 
 class BoundedHTTP:
     """fsspec's HTTP filesystem for reads, with every body bounded by what was asked:

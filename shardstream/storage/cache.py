@@ -140,6 +140,8 @@ class RemoteCache:
         shards one after another in one thread (a shard another process is downloading
         is left to it), the indexes in another. Errors wait for the reader (module docs).
         Returns a thread (tests join it)."""
+        from shardstream.storage import engine
+        engine.start_soon()  # warm for the DataLoader workers about to fork
         pending = self._own_pending()
         indexes: list[tuple[Future, Callable[[], Any]]] = []
         downloads: list[tuple[Future, Callable[[], Any]]] = []

@@ -14,8 +14,8 @@ from concurrent.futures import Future, ThreadPoolExecutor
 from typing import Any
 
 from shardstream.errors import ManifestError, ShardNotFoundError, StorageError
-from shardstream.storage.backends import StorageOptions, info_size, read_fs
-from shardstream.storage.io import (DEFAULT_CHUNK_SIZE, MANIFEST_LIMIT, fetch_range, raw_size,
+from shardstream.storage.backends import ObjectFS, StorageOptions, info_size, read_fs
+from shardstream.storage.io import (DEFAULT_CHUNK_SIZE, MANIFEST_LIMIT, call, fetch_range, raw_size,
                                     read_bytes, size)
 from shardstream.storage.locks import (CacheHold, entry_path, evict, locked, open_shared, os_error,
                                        removed_error)
@@ -87,9 +87,35 @@ def download(url: str, dest: str, storage_options: StorageOptions, retry: RetryP
         raise
 
 
+def _read_in_place(fs: ObjectFS, fd: int, url: str, lo: int, hi: int,
+                   retry: RetryPolicy) -> None:
+    """Bytes ``[lo, hi)`` written in place by the storage engine; a broken body resumes
+    at the first byte not written (what landed counts as progress)."""
+    done = 0
+
+    def attempt() -> None:
+        nonlocal done
+        try:
+            done += fs.read_into(url, fd, lo + done, hi)
+        except Exception as exc:
+            done += int(getattr(exc, "written", 0) or 0)
+            raise
+    call(url, "read", attempt, retry)
+
+
 def _fetch_into(fd: int, fs: Any, path: str, url: str, end: int, retry: RetryPolicy,
                 chunk_size: int, streams: int, tmp: str = "") -> None:
-    """Bytes ``[0, end)`` of ``url`` into ``fd``, in order, ``streams`` requests at a time."""
+    """Bytes ``[0, end)`` of ``url`` into ``fd``, in order, ``streams`` requests at a time
+    (object stores: each range written in place as it arrives, in any order)."""
+    if isinstance(fs, ObjectFS):
+        pool = ThreadPoolExecutor(max(1, streams), thread_name_prefix="shardstream-download")
+        try:
+            for fut in [pool.submit(_read_in_place, fs, fd, url, at, min(end, at + chunk_size),
+                                    retry) for at in range(0, end, max(1, chunk_size))]:
+                fut.result()
+        finally:
+            pool.shutdown(wait=True, cancel_futures=True)  # no write after the fd closes
+        return
     offsets = iter(range(0, end, max(1, chunk_size)))
     pool = ThreadPoolExecutor(max(1, streams), thread_name_prefix="shardstream-download")
     pending: deque[tuple[int, Future]] = deque()

@@ -39,10 +39,11 @@ import msgpack
 from shardstream.errors import ShardNotFoundError, StorageError
 from shardstream.storage import objstore
 
-__all__ = ["request", "OPS", "IDLE_S", "socket_path", "serve"]
+__all__ = ["request", "start_soon", "OPS", "IDLE_S", "socket_path", "serve"]
 
 #: what a request may ask: objstore's functions
-OPS = ("get", "size", "exists", "list_prefix", "put_bytes", "put_file", "delete")
+OPS = ("get", "size", "exists", "list_prefix", "put_bytes", "put_file", "delete",
+       "read_into")
 IDLE_S = 120.0  # the engine exits this long after its last client left
 _START_S = 20.0  # how long a client waits for a new engine to answer
 _MAX_FRAME = 1 << 31
@@ -53,7 +54,9 @@ _MAIN = ("import os, sys; from shardstream.storage.engine import IDLE_S, serve; 
 
 def request(op: str, url: str, storage_options: dict[str, Any] | None, **kw: Any) -> Any:
     """``objstore.<op>(url, storage_options, **kw)`` (``put_bytes``: ``data=``,
-    ``put_file``: ``local=``), here or in the engine (see the module docs)."""
+    ``put_file``: ``local=``; ``read_into``: ``fd=``, ``start=``, ``end=``, the fd passed
+    to the engine with ``SCM_RIGHTS``, so it writes the bytes in place), here or in the
+    engine (see the module docs)."""
     if op not in OPS:
         raise ValueError(f"unknown storage operation {op!r}")
     if objstore.usable():
@@ -61,18 +64,36 @@ def request(op: str, url: str, storage_options: dict[str, Any] | None, **kw: Any
     return _client().call(op, url, storage_options, kw)
 
 
+def start_soon() -> None:
+    """Start the engine in the background (the main process, before its DataLoader
+    workers fork: they then find it running instead of waiting for its start-up)."""
+    def start() -> None:
+        with contextlib.suppress(Exception):
+            _connect_or_start(socket_path()).close()
+    if objstore.usable():
+        threading.Thread(target=start, name="shardstream-engine-start", daemon=True).start()
+
+
 def _run(op: str, url: str, opts: dict[str, Any] | None, kw: dict[str, Any]) -> Any:
     if op == "put_bytes":
         return objstore.put_bytes(kw.pop("data"), url, opts, **kw)
     if op == "put_file":
         return objstore.put_file(kw.pop("local"), url, opts, **kw)
+    if op == "read_into":
+        return objstore.read_into(url, opts, kw.pop("fd"), kw.pop("start"), kw.pop("end"),
+                                  **kw)
     return getattr(objstore, op)(url, opts, **kw)
 
 
 # ---------------------------------------------------------------- frames
-def _send(sock: socket.socket, obj: Any) -> None:
-    data = msgpack.packb(obj, use_bin_type=True)
-    sock.sendall(struct.pack("<I", len(data)) + data)
+def _send(sock: socket.socket, obj: Any, fds: list[int] | None = None) -> None:
+    payload = msgpack.packb(obj, use_bin_type=True)
+    data = struct.pack("<I", len(payload)) + payload
+    if fds:  # the descriptors ride on the frame's first bytes
+        sent = socket.send_fds(sock, [data], fds)
+        data = data[sent:]
+    if data:
+        sock.sendall(data)
 
 
 def _recv_exact(sock: socket.socket, n: int) -> bytes | None:
@@ -86,8 +107,15 @@ def _recv_exact(sock: socket.socket, n: int) -> bytes | None:
     return bytes(buf)
 
 
-def _recv(sock: socket.socket) -> Any:
-    head = _recv_exact(sock, 4)
+def _recv(sock: socket.socket, fds: list[int] | None = None) -> Any:
+    """One frame; with ``fds``, descriptors sent with it are appended there."""
+    if fds is None:
+        head = _recv_exact(sock, 4)
+    else:
+        first, got, _, _ = socket.recv_fds(sock, 4, 4)
+        fds.extend(got)
+        rest = _recv_exact(sock, 4 - len(first)) if first and len(first) < 4 else b""
+        head = first + rest if first else None
     if head is None:
         return None
     (n,) = struct.unpack("<I", head)
@@ -109,6 +137,8 @@ def _encode_error(exc: BaseException) -> dict[str, Any]:
     partial = getattr(exc, "partial", None)
     if isinstance(partial, bytes):
         out["partial"] = partial
+    if isinstance(getattr(exc, "written", None), int):
+        out["written"] = exc.written  # type: ignore[attr-defined]
     return out
 
 
@@ -123,6 +153,8 @@ def _decode_error(err: dict[str, Any]) -> BaseException:
         exc = StorageError(msg, **{f: err.get(f) for f in _FIELDS})
     if "partial" in err:
         exc.partial = err["partial"]  # type: ignore[attr-defined]
+    if "written" in err:
+        exc.written = err["written"]  # type: ignore[attr-defined]
     return exc
 
 
@@ -146,8 +178,9 @@ class _Client:
 
     def call(self, op: str, url: str, opts: dict[str, Any] | None, kw: dict[str, Any]) -> Any:
         sock = self._connection()
+        fds = [kw.pop("fd")] if op == "read_into" else None
         try:
-            _send(sock, {"op": op, "url": url, "opts": opts or {}, "kw": kw})
+            _send(sock, {"op": op, "url": url, "opts": opts or {}, "kw": kw}, fds)
             answer = _recv(sock)
         except (OSError, ValueError) as exc:
             self._drop()
@@ -206,25 +239,33 @@ def _connect_or_start(path: str) -> socket.socket:
         os.chmod(directory, 0o700)
     with open(path + ".lock", "a+") as lock:  # one process starts it; the rest wait
         fcntl.flock(lock, fcntl.LOCK_EX)
+        try:
+            return _start(path)
+        finally:  # explicitly: a worker forked meanwhile shares the lock's description
+            fcntl.flock(lock, fcntl.LOCK_UN)
+
+
+def _start(path: str) -> socket.socket:
+    """Start the engine at ``path`` (under its start lock) and connect to it."""
+    sock = _try_connect(path)
+    if sock is not None:
+        return sock
+    with contextlib.suppress(FileNotFoundError):
+        os.unlink(path)  # a dead engine's socket
+    log = open(path + ".log", "ab")
+    env = dict(os.environ)
+    here = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+    env["PYTHONPATH"] = os.pathsep.join([here] + [p for p in [env.get("PYTHONPATH")] if p])
+    subprocess.Popen([sys.executable, "-c", _MAIN, path],
+                     stdin=subprocess.DEVNULL, stdout=log, stderr=log, env=env,
+                     start_new_session=True, close_fds=True)
+    log.close()
+    deadline = time.monotonic() + _START_S
+    while time.monotonic() < deadline:
         sock = _try_connect(path)
         if sock is not None:
             return sock
-        with contextlib.suppress(FileNotFoundError):
-            os.unlink(path)  # a dead engine's socket
-        log = open(path + ".log", "ab")
-        env = dict(os.environ)
-        here = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
-        env["PYTHONPATH"] = os.pathsep.join([here] + [p for p in [env.get("PYTHONPATH")] if p])
-        subprocess.Popen([sys.executable, "-c", _MAIN, path],
-                         stdin=subprocess.DEVNULL, stdout=log, stderr=log, env=env,
-                         start_new_session=True, close_fds=True)
-        log.close()
-        deadline = time.monotonic() + _START_S
-        while time.monotonic() < deadline:
-            sock = _try_connect(path)
-            if sock is not None:
-                return sock
-            time.sleep(0.02)
+        time.sleep(0.02)
     raise StorageError(f"the storage engine did not start within {_START_S:.0f} s; see "
                        f"{path}.log", kind="transient")
 
@@ -236,16 +277,25 @@ class _Handler(socketserver.BaseRequestHandler):
         server.clients += 1
         try:
             while True:
-                req = _recv(self.request)
+                fds: list[int] = []
+                req = _recv(self.request, fds)
                 if req is None:
                     return
                 server.last = time.monotonic()
+                kw = dict(req["kw"])
                 try:
-                    ok = _run(req["op"], req["url"], req["opts"] or None, dict(req["kw"])) \
+                    if req.get("op") == "read_into":
+                        if len(fds) != 1:
+                            raise ValueError("read_into needs one file descriptor")
+                        kw["fd"] = fds[0]
+                    ok = _run(req["op"], req["url"], req["opts"] or None, kw) \
                         if req.get("op") in OPS else _refuse(req.get("op"))
                     answer: dict[str, Any] = {"ok": ok}
                 except Exception as exc:  # noqa: BLE001 - handed back to the caller
                     answer = {"err": _encode_error(exc)}
+                finally:
+                    for fd in fds:
+                        os.close(fd)
                 _send(self.request, answer)
         except OSError:
             return

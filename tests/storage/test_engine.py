@@ -101,3 +101,24 @@ def test_storage_errors_rebuild_with_fields():
     assert isinstance(err, StorageError) and err.kind == "auth" and err.status == 403
     assert isinstance(engine._decode_error(engine._encode_error(ShardNotFoundError("x"))),
                       ShardNotFoundError)
+
+
+def _read_into_file(url, path, lo, hi):
+    from shardstream.storage.backends import ObjectFS
+    fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o600)
+    try:
+        return ObjectFS(None, 30).read_into(url, fd, lo, hi)
+    finally:
+        os.close(fd)
+
+
+def test_a_forked_worker_gets_ranges_written_in_place_by_the_engine(served, tmp_path):
+    url = served.url("obj.bin")
+    data = _get(url)
+    dest = str(tmp_path / "copy.bin")
+    got, err, msg, usable = _in_child(_read_into_file, url, dest, 4096, 70000)
+    assert err is None, msg
+    assert not usable and got == 70000 - 4096
+    with open(dest, "rb") as f:
+        f.seek(4096)
+        assert f.read() == data[4096:70000]  # at the object's own offsets
