@@ -11,7 +11,9 @@ with ``objstore.put_file`` (multipart), then per round, alternating:
 - ``get_ranges``: one ``obstore.get_ranges`` call over the same ranges (obstore's own
   parallelism: up to 10 requests), into memory;
 - ``read_into``: ``objstore.read_into`` for each range, ``--streams`` threads, each
-  piece written with ``os.pwrite`` into one file (page cache; content checked).
+  piece written with ``os.pwrite`` into one file (page cache; content checked);
+- ``download``: the node cache's download (``storage.download.download``), in process;
+- ``download_forked``: the same from a forked child, through the storage engine.
 
 Prints one JSON line per measurement (``mb_per_s``) and a summary: medians and the
 ``read_into / raw`` ratio. The machine's cores are shared with SeaweedFS: compare the
@@ -32,7 +34,8 @@ from concurrent.futures import ThreadPoolExecutor
 
 import obstore
 
-from shardstream.storage import objstore
+from shardstream.storage import download, objstore
+from shardstream.storage.retry import DEFAULT_RETRY
 
 HERE = os.path.dirname(os.path.abspath(__file__))
 sys.path.insert(0, os.path.join(os.path.dirname(HERE), "tests"))
@@ -65,6 +68,25 @@ def read_into(url: str, opts: dict, ranges, streams: int, dest: str, piece: int)
                                                              chunk_size=piece), ranges))
     finally:
         os.close(fd)
+
+
+def engine_download(url: str, opts: dict, dest: str) -> int:
+    """The node cache's download (``storage.download.download``: 8 MiB ranges, 4 in
+    flight, written in place), in this process."""
+    download.download(url, dest, opts, DEFAULT_RETRY, None)
+    return os.path.getsize(dest)
+
+
+def forked_download(url: str, opts: dict, dest: str) -> int:
+    """The same from a forked child (a DataLoader worker): through the engine process."""
+    pid = os.fork()
+    if pid == 0:
+        try:
+            engine_download(url, opts, dest)
+        finally:
+            os._exit(0)
+    os.waitpid(pid, 0)
+    return os.path.getsize(dest)
 
 
 def main() -> None:
@@ -100,11 +122,13 @@ def main() -> None:
         print(json.dumps({"upload_mb_per_s": round(up, 1), "mb": total / 2**20,
                           "ranges": len(ranges), "streams": args.streams,
                           "piece_kb": args.piece_kb}), flush=True)
-        rates: dict[str, list[float]] = {"raw": [], "get_ranges": [], "read_into": []}
         runs = {"raw": lambda: raw(store, path, ranges, args.streams),
                 "get_ranges": lambda: get_ranges(store, path, ranges),
                 "read_into": lambda: read_into(url, opts, ranges, args.streams, dest,
-                                               args.piece_kb << 10)}
+                                               args.piece_kb << 10),
+                "download": lambda: engine_download(url, opts, dest + ".dl"),
+                "download_forked": lambda: forked_download(url, opts, dest + ".fk")}
+        rates: dict[str, list[float]] = {k: [] for k in runs}
         for name, run in runs.items():  # warm-up: connections, server caches
             run()
         for r in range(args.rounds):
@@ -122,6 +146,9 @@ def main() -> None:
         med = {k: statistics.median(v) for k, v in rates.items()}
         print(json.dumps({"summary": {k: round(v, 1) for k, v in med.items()},
                           "read_into_over_raw": round(med["read_into"] / med["raw"], 3),
+                          "download_over_raw": round(med["download"] / med["raw"], 3),
+                          "download_forked_over_raw": round(med["download_forked"] / med["raw"],
+                                                            3),
                           "get_ranges_over_raw": round(med["get_ranges"] / med["raw"], 3)}))
     finally:
         server.stop()

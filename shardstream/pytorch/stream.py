@@ -68,6 +68,8 @@ def _check_cache_limit(stream: ShardStream, limit: int | None) -> None:
     naming the minimum (else the cache would download shards again and again)."""
     if limit is None or not isinstance(stream.mode, DatasetMode) or not stream.mode.remote:
         return
+    if sum(s.bytes for s in stream.mode.dataset.manifest.shards) <= limit:
+        return  # the whole dataset fits: nothing to compute
     place = plan(stream, stream.world(), 0)[2]
     need = stream.mode.cache_needed(stream.epoch, stream.options, place)
     if limit < need:

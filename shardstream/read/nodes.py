@@ -213,8 +213,10 @@ def cache_needed(order: EpochOrder | NodeOrder | ListOrder, shard_bytes: np.ndar
                  window: int, read_ahead: int) -> int:
     """Bytes of node cache ``order``'s schedule needs at once: the shards any two
     consecutive windows of ``window`` positions touch (readers are in one window, or
-    crossing into the next), plus ``read_ahead`` of the largest shards."""
-    n, win = order.num_samples, max(window, 2)
+    crossing into the next), plus ``read_ahead`` of the largest shards. At most 4,096
+    steps per epoch: a longer step (an unshuffled epoch) only counts a few more shards."""
+    n = order.num_samples
+    win = max(window, 2, -(-n // 4096))
     need, prev = 0, np.zeros(0, np.int64)
     for a in range(0, n, win):
         cur = np.unique(order.shards_at(np.arange(a, min(a + win, n), dtype=np.int64)))
