@@ -75,8 +75,10 @@ class ShardDataset(_TorchDataset):
     def __init__(self, source: str | os.PathLike | Dataset, *,
                  transform: Callable[[dict], Any] | None = None, with_key: bool = False,
                  check_files: bool = True, verify: bool = False,
-                 cache_dir: str | None = None, verify_blocks: bool | None = None) -> None:
-        self._ds, self._hold = resolve_cached(source, cache_dir)  # _hold: the cache entry in use
+                 cache_dir: str | None = None, verify_blocks: bool | None = None,
+                 storage_options: dict[str, Any] | None = None) -> None:
+        # _hold: the cache entry in use
+        self._ds, self._hold = resolve_cached(source, cache_dir, storage_options)
         m = self._ds.manifest
         self.transform = transform
         self.with_key = with_key

@@ -99,7 +99,8 @@ def _resolve_remote(url: str, storage_options: dict[str, Any] | None
     return None, [join(root, n) for n in names]
 
 
-def resolve_cached(source: str | os.PathLike | Dataset, cache_dir: str | None
+def resolve_cached(source: str | os.PathLike | Dataset, cache_dir: str | None,
+                   storage_options: dict[str, Any] | None = None
                    ) -> tuple[Dataset, CacheHold | None]:
     """A dataset for random access, and for a remote one the
     :class:`~shardstream.storage.locks.CacheHold` on its cached copy (eviction in any
@@ -111,6 +112,6 @@ def resolve_cached(source: str | os.PathLike | Dataset, cache_dir: str | None
     if is_remote(src):
         if cache_dir is None:
             raise ValueError(f"{src} is remote: pass cache_dir= to hold the local copy")
-        held = fetch_and_hold(src, cache_dir)
+        held = fetch_and_hold(src, cache_dir, storage_options=storage_options)
         return open_dataset(held.path), held
     return open_dataset(src), None
