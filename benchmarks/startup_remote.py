@@ -22,9 +22,9 @@ import tempfile
 HERE = os.path.dirname(os.path.abspath(__file__))
 sys.path.insert(0, os.path.join(os.path.dirname(HERE), "tests"))
 
-from servers import SeaweedFS  # noqa: E402
-
 from shardstream.write.writer import ShardWriter  # noqa: E402
+
+from servers import SeaweedFS  # noqa: E402
 
 CHILD = r"""
 import json, sys, time
