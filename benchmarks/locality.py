@@ -127,25 +127,27 @@ def global_shuffle(nodes: int, per_node: int, shards: int, per_shard: int, batch
     return _stats(shard, np.ones_like(shard, dtype=bool), nodes, per_node, shards)
 
 
-def mosaic(peers: str, algo: str, nodes: int, per_node: int, workers: int, shards: int,
-           per_shard: int, batch: int, seed: int, epoch: int) -> dict:
-    out = subprocess.run([peers, os.path.join(BENCH, "mds_locality.py"), "--algo", algo,
+def _peer_json(peers: str, script: str, algo: str, nodes: int, per_node: int, workers: int,
+               shards: int, per_shard: int, batch: int, seed: int, epoch: int) -> dict:
+    """The last JSON line ``script`` prints when run with the peers' python."""
+    out = subprocess.run([peers, script, "--algo", algo,
                           "--nodes", str(nodes), "--ranks-per-node", str(per_node),
                           "--workers", str(workers), "--shards", str(shards),
                           "--per-shard", str(per_shard), "--batch", str(batch),
                           "--seed", str(seed), "--epoch", str(epoch)],
                          check=True, capture_output=True, text=True).stdout
-    r = json.loads(out.splitlines()[-1])
-    live = subprocess.run([peers, os.path.join(HERE, "peers_locality.py"), "--algo", algo,
-                           "--nodes", str(nodes), "--ranks-per-node", str(per_node),
-                           "--workers", str(workers), "--shards", str(shards),
-                           "--per-shard", str(per_shard), "--batch", str(batch),
-                           "--seed", str(seed), "--epoch", str(epoch)],
-                          check=True, capture_output=True, text=True).stdout
+    return json.loads(out.splitlines()[-1])
+
+
+def mosaic(peers: str, algo: str, nodes: int, per_node: int, workers: int, shards: int,
+           per_shard: int, batch: int, seed: int, epoch: int) -> dict:
+    args = (algo, nodes, per_node, workers, shards, per_shard, batch, seed, epoch)
+    r = _peer_json(peers, os.path.join(BENCH, "mds_locality.py"), *args)
+    live = _peer_json(peers, os.path.join(HERE, "peers_locality.py"), *args)
     return {"node_fraction_max": round(r["node_fraction_max"], 4),
             "distinct_shards_per_global_batch": r["distinct_shards_per_global_batch_median"],
             "distinct_shards_per_rank_batch": r["distinct_shards_per_rank_batch_median"],
-            "live_shards_max": json.loads(live.splitlines()[-1])["live_shards_max"]}
+            "live_shards_max": live["live_shards_max"]}
 
 
 def reuse(nodes: int, shards: int, per_shard: int, seed: int) -> dict:

@@ -13,7 +13,7 @@ import threading
 from typing import Any
 
 from shardstream.errors import ManifestError, StorageError
-from shardstream.storage import objstore
+from shardstream.storage import engine, objstore
 from shardstream.storage.retry import DEFAULT_RETRY
 from shardstream.storage.urls import is_pipe, url_protocol
 
@@ -164,19 +164,16 @@ class ObjectFS:
 
     def cat_file(self, path: str, start: int | None = None, end: int | None = None,
                  max_bytes: int | None = None) -> bytes:
-        from shardstream.storage import engine
         return engine.request("get", path, self.options, start=start, end=end,
                               max_bytes=max_bytes, timeout=self.timeout)
 
     def size(self, path: str) -> int:
-        from shardstream.storage import engine
         return engine.request("size", path, self.options, timeout=self.timeout)
 
     def read_into(self, path: str, fd: int, start: int, end: int) -> int:
         """Bytes ``[start, end)`` written into ``fd`` at the same offsets, as they arrive
         (from a forked worker the engine writes them); returns the count. On a broken
         body the error's ``written`` says how many landed."""
-        from shardstream.storage import engine
         return engine.request("read_into", path, self.options, fd=fd, start=start, end=end,
                               timeout=self.timeout)
 

@@ -46,7 +46,7 @@ from concurrent.futures import Future
 from typing import Any, Callable, Protocol, Sequence
 
 from shardstream.errors import ManifestError, ShardNotFoundError, StorageError
-from shardstream.storage import download, files, io, locks, urls
+from shardstream.storage import download, engine, files, io, locks, urls
 from shardstream.storage.retry import DEFAULT_RETRY, RetryPolicy
 
 __all__ = ["RemoteCache", "CacheStats", "default_cache_dir", "DEFAULT_CACHE_LIMIT"]
@@ -140,7 +140,6 @@ class RemoteCache:
         shards one after another in one thread (a shard another process is downloading
         is left to it), the indexes in another. Errors wait for the reader (module docs).
         Returns a thread (tests join it)."""
-        from shardstream.storage import engine
         engine.start_soon()  # warm for the DataLoader workers about to fork
         pending = self._own_pending()
         indexes: list[tuple[Future, Callable[[], Any]]] = []
