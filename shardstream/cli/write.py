@@ -123,7 +123,7 @@ def cmd_write(args: argparse.Namespace) -> int:
             with ShardWriter(args.output, **common, **sink) as w:
                 for sample in slice_of(tasks)():
                     if type(sample) is EncodedRows:
-                        w.write_encoded(sample.samples, sample.schema)
+                        w.write_rows(sample)
                     else:
                         w.write(sample)
                     if w.num_samples - told >= 256:

@@ -18,6 +18,7 @@ the index file.
 
 from __future__ import annotations
 
+import functools
 import os
 import tarfile
 from typing import TYPE_CHECKING
@@ -64,13 +65,32 @@ def block_checksum(data: bytes | memoryview) -> int:
     return xxhash.xxh3_64_intdigest(data)
 
 
-def tar_header(name: str, size: int) -> bytes:
-    """A deterministic ustar header (mtime 0, mode 0444, no owner names)."""
+def _ustar(name: str, size: int) -> bytes:
     info = tarfile.TarInfo(name)
     info.size = size
     info.mode = 0o444
     info.mtime = 0
     return info.tobuf(format=tarfile.USTAR_FORMAT, encoding="utf-8", errors="strict")
+
+
+@functools.lru_cache(maxsize=8192)
+def _ustar_of_name(name: str) -> bytes:
+    return _ustar(name, 0)
+
+
+def tar_header(name: str, size: int) -> bytes:
+    """A deterministic ustar header (mtime 0, mode 0444, no owner names), as tarfile
+    builds it. tarfile takes ~30 us a header (a quarter of packing time at one block
+    per 64 KiB), so its header for ``name`` is kept and only the two fields that
+    depend on ``size`` are rewritten as tarfile writes them: size (11 octal digits,
+    NUL) and checksum (the byte sum with the field as spaces: 6 digits, NUL, space)."""
+    if size >= 8 ** 11:
+        return _ustar(name, size)  # tarfile says why ustar cannot hold it
+    h = bytearray(_ustar_of_name(name))
+    h[124:136] = b"%011o\0" % size
+    h[148:156] = b" " * 8
+    h[148:155] = b"%06o\0" % sum(h)
+    return bytes(h)
 
 
 class ShardIndex(IndexFields):

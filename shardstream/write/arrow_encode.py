@@ -11,6 +11,7 @@ bytes) taken from the Arrow buffers; pyarrow then joins every row's segments in 
 
 from __future__ import annotations
 
+from dataclasses import dataclass
 from typing import Any, NamedTuple
 
 import msgpack
@@ -22,11 +23,23 @@ from shardstream.write.arrow import is_listlike, is_numeric, list_lengths, stora
 __all__ = ["EncodedRows", "encode_batch"]
 
 
-class EncodedRows(NamedTuple):
-    """Samples encoded by :func:`encode_batch`, with the schema fields they add."""
+@dataclass(frozen=True)
+class EncodedRows:
+    """Samples encoded by :func:`encode_batch`, back to back, with the schema fields they
+    add: sample ``i`` is ``data[offsets[i]:offsets[i + 1]]`` (``offsets[0] == 0``)."""
 
-    samples: list[bytes]
+    data: Any  # a bytes-like object (a pyarrow Buffer)
+    offsets: np.ndarray  # int64, one more than the samples
     schema: dict[str, dict[str, Any]]
+
+    def __len__(self) -> int:
+        return len(self.offsets) - 1
+
+    @property
+    def samples(self) -> list[bytes]:
+        """Each sample's bytes (a copy; the writers take :attr:`data` as it is)."""
+        view, o = memoryview(self.data), self.offsets.tolist()
+        return [bytes(view[a:b]) for a, b in zip(o, o[1:])]
 
 
 class _Meta(NamedTuple):
@@ -258,4 +271,7 @@ def encode_batch(batch: Any, key_field: str = "__key__") -> EncodedRows | None:
             segments.append(p)
     joined = segments[0] if len(segments) == 1 else pc.binary_join_element_wise(
         *segments, pa.scalar(b"", pa.large_binary()))
-    return EncodedRows(joined.to_pylist(), schema)
+    _, offs, data = joined.buffers()
+    offsets = np.frombuffer(offs, np.int64)[joined.offset:joined.offset + n + 1]
+    first = int(offsets[0])
+    return EncodedRows(data.slice(first, int(offsets[-1]) - first), offsets - first, schema)

@@ -49,9 +49,7 @@ def _worker(rank: int, make_iter: Callable[[], Iterator[dict]], staging: str,
         done = 0
         for sample in make_iter():
             if type(sample) is EncodedRows:  # a batch encoded already (Arrow inputs)
-                for data in sample.samples:
-                    sink.write_encoded(data)
-                sink.schema.merge(sample.schema)
+                sink.write_rows(sample)
             else:
                 sink.write(sample)
             if sink.num_samples - done >= 256:
@@ -204,7 +202,7 @@ def write_shards(samples: Iterable[dict], output_dir: str | os.PathLike, *, work
                      key_field=key_field, storage_options=storage_options, **sink_kw) as w:
         for sample in samples:
             if type(sample) is EncodedRows:
-                w.write_encoded(sample.samples, sample.schema)
+                w.write_rows(sample)
             else:
                 w.write(sample)
             if progress and w.num_samples - told >= 1024:

@@ -47,7 +47,7 @@ def _pro_rata(items: Iterator[dict | EncodedRows], rows: int, nbytes: int,
     read = done = 0
     for item in items:
         yield item
-        read += len(item.samples) if type(item) is EncodedRows else 1
+        read += len(item) if type(item) is EncodedRows else 1
         if type(item) is EncodedRows or read & 1023 == 0 or read == rows:
             now = nbytes * min(read, rows) // max(rows, 1)
             progress(now - done)
@@ -155,8 +155,22 @@ def arrow_source(obj: Any) -> ArrowSource | None:
             raise InputError(f"got a datasets.DatasetDict with the splits {', '.join(splits)}: "
                              f"pass one split, e.g. dd[{(splits or ['train'])[0]!r}]")
         if isinstance(obj, hf.Dataset) and obj.format["type"] is None:
-            fmt = obj.format
-            view = obj.with_format("arrow", columns=fmt["columns"],
-                                   output_all_columns=fmt["output_all_columns"])
-            return ArrowSource(lambda a, b: view[a:b], len(obj), "datasets.Dataset")
+            return ArrowSource(_hf_rows(obj), len(obj), "datasets.Dataset")
     return None
+
+
+def _hf_rows(ds: Any) -> Callable[[int, int], Any]:
+    """Rows ``[a, b)`` of a ``datasets.Dataset`` as a ``pyarrow.Table``. Without an
+    indices mapping (no ``select``/``shuffle``/``filter`` pending) these are slices of
+    the table it holds (``ds.data``); otherwise, and for a column subset kept beside the
+    rest (``output_all_columns``), its own ``arrow`` formatting, which costs a hash of
+    the whole table (``with_format`` fingerprints its result) but applies the mapping."""
+    fmt = ds.format
+    if getattr(ds, "_indices", True) is None and not fmt["output_all_columns"]:
+        table = ds.data.table
+        if fmt["columns"] is not None:
+            table = table.select(fmt["columns"])
+        return lambda a, b: table.slice(a, b - a)
+    view = ds.with_format("arrow", columns=fmt["columns"],
+                          output_all_columns=fmt["output_all_columns"])
+    return lambda a, b: view[a:b]

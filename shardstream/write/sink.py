@@ -5,7 +5,7 @@ from __future__ import annotations
 import hashlib
 import os
 from array import array
-from typing import Any, BinaryIO
+from typing import Any
 
 import numpy as np
 
@@ -18,7 +18,9 @@ from shardstream.format.index import (INDEX_SUFFIX, TAR_END, ShardIndex, block_c
 from shardstream.format.limits import MAX_BLOCK_RAW_BYTES
 from shardstream.format.manifest import ShardInfo
 from shardstream.format.schema import SchemaBuilder
-from shardstream.write.lock import storage_error
+from shardstream.write.arrow_encode import EncodedRows
+from shardstream.write.cuts import OPEN, SHARD, Fill, next_cut
+from shardstream.write.shardfile import ShardFile, write_file
 
 __all__ = ["DEFAULT_MAX_BYTES", "DEFAULT_BLOCK_BYTES"]
 
@@ -47,6 +49,24 @@ def sample_key(sample: Any, key_field: str, ordinal: object) -> object:
     return key
 
 
+def _check_limits(max_samples: int | None, max_bytes: int, block_bytes: int) -> None:
+    if max_samples is not None and max_samples < 1:
+        raise ValueError(f"max_samples must be >= 1, got {max_samples}")
+    if max_bytes < 4096:
+        raise ValueError(f"max_bytes must be >= 4096, got {max_bytes}")
+    if not 1 <= block_bytes <= 2**31:
+        raise ValueError(f"block_bytes must be in [1, 2**31], got {block_bytes}")
+
+
+def _frame_fields(compressor: FrameCompressor | None, frame_starts: bytearray,
+                  frame_offsets: array) -> tuple[Any, Any, Any]:
+    """Index fields of a framed shard: (frame_starts, frame_offset, dictionary)."""
+    if compressor is None:
+        return None, None, None
+    starts = np.packbits(np.frombuffer(bytes(frame_starts), np.uint8))
+    return starts, np.frombuffer(frame_offsets, np.uint32), compressor.dictionary
+
+
 class ShardSink:
     """Writes shards into one (staging) directory; knows nothing about datasets.
 
@@ -66,12 +86,7 @@ class ShardSink:
                  key_field: str = "__key__", first_ordinal: int = 0, fsync: bool = True,
                  name_format: str = "part-{:06d}.tar",
                  compression: Compression | str | None = None, level: int | None = None) -> None:
-        if max_samples is not None and max_samples < 1:
-            raise ValueError(f"max_samples must be >= 1, got {max_samples}")
-        if max_bytes < 4096:
-            raise ValueError(f"max_bytes must be >= 4096, got {max_bytes}")
-        if not 1 <= block_bytes <= 2**31:
-            raise ValueError(f"block_bytes must be in [1, 2**31], got {block_bytes}")
+        _check_limits(max_samples, max_bytes, block_bytes)
         self.directory = directory
         self.max_samples = max_samples
         self.max_bytes = max_bytes
@@ -95,9 +110,10 @@ class ShardSink:
         self.num_samples = 0
         self.bytes_written = 0
         self._ordinal = first_ordinal
-        self._block: list[bytes] = []
+        self._block: list[bytes | memoryview] = []  # samples (or runs of them, uncompressed)
+        self._block_count = 0
         self._block_len = 0
-        self._file: BinaryIO | None = None
+        self._file: ShardFile | None = None
         self._reset_shard()
 
     # -- samples -------------------------------------------------------------
@@ -152,26 +168,62 @@ class ShardSink:
         size = len(data)
         if self._block and self._block_len + size > self.block_bytes:
             self._flush_block()
-        if self._shard_samples + len(self._block) > 0 and self._shard_full(size):
+        if self._shard_samples + self._block_count > 0 and self._shard_full(size):
             self._flush_block()
             self._finish_shard()
+        self._sample_offsets.append(self._block_len)
         self._block.append(data)
+        self._block_count += 1
         self._block_len += size
         if self._block_len >= self.block_bytes:
             self._flush_block()
 
     def _shard_full(self, size: int) -> bool:
         if self.max_samples is not None and \
-                self._shard_samples + len(self._block) + 1 > self.max_samples:
+                self._shard_samples + self._block_count + 1 > self.max_samples:
             return True
         member = 512 + padded(self._block_len + size)
         return self._shard_bytes + member + len(TAR_END) > self.max_bytes
+
+    def write_rows(self, rows: EncodedRows) -> None:
+        """Append a batch of encoded (and key-checked) samples, merge its schema: cut
+        where :meth:`write_encoded` cuts (:mod:`~shardstream.write.cuts`), blocks
+        written straight from ``rows.data``."""
+        if self._pack or self._warm is not None:  # compressed: frames take samples one by one
+            for data in rows.samples:
+                self.write_encoded(data)
+        else:
+            self._place_run(memoryview(rows.data), rows.offsets)
+        self.schema.merge(rows.schema)
+
+    def _place_run(self, view: memoryview, c: np.ndarray) -> None:
+        """:meth:`_place` for every sample of ``view`` cut at the offsets ``c``."""
+        i, n = 0, len(c) - 1
+        while i < n:
+            fill = Fill(self._block_count, self._block_len, self._shard_samples,
+                        self._shard_bytes)
+            what, j = next_cut(c, i, fill, self.block_bytes, self.max_bytes, self.max_samples)
+            self._append_run(view, c, i, j)
+            if what != OPEN:
+                self._flush_block()
+            if what == SHARD:
+                self._finish_shard()
+            i = j
+
+    def _append_run(self, view: memoryview, c: np.ndarray, a: int, b: int) -> None:
+        """Samples ``[a, b)`` of a run join the open block."""
+        if a >= b:
+            return
+        starts = c[a:b] - c[a] + self._block_len
+        self._sample_offsets.frombytes(starts.astype(np.uint32).tobytes())
+        self._block.append(view[int(c[a]):int(c[b])])
+        self._block_count += b - a
+        self._block_len += int(c[b] - c[a])
 
     # -- blocks and shards -----------------------------------------------------
     def _reset_shard(self) -> None:
         self._shard_bytes = 0
         self._shard_samples = 0
-        self._sha = hashlib.sha256()
         # compact arrays: 4 bytes per sample, whatever the shard's sample count
         self._offsets = array("Q")
         self._sizes = array("Q")
@@ -187,29 +239,17 @@ class ShardSink:
 
     def _emit(self, data: bytes | memoryview) -> None:
         assert self._file is not None
-        try:
-            self._file.write(data)
-        except OSError as exc:
-            raise storage_error("write", self._file.name, exc) from exc
-        self._sha.update(data)
+        self._file.write(data)
         self._shard_bytes += len(data)
 
     def _flush_block(self) -> None:
         if not self._block:
             return
         if self._file is None:
-            path = self._path(len(self.shards))
-            try:
-                self._file = open(path, "wb")
-            except OSError as exc:
-                raise storage_error("create", path, exc) from exc
+            self._file = ShardFile(self._path(len(self.shards)), self.fsync)
             if self._compressor is not None:  # always (maybe empty): it marks format v3
                 self._emit_member(DICT_MEMBER, self._compressor.dictionary)
-        pos = 0
-        for data in self._block:
-            self._sample_offsets.append(pos)
-            pos += len(data)
-        self._raw_sizes.append(pos)
+        self._raw_sizes.append(self._block_len)
         suffix = ""
         if self._compressor is not None:
             payload, counts, frame_offsets = self._compressor.compress_block(self._block)
@@ -218,7 +258,7 @@ class ShardSink:
                 self._frame_starts += b"\1" + b"\0" * (c - 1)
             self._frame_offsets.extend(frame_offsets)
         else:
-            payload = b"".join(self._block)
+            payload = self._block[0] if len(self._block) == 1 else b"".join(self._block)
         self._emit(tar_header(member_name(len(self._offsets), suffix), len(payload)))
         self._offsets.append(self._shard_bytes)
         self._sizes.append(len(payload))
@@ -227,8 +267,9 @@ class ShardSink:
         self._emit(payload)
         if len(payload) % 512:
             self._emit(_PAD[: 512 - len(payload) % 512])
-        self._shard_samples += len(self._block)
+        self._shard_samples += self._block_count
         self._block = []
+        self._block_count = 0
         self._block_len = 0
 
     def _emit_member(self, name: str, data: bytes) -> None:
@@ -242,33 +283,18 @@ class ShardSink:
             return
         self._emit(TAR_END)
         f, self._file = self._file, None
-        try:
-            f.flush()
-            if self.fsync:
-                os.fsync(f.fileno())
-        except OSError as exc:
-            raise storage_error("write", f.name, exc) from exc
-        finally:
-            f.close()
-        index = ShardIndex(self._shard_samples, self._shard_bytes, self._sha.hexdigest(),
+        index = ShardIndex(self._shard_samples, self._shard_bytes, f.close(),
                            np.frombuffer(self._offsets, np.uint64),
                            np.frombuffer(self._sizes, np.uint64),
                            np.frombuffer(self._firsts, np.uint64),
                            np.frombuffer(self._sample_offsets, np.uint32),
                            self.compression.codec if self.compression else None,
                            np.frombuffer(self._raw_sizes, np.uint64) if self.compression else None,
-                           *self._frame_fields(),
+                           *_frame_fields(self._compressor, self._frame_starts,
+                                          self._frame_offsets),
                            block_checksum=np.frombuffer(self._checksums, np.uint64))
         idx_bytes = index.to_bytes()
-        idx_path = f.name + INDEX_SUFFIX
-        try:
-            with open(idx_path, "wb") as g:
-                g.write(idx_bytes)
-                g.flush()
-                if self.fsync:
-                    os.fsync(g.fileno())
-        except OSError as exc:
-            raise storage_error("write", idx_path, exc) from exc
+        write_file(f.name + INDEX_SUFFIX, idx_bytes, self.fsync)
         name = os.path.basename(f.name)
         self.shards.append(ShardInfo(
             name=name, num_samples=self._shard_samples, bytes=self._shard_bytes,
@@ -276,13 +302,6 @@ class ShardSink:
             index_bytes=len(idx_bytes), index_sha256=hashlib.sha256(idx_bytes).hexdigest()))
         self.bytes_written += self._shard_bytes + len(idx_bytes)
         self._reset_shard()
-
-    def _frame_fields(self) -> tuple[Any, Any, Any]:
-        """Index fields of a framed shard: (frame_starts, frame_offset, dictionary)."""
-        if self._compressor is None:
-            return None, None, None
-        starts = np.packbits(np.frombuffer(bytes(self._frame_starts), np.uint8))
-        return starts, np.frombuffer(self._frame_offsets, np.uint32), self._compressor.dictionary
 
     def finish(self) -> list[ShardInfo]:
         """Flush the open block and shard; returns every shard written."""
@@ -294,5 +313,5 @@ class ShardSink:
 
     def close_files(self) -> None:
         if self._file is not None:
-            self._file.close()
+            self._file.abort()
             self._file = None

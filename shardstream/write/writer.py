@@ -28,6 +28,7 @@ from typing import Any
 
 from shardstream.format.compression import Compression, parse_compression
 from shardstream.format.manifest import Manifest
+from shardstream.write.arrow_encode import EncodedRows
 from shardstream.write.output import make_staging, prepare_output
 from shardstream.write.publish import publish
 from shardstream.write.sink import DEFAULT_BLOCK_BYTES, DEFAULT_MAX_BYTES, ShardSink
@@ -133,6 +134,13 @@ class ShardWriter:
         for data in samples:
             self._sink.write_encoded(data, packed)
         self._sink.schema.merge(schema)
+
+    def write_rows(self, rows: EncodedRows) -> None:
+        """Add a batch encoded by :func:`~shardstream.write.arrow_encode.encode_batch`
+        (samples back to back), blocks cut without a Python step per sample."""
+        if self._closed:
+            raise ValueError("write_rows() on a closed ShardWriter")
+        self._sink.write_rows(rows)
 
     def close(self) -> Manifest:
         """Finish the last shard, publish the shards, write ``manifest.json``."""
