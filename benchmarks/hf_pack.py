@@ -4,8 +4,9 @@ usage: python benchmarks/hf_pack.py [--n 100000] [--rounds 3] [--workers 1,2] [-
 
 The data is tokens-like: ``input_ids`` (list of 96-160 int32, 128 on average), ``label``
 (int) and ``text`` (str, 40 words), in a ``datasets.Dataset`` built from one Arrow table.
-Every configuration runs once per round, interleaved, into a fresh folder (its removal
-untimed); the best round counts. Rates are rows/s; ratios are against save_to_disk of
+Every configuration runs once per round, into a fresh folder (its removal and an
+``os.sync()`` before it untimed), the order rotated each round so that none always
+follows the same one; the best round counts. Rates are rows/s; ratios are against save_to_disk of
 the same in-memory dataset. shardstream fsyncs every shard by default and save_to_disk
 does not: both shardstream rates are shown. ``write_shards(iter(ds))`` (the dicts HF
 gives, the path before Arrow batches) runs in the first round only: it is slow.
@@ -84,9 +85,11 @@ def main(argv: list[str] | None = None) -> int:
 
     best: dict[str, float] = {}
     for r in range(args.rounds):
-        todo = dict(runs, **(once if r == 0 else {}))
-        for name, run in todo.items():
+        todo = list(dict(runs, **(once if r == 0 else {})).items())
+        k = r % len(runs)  # each configuration in every position in turn
+        for name, run in todo[k:len(runs)] + todo[:k] + todo[len(runs):]:
             out = os.path.join(tmp, f"out-{r}")
+            os.sync()  # the last run's dirty pages are not written back during this one
             t = time.perf_counter()
             run(out)
             seconds = time.perf_counter() - t

@@ -1,13 +1,12 @@
 """ShardFile: a shard being written, its I/O on a background thread; write_file.
 
 The sink appends bytes (tar headers, blocks straight from an encoded batch, padding);
-a thread writes them in batches of about ``BATCH_BYTES`` with one ``os.writev`` each,
-hashes them (sha256, for the manifest) and, with ``fsync``, flushes every
-``SYNC_BYTES`` with ``fdatasync`` so that the final ``fsync`` has little left to do.
-``writev``, ``update`` of large buffers and ``fdatasync`` release the GIL, so all of
-it overlaps the encoding of the next samples on another core. The queue between the
-two is bounded (``DEPTH`` batches): a slow disk holds the encoder back rather than
-filling memory. An error on the thread is raised, naming the file, by the next
+in batches of about ``BATCH_BYTES`` one thread writes them with one ``os.writev``
+each and, with ``fsync``, flushes every ``SYNC_BYTES`` with ``fdatasync`` so that the
+final ``fsync`` has little left to do; another hashes them (sha256, for the manifest).
+``writev``, ``fdatasync`` and ``update`` of large buffers release the GIL, so writing,
+hashing and encoding the next samples run side by side. The queues are bounded
+(``DEPTH`` batches): a slow disk holds the encoder back rather than filling memory. An error on the thread is raised, naming the file, by the next
 :meth:`write` or by :meth:`close`; the bytes handed over must not change afterwards
 (``bytes``, or views of read-only buffers, as the sink gives).
 """
@@ -44,10 +43,13 @@ class ShardFile:
         self._pending: list[bytes | memoryview] = []
         self._pending_bytes = 0
         self._error: BaseException | None = None
-        self._queue: queue.Queue = queue.Queue(DEPTH)
-        self._thread = threading.Thread(target=self._run, name="shardstream-shard-io",
-                                        daemon=True)
-        self._thread.start()
+        self._queues: tuple[queue.Queue, queue.Queue] = (queue.Queue(DEPTH), queue.Queue(DEPTH))
+        self._threads = [threading.Thread(target=run, args=(q,), name=f"shardstream-{what}",
+                                          daemon=True)
+                         for run, q, what in zip((self._write_run, self._hash_run),
+                                                 self._queues, ("write", "sha256"))]
+        for t in self._threads:
+            t.start()
 
     def write(self, data: bytes | memoryview) -> None:
         if self._error is not None:
@@ -59,7 +61,8 @@ class ShardFile:
 
     def _hand_off(self) -> None:
         if self._pending:
-            self._queue.put(self._pending)
+            for q in self._queues:
+                q.put(self._pending)
             self._pending, self._pending_bytes = [], 0
 
     def close(self) -> str:
@@ -90,19 +93,24 @@ class ShardFile:
         os.close(self._fd)
 
     def _stop(self) -> None:
-        self._queue.put(None)
-        self._thread.join()
+        for q in self._queues:
+            q.put(None)
+        for t in self._threads:
+            t.join()
 
-    # -- the I/O thread ----------------------------------------------------------
-    def _run(self) -> None:
+    # -- the threads -------------------------------------------------------------
+    def _hash_run(self, q: queue.Queue) -> None:
+        while (pieces := q.get()) is not None:
+            for p in pieces:
+                self._sha.update(p)
+
+    def _write_run(self, q: queue.Queue) -> None:
         synced = written = 0
-        while (pieces := self._queue.get()) is not None:
+        while (pieces := q.get()) is not None:
             if self._error is not None:
                 continue  # drain: the caller raises the error
             try:
                 self._write_all(pieces)
-                for p in pieces:
-                    self._sha.update(p)
                 written += sum(map(len, pieces))
                 if self.fsync and written - synced >= SYNC_BYTES:
                     _datasync(self._fd)

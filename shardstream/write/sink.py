@@ -198,11 +198,11 @@ class ShardSink:
 
     def _place_run(self, view: memoryview, c: np.ndarray) -> None:
         """:meth:`_place` for every sample of ``view`` cut at the offsets ``c``."""
-        i, n = 0, len(c) - 1
+        i, n, cuts = 0, len(c) - 1, c.tolist()
         while i < n:
             fill = Fill(self._block_count, self._block_len, self._shard_samples,
                         self._shard_bytes)
-            what, j = next_cut(c, i, fill, self.block_bytes, self.max_bytes, self.max_samples)
+            what, j = next_cut(cuts, i, fill, self.block_bytes, self.max_bytes, self.max_samples)
             self._append_run(view, c, i, j)
             if what != OPEN:
                 self._flush_block()
