@@ -85,7 +85,9 @@ def add_storage_arg(p: argparse.ArgumentParser) -> None:
 def add_write_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("inputs", nargs="+", metavar="INPUT",
                    help="JSONL (.jsonl, .jsonl.gz), JSON array, msgpack stream, Parquet, "
-                        "pickle (with --allow-pickle), or - for JSONL on stdin")
+                        "Arrow IPC (.arrow, file or streaming format), a Hugging Face "
+                        "save_to_disk folder (one split), pickle (with --allow-pickle), "
+                        "or - for JSONL on stdin")
     p.add_argument("-o", "--output", required=True,
                    help="output dataset directory or URL (s3://bucket/prefix, gs://...)")
     p.add_argument("--prefix", default="shard", help="shard name prefix (default: shard)")
