@@ -3,6 +3,7 @@
 usage: python benchmarks/ray_read.py [--workload tokens] [--cpus 2] [--workers 2]
                                      [--batch 256] [--repeat 3] [--out DIR]
                                      [--modes shardstream,ray_numpy,ray_torch]
+                                     [--refresh-ray-limits]
 
 Writes the workload (``tokens`` 100k of the shared harness, as ``benchmarks/stream.py``)
 into ``DIR/<workload>`` unless it is there, then reads one epoch per run, each in a
@@ -23,6 +24,15 @@ shardstream on their first task) and the first batch count. ``warm``: the second
 epoch in the same process (ShardStream's persistent workers; the same Ray Dataset
 executed again). Prints one JSON line per epoch, then per epoch kind a summary: the
 median ``samples_per_s`` per mode and ``ratio`` = each Ray mode's median / ShardStream's.
+
+``--refresh-ray-limits`` is a diagnostic, not a setting: Ray Data (2.60) starts every
+execution with zero resource limits (the autoscaling coordinator's answer arrives
+asynchronously and the limits are cached for ``ResourceManager.
+GLOBAL_LIMITS_UPDATE_INTERVAL_S`` = 1 s), so for its first second it runs one read task
+at a time; a sub-second epoch is read serially. The flag sets that private attribute
+to 0 in the Ray runs (limits re-read every scheduling step, two tasks at once from the
+start) to measure what the serial start costs; the lines then carry
+``"refresh_ray_limits": true``.
 """
 
 from __future__ import annotations
@@ -71,6 +81,9 @@ for epoch in ("cold", "warm"):
 RAY = COMMON + r"""
 import ray
 from shardstream.integrations import ray as ssray
+if {refresh}:  # diagnostic (see the module docs): a private Ray attribute
+    from ray.data._internal.execution.resource_manager import ResourceManager
+    ResourceManager.GLOBAL_LIMITS_UPDATE_INTERVAL_S = 0
 t = time.perf_counter()
 ray.init(num_cpus={cpus}, include_dashboard=False, log_to_driver=False,
          logging_level="ERROR", configure_logging=False)
@@ -98,8 +111,9 @@ for epoch in ("cold", "warm"):  # warm: the same Dataset executed again
     for b in it:
         first = time.perf_counter() - t0 if first is None else first
         n += len(b["id"])
+    extra = dict(refresh_ray_limits=True) if {refresh} else {{}}
     print(json.dumps(dict(finish({mode!r}, n, t0, first), epoch=epoch, cpus={cpus},
-                          init_s=round(init_s, 3))))
+                          init_s=round(init_s, 3), **extra)))
 """
 
 
@@ -120,6 +134,8 @@ def main() -> None:
     ap.add_argument("--batch", type=int, default=256)
     ap.add_argument("--repeat", type=int, default=3)
     ap.add_argument("--modes", default="shardstream,ray_numpy,ray_torch")
+    ap.add_argument("--refresh-ray-limits", action="store_true",
+                    help="diagnostic: Ray Data re-reads its resource limits every step")
     args = ap.parse_args()
     path = os.path.join(args.out, args.workload)
     ensure_written(args.workload, SIZES[args.workload], path)
@@ -128,7 +144,8 @@ def main() -> None:
     for _ in range(args.repeat):
         for mode in modes:
             code = (SHARDSTREAM if mode == "shardstream" else RAY).format(
-                path=path, batch=args.batch, workers=args.workers, cpus=args.cpus, mode=mode)
+                path=path, batch=args.batch, workers=args.workers, cpus=args.cpus, mode=mode,
+                refresh=args.refresh_ray_limits)
             for res in run(code):
                 assert res["n"] == SIZES[args.workload], res
                 print(json.dumps(res), flush=True)
@@ -136,6 +153,8 @@ def main() -> None:
     for epoch, by_mode in rates.items():
         med = {m: statistics.median(r) for m, r in by_mode.items()}
         summary: dict = {"summary": args.workload, "epoch": epoch, "median_samples_per_s": med}
+        if args.refresh_ray_limits:
+            summary["refresh_ray_limits"] = True
         if "shardstream" in med:
             summary["ratio"] = {m: round(v / med["shardstream"], 3) for m, v in med.items()
                                 if m != "shardstream"}

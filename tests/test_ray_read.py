@@ -12,9 +12,12 @@ ray = pytest.importorskip("ray", reason="Ray is not installed (pip install 'shar
 pytest.importorskip("ray.data", reason="Ray Data is not installed (pip install 'ray[data]')")
 
 import pyarrow as pa  # noqa: E402
+from ray.data.block import BlockAccessor  # noqa: E402
 
 from shardstream.errors import ManifestError, ShardNotFoundError  # noqa: E402
 from shardstream.integrations import ray as ssray  # noqa: E402
+from shardstream.integrations import ray_read  # noqa: E402
+from shardstream.integrations.ray_columns import samples_to_block  # noqa: E402
 from shardstream.integrations.ray_read import (arrow_batch, column_plan, plan_pieces,  # noqa: E402
                                                rows_to_block)
 from shardstream.read.shards import ShardRef  # noqa: E402
@@ -105,6 +108,77 @@ def test_source_without_manifest_is_refused(tmp_path):
     with pytest.raises(ManifestError, match=r"shard-000000\.tar.*Ray reads need a dataset "
                                             "with a manifest"):
         ssray.ShardstreamDatasource(tars)
+
+
+def block_rows(table) -> list[dict]:
+    """A block's rows as a consumer gets them (tensors as ndarrays, nulls as None)."""
+    return list(BlockAccessor.for_block(table).iter_rows(public_row_format=True))
+
+
+def mixed(i: int) -> dict:
+    """Every column kind: ragged 1-d and 2-d, fixed shape, str/bytes, optional, struct."""
+    s = rich(i)
+    s["m"] = np.full((i % 3, 2), i, dtype=np.int16)  # ragged in dim 0, empty rows too
+    s["b"] = bytes(range(i % 7))
+    return s
+
+
+MIXED_PLAN = {"id": ("arrow", pa.int64()), "f": ("arrow", pa.float64()),
+              "s": ("arrow", pa.string()), "b": ("arrow", pa.binary()),
+              "x": ("ragged", (np.dtype("int32"), 1)), "m": ("ragged", (np.dtype("int16"), 2)),
+              "vec": ("fixed", (np.dtype("float32"), (2, 3))), "opt": ("arrow", pa.int64()),
+              "meta": ("arrow", pa.struct([pa.field("even", pa.bool_())]))}
+
+
+def test_block_built_in_chunks_equals_one_pass_and_round_trips():
+    rows = [mixed(i) for i in range(60)]
+    whole = samples_to_block([rows], MIXED_PLAN)
+    cut = samples_to_block(iter([rows[:7], [], rows[7:20], rows[20:]]), MIXED_PLAN)
+    assert cut.equals(whole) and all(c.num_chunks == 1 for c in cut.columns)
+    assert "VariableShaped" in str(cut.schema.field("x").type)
+    assert "VariableShaped" in str(cut.schema.field("m").type)
+    assert "TensorTypeV2" in str(cut.schema.field("vec").type)
+    got = block_rows(cut)
+    check_rows(got, 60, make=mixed)  # dtypes, shapes and values exact; "opt" null if absent
+    assert [r["m"].shape for r in got] == [(i % 3, 2) for i in range(60)]
+    assert [r["meta"] for r in got] == [{"even": i % 2 == 0} for i in range(60)]
+    empty = samples_to_block([], MIXED_PLAN)
+    assert empty.num_rows == 0 and empty.column_names == list(MIXED_PLAN)
+
+
+def test_value_the_schema_did_not_foresee_keeps_every_value():
+    rows = [mixed(i) for i in range(30)]
+    rows[12]["x"] = None  # one chunk's ragged column goes through Ray's conversion
+    rows[25]["id"] = 2 ** 70  # beyond int64
+    rows[3]["m"] = np.ones((2, 2, 2), dtype=np.int16)  # another ndim
+    t = samples_to_block([rows[:10], rows[10:20], rows[20:]], MIXED_PLAN)
+    got = block_rows(t)
+    for want, r in zip(rows, got):
+        for k in ("id", "x", "m", "s", "vec"):
+            if isinstance(want[k], np.ndarray):
+                assert r[k].dtype == want[k].dtype and np.array_equal(r[k], want[k]), k
+            else:
+                assert r[k] == want[k], k
+    assert t.schema.field("s").type == pa.string()  # the other columns keep their types
+
+
+@pytest.mark.parametrize("dtype", ["bool", "complex64", "float16", "uint64"])
+def test_ragged_dtypes_round_trip(dtype):
+    rows = [{"a": (np.arange(i % 4 + 1) % 3).astype(dtype)} for i in range(20)]
+    t = samples_to_block([rows[:5], rows[5:]], {"a": ("ragged", (np.dtype(dtype), 1))})
+    for want, r in zip(rows, block_rows(t)):
+        assert r["a"].dtype == want["a"].dtype and np.array_equal(r["a"], want["a"])
+
+
+def test_read_task_decodes_in_chunks_exactly(make_dataset, monkeypatch):
+    out = make_dataset(N, make=rich, max_samples=None, block_bytes=512)  # one shard
+    monkeypatch.setattr(ray_read, "CHUNK_BYTES", 1)  # the smallest chunks: 16 samples
+    src = ray_read.ShardstreamDatasource(out, block_bytes=20_000)
+    tasks = src.get_read_tasks(3)
+    assert [t.read_fn.args[-1] for t in tasks] == [16] * 3
+    blocks = [b for t in tasks for b in t.read_fn()]
+    assert len(blocks) > 3 and all(c.num_chunks == 1 for b in blocks for c in b.columns)
+    check_rows([r for b in blocks for r in block_rows(b)], N)
 
 
 # ---------------------------------------------------------------- on Ray

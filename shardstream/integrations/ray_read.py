@@ -13,7 +13,9 @@ exactly one range, so a read is exact: every sample once (in dataset order when
 
 A read task opens its shards with a :class:`~shardstream.read.blocks.BlockReader`
 (index checked against the manifest, blocks checked against their checksums)
-and yields Arrow blocks of about ``block_bytes`` of stored samples. Remote shards
+and yields Arrow blocks of about ``block_bytes`` of stored samples, each built
+:data:`CHUNK_BYTES` of samples at a time by
+:func:`~shardstream.integrations.ray_columns.samples_to_block`. Remote shards
 (``s3://``, ``http://``...) are downloaded whole into the node-local cache
 (:class:`~shardstream.storage.cache.RemoteCache`, ``cache_dir``): once per node,
 shared by every task and process of that node. Tasks get only settings and
@@ -25,7 +27,8 @@ tensor columns, of one dtype and ndim but varying sizes variable-shaped tensor
 columns; ``int``/``float``/``bool``/``str``/``bytes`` fields int64/float64/bool/
 string/binary (null where a sample lacks the field); nested dicts of such fields
 structs. Anything else goes through Ray's own conversion, block by block (lists,
-mixed types, ndarrays missing from some samples, ints beyond int64).
+mixed types, ndarrays missing from some samples, ints beyond int64). The columns
+are built in bulk (:mod:`shardstream.integrations.ray_columns`).
 """
 
 from __future__ import annotations
@@ -41,16 +44,15 @@ import numpy as np
 try:
     import pyarrow as pa
     import ray
-    from ray.data.block import BlockAccessor, BlockMetadata
+    from ray.data.block import BlockMetadata
     from ray.data.datasource import Datasource, ReadTask
-    from ray.data.extensions import (ArrowTensorArray, ArrowVariableShapedTensorArray,
-                                     ArrowVariableShapedTensorType,
-                                     get_arrow_extension_tensor_types)
+    from ray.data.extensions import ArrowVariableShapedTensorType, get_arrow_extension_tensor_types
 except ImportError as exc:  # pragma: no cover - depends on the environment
     raise ImportError("shardstream.integrations.ray_read needs Ray Data: "
                       "pip install 'shardstream[ray]'") from exc
 
 from shardstream.errors import ManifestError
+from shardstream.integrations.ray_columns import column_plan, rows_to_block, samples_to_block
 from shardstream.read.blocks import BlockReader
 from shardstream.read.shards import ShardRef, shard_refs
 from shardstream.read.sources import resolve
@@ -58,15 +60,13 @@ from shardstream.storage.cache import RemoteCache
 from shardstream.storage.urls import is_remote
 
 __all__ = ["ShardstreamDatasource", "read", "arrow_batch", "Piece", "plan_pieces",
-           "column_plan", "rows_to_block", "DEFAULT_BLOCK_BYTES"]
+           "column_plan", "rows_to_block", "DEFAULT_BLOCK_BYTES", "CHUNK_BYTES"]
 
 #: stored sample bytes per Arrow block a read task yields
 DEFAULT_BLOCK_BYTES = 32 << 20
-
-_SCALARS = {frozenset({"int"}): pa.int64(), frozenset({"float"}): pa.float64(),
-            frozenset({"int", "float"}): pa.float64(), frozenset({"bool"}): pa.bool_(),
-            frozenset({"str"}): pa.string(), frozenset({"bytes"}): pa.binary(),
-            frozenset(): pa.null()}
+#: stored sample bytes decoded at a time while a block is built (kept small: the decoded
+#: samples of a chunk stay in cache until their columns are built and they are freed)
+CHUNK_BYTES = 1 << 20
 
 
 @dataclass(frozen=True)
@@ -117,104 +117,7 @@ def plan_pieces(refs: Sequence[ShardRef], tasks: int) -> list[list[Piece]]:
     return out
 
 
-# ---------------------------------------------------------------- columns
-def column_plan(schema: dict[str, dict[str, Any]], columns: Sequence[str] | None = None,
-                where: str = "") -> dict[str, tuple[str, Any]]:
-    """Top-level field -> (kind, detail) from a manifest schema (see the module docs).
-
-    Kinds: ``fixed`` (dtype, shape), ``ragged`` (dtype, ndim), ``arrow`` (an Arrow
-    type), ``infer`` (None: Ray's conversion).
-    """
-    tree: dict[str, Any] = {}  # name -> {child name: node, ..., "\0": the schema entry}
-    for path, f in schema.items():
-        node = tree
-        for part in path.split("."):
-            node = node.setdefault(part, {})
-        node["\0"] = f
-    names = list(tree)
-    if columns is not None:
-        unknown = [c for c in columns if c not in tree]
-        if unknown:
-            raise ValueError(f"{where}: no field {unknown[0]!r} in the manifest's schema; "
-                             f"fields: {', '.join(names)}")
-        names = list(columns)
-    return {name: _plan(tree[name]) for name in names}
-
-
-def _plan(node: dict[str, Any]) -> tuple[str, Any]:
-    f = node.get("\0")
-    children = {k: v for k, v in node.items() if k != "\0"}
-    if f is not None and children:
-        return "infer", None  # a dict in some samples, something else in others
-    if children:
-        sub = {k: _plan(v) for k, v in children.items()}
-        if all(kind == "arrow" for kind, _ in sub.values()):
-            return "arrow", pa.struct([pa.field(k, t) for k, (_, t) in sub.items()])
-        return "infer", None
-    types = set(f.get("types", ())) - {"null"}
-    if types and types <= {"ndarray", "tensor"} and "null" not in f.get("types", ()):
-        dtypes, shape = f.get("dtypes") or [], f.get("shape")
-        if len(dtypes) == 1 and np.dtype(dtypes[0]).kind in "biufc" and shape is not None:
-            if all(d is not None for d in shape) and shape:
-                return "fixed", (np.dtype(dtypes[0]), tuple(shape))
-            if shape:
-                return "ragged", (np.dtype(dtypes[0]), len(shape))
-        return "infer", None
-    t = _SCALARS.get(frozenset(types))
-    return ("arrow", t) if t is not None else ("infer", None)
-
-
-def rows_to_block(rows: list[dict], plan: dict[str, tuple[str, Any]]) -> pa.Table:
-    """Samples -> one Arrow table with the columns ``plan`` gives (missing -> null)."""
-    arrays = []
-    for name, (kind, detail) in plan.items():
-        values = [r.get(name) for r in rows]
-        arrays.append(_column(values, kind, detail))
-    if not plan:
-        return pa.table({"__row__": pa.nulls(len(rows))}).drop_columns(["__row__"])
-    return pa.Table.from_arrays(arrays, names=list(plan))
-
-
-def _column(values: list, kind: str, detail: Any) -> pa.Array:
-    try:
-        if kind == "fixed":
-            return ArrowTensorArray.from_numpy(np.stack(values))
-        if kind == "ragged":
-            return _ragged(values, *detail)
-        if kind == "arrow":
-            return pa.array(values, type=detail)
-    except (pa.ArrowInvalid, pa.ArrowTypeError, AttributeError, OverflowError, TypeError,
-            ValueError):
-        pass  # a value the manifest's schema did not foresee: Ray's conversion decides
-    obj = np.empty(len(values), dtype=object)
-    obj[:] = values
-    return BlockAccessor.batch_to_block({"c": obj}).column(0).combine_chunks()
-
-
-def _ragged(values: list, dtype: np.dtype, ndim: int) -> pa.Array:
-    """A variable-shaped tensor column, built in bulk (Ray's layout: a struct of the
-    raveled data as a large list and the shapes); Ray's own builder if that differs."""
-    n = len(values)
-    try:
-        shapes = np.array([v.shape for v in values], dtype=np.int64)
-        data = np.concatenate(values if ndim == 1 else [v.reshape(-1) for v in values])
-    except (AttributeError, ValueError):
-        shapes = data = None
-    if data is None or shapes.shape != (n, ndim) or data.dtype != dtype or dtype.kind == "b":
-        return ArrowVariableShapedTensorArray.from_numpy(values)
-    offsets = np.zeros(n + 1, dtype=np.int64)
-    np.cumsum(shapes[:, 0] if ndim == 1 else shapes.prod(axis=1), out=offsets[1:])
-    storage = pa.StructArray.from_arrays(
-        [pa.LargeListArray.from_arrays(pa.array(offsets), pa.array(data)),
-         pa.ListArray.from_arrays(pa.array(np.arange(0, n * ndim + 1, ndim, dtype=np.int32)),
-                                  pa.array(shapes.reshape(-1)))],
-        ["data", "shape"])
-    type_ = ArrowVariableShapedTensorType(pa.from_numpy_dtype(dtype), ndim)
-    if storage.type != type_.storage_type:  # another Ray's layout
-        return ArrowVariableShapedTensorArray.from_numpy(values)
-    return type_.wrap_array(storage)
-
-
+# ---------------------------------------------------------------- batches
 def arrow_batch(table: pa.Table, pad_value: int | float = 0) -> dict[str, Any]:
     """A pyarrow batch as numpy, collated like ShardStream, without a Python object per row.
 
@@ -263,23 +166,30 @@ def _padded(arr: Any, pad_value: int | float) -> tuple[np.ndarray, np.ndarray] |
 # ---------------------------------------------------------------- read tasks
 def read_pieces(pieces: Sequence[Piece], plan: dict[str, tuple[str, Any]],
                 block_rows: int, storage_options: dict[str, Any] | None,
-                cache_dir: str | None, verify_blocks: bool | None) -> Iterator[pa.Table]:
-    """One read task: the samples of ``pieces`` as Arrow blocks of ``block_rows`` rows."""
+                cache_dir: str | None, verify_blocks: bool | None,
+                chunk_rows: int | None = None) -> Iterator[pa.Table]:
+    """One read task: the samples of ``pieces`` as Arrow blocks of ``block_rows`` rows,
+    each decoded and converted ``chunk_rows`` samples at a time."""
     refs = list(dict.fromkeys(p.ref for p in pieces))
     remote = (RemoteCache(storage_options, cache_dir=cache_dir)
               if any(is_remote(r.path) for r in refs) else None)
     reader = BlockReader(refs, remote=remote, verify_blocks=verify_blocks)
     if remote is not None and len(refs) > 1:
         reader.prefetch(range(len(refs)))  # the next shards download while one is read
+    step = max(1, chunk_rows or block_rows)
+
+    def chunks(s: int, a: int, z: int) -> Iterator[list]:
+        for c in range(a, z, step):
+            local = np.arange(c, min(c + step, z), dtype=np.int64)
+            yield reader.read(np.full(len(local), s, dtype=np.int64), local)
+
     try:
         for p in pieces:
             s = refs.index(p.ref)
             k = -(-(p.stop - p.start) // block_rows)  # blocks of even size
             cuts = [p.start + (p.stop - p.start) * j // k for j in range(k + 1)]
             for a, z in zip(cuts, cuts[1:]):
-                local = np.arange(a, z, dtype=np.int64)
-                rows = reader.read(np.full(len(local), s, dtype=np.int64), local)
-                yield rows_to_block(rows, plan)
+                yield samples_to_block(chunks(s, a, z), plan)
     finally:
         reader.close()
 
@@ -327,10 +237,11 @@ class ShardstreamDatasource(Datasource):
                          for p in pieces)
             per_row = max(1, nbytes // max(rows, 1))
             block_rows = max(1, min(rows, self.block_bytes // per_row))
+            chunk_rows = max(16, min(block_rows, CHUNK_BYTES // per_row))
             meta = BlockMetadata(num_rows=rows, size_bytes=int(nbytes), exec_stats=None,
                                  input_files=list(dict.fromkeys(p.ref.path for p in pieces)))
             fn = partial(read_pieces, pieces, self.plan, block_rows, self.storage_options,
-                         self.cache_dir, self.verify_blocks)
+                         self.cache_dir, self.verify_blocks, chunk_rows)
             tasks.append(ReadTask(fn, meta, per_task_row_limit=per_task_row_limit))
         return tasks
 
