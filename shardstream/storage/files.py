@@ -11,8 +11,8 @@ from typing import BinaryIO, Iterator
 
 from shardstream.errors import ShardNotFoundError, ShardstreamError, StorageError
 
-__all__ = ["missing_shard", "sha256_file", "atomic_write", "fsync_dir", "storage_error", "local_errors",
-           "open_local"]
+__all__ = ["missing_shard", "sha256_file", "atomic_write", "write_file", "fsync_dir",
+           "storage_error", "local_errors", "open_local"]
 
 
 # ---------------------------------------------------------------- OS errors
@@ -118,6 +118,19 @@ def atomic_write(path: str, data: bytes, *, fsync: bool = True, temp_prefix: str
         raise
     if fsync:
         fsync_dir(directory)
+
+
+def write_file(path: str, data: bytes, fsync: bool = True) -> None:
+    """Write a new file in place (a shard's index, in a staging folder no reader sees),
+    fsynced unless asked not to; errors name it."""
+    try:
+        with open(path, "wb") as f:
+            f.write(data)
+            f.flush()
+            if fsync:
+                os.fsync(f.fileno())
+    except OSError as exc:
+        raise storage_error("write", path, exc) from exc
 
 
 def sha256_file(path: str, chunk: int = 1 << 20) -> str:

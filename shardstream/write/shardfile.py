@@ -1,4 +1,4 @@
-"""ShardFile: a shard being written, its I/O on a background thread; write_file.
+"""ShardFile: a shard being written, its I/O on background threads.
 
 The sink appends bytes (tar headers, blocks straight from an encoded batch, padding);
 in batches of about ``BATCH_BYTES`` one thread writes them with one ``os.writev``
@@ -6,9 +6,10 @@ each and, with ``fsync``, flushes every ``SYNC_BYTES`` with ``fdatasync`` so tha
 final ``fsync`` has little left to do; another hashes them (sha256, for the manifest).
 ``writev``, ``fdatasync`` and ``update`` of large buffers release the GIL, so writing,
 hashing and encoding the next samples run side by side. The queues are bounded
-(``DEPTH`` batches): a slow disk holds the encoder back rather than filling memory. An error on the thread is raised, naming the file, by the next
-:meth:`write` or by :meth:`close`; the bytes handed over must not change afterwards
-(``bytes``, or views of read-only buffers, as the sink gives).
+(``DEPTH`` batches): a slow disk holds the encoder back rather than filling memory.
+An error on the writing thread is raised, naming the file, by the next :meth:`write`
+or by :meth:`close`; the bytes handed over must not change afterwards (``bytes``, or
+views of read-only buffers, as the sink gives).
 """
 
 from __future__ import annotations
@@ -20,7 +21,7 @@ import threading
 
 from shardstream.storage.files import storage_error
 
-__all__ = ["ShardFile", "write_file"]
+__all__ = ["ShardFile"]
 
 BATCH_BYTES = 1 << 20
 SYNC_BYTES = 16 << 20
@@ -110,18 +111,20 @@ class ShardFile:
             if self._error is not None:
                 continue  # drain: the caller raises the error
             try:
-                self._write_all(pieces)
-                written += sum(map(len, pieces))
+                written += self._write_all(pieces)
                 if self.fsync and written - synced >= SYNC_BYTES:
                     _datasync(self._fd)
                     synced = written
             except BaseException as exc:  # kept for the caller; the thread drains on
                 self._error = exc
 
-    def _write_all(self, pieces: list[bytes | memoryview]) -> None:
+    def _write_all(self, pieces: list[bytes | memoryview]) -> int:
+        """Write every piece (``writev``, then piece by piece after a short write); the
+        bytes written."""
+        total = sum(map(len, pieces))
         done = os.writev(self._fd, pieces)
-        if done == sum(map(len, pieces)):
-            return
+        if done == total:
+            return total
         for p in pieces:  # a short write (rare on files): the rest one piece at a time
             view = memoryview(p)
             if done >= len(view):
@@ -130,15 +133,5 @@ class ShardFile:
             view, done = view[done:], 0
             while view:
                 view = view[os.write(self._fd, view):]
+        return total
 
-
-def write_file(path: str, data: bytes, fsync: bool = True) -> None:
-    """Write a small file (a shard's index) at once; errors name it."""
-    try:
-        with open(path, "wb") as f:
-            f.write(data)
-            f.flush()
-            if fsync:
-                os.fsync(f.fileno())
-    except OSError as exc:
-        raise storage_error("write", path, exc) from exc

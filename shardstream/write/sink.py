@@ -18,9 +18,10 @@ from shardstream.format.index import (INDEX_SUFFIX, TAR_END, ShardIndex, block_c
 from shardstream.format.limits import MAX_BLOCK_RAW_BYTES
 from shardstream.format.manifest import ShardInfo
 from shardstream.format.schema import SchemaBuilder
+from shardstream.storage.files import write_file
 from shardstream.write.arrow_encode import EncodedRows
 from shardstream.write.cuts import OPEN, SHARD, Fill, next_cut
-from shardstream.write.shardfile import ShardFile, write_file
+from shardstream.write.shardfile import ShardFile
 
 __all__ = ["DEFAULT_MAX_BYTES", "DEFAULT_BLOCK_BYTES"]
 
@@ -189,7 +190,7 @@ class ShardSink:
         """Append a batch of encoded (and key-checked) samples, merge its schema: cut
         where :meth:`write_encoded` cuts (:mod:`~shardstream.write.cuts`), blocks
         written straight from ``rows.data``."""
-        if self._pack or self._warm is not None:  # compressed: frames take samples one by one
+        if self._pack:  # compressed: frames take samples one by one
             for data in rows.samples:
                 self.write_encoded(data)
         else:
