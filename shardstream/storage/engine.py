@@ -229,6 +229,16 @@ def _try_connect(path: str) -> socket.socket | None:
         return None
 
 
+#: Held while the engine is spawned, and by every os.fork() of this process while it
+#: forks. Popen waits for its child's exec on a pipe whose write end a process forked
+#: meanwhile (start_soon spawns from a thread, the main thread may be forking
+#: DataLoader workers) would keep open: Popen would wait for ever, holding the start
+#: lock that those workers then wait for. (Popen's own fork runs no at-fork hooks.)
+_SPAWNING = threading.RLock()
+os.register_at_fork(before=_SPAWNING.acquire, after_in_parent=_SPAWNING.release,
+                    after_in_child=_SPAWNING.release)
+
+
 def _connect_or_start(path: str) -> socket.socket:
     sock = _try_connect(path)
     if sock is not None:
@@ -256,9 +266,10 @@ def _start(path: str) -> socket.socket:
     env = dict(os.environ)
     here = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
     env["PYTHONPATH"] = os.pathsep.join([here] + [p for p in [env.get("PYTHONPATH")] if p])
-    subprocess.Popen([sys.executable, "-c", _MAIN, path],
-                     stdin=subprocess.DEVNULL, stdout=log, stderr=log, env=env,
-                     start_new_session=True, close_fds=True)
+    with _SPAWNING:  # no fork (a DataLoader's workers) while the engine is spawned
+        subprocess.Popen([sys.executable, "-c", _MAIN, path],
+                         stdin=subprocess.DEVNULL, stdout=log, stderr=log, env=env,
+                         start_new_session=True, close_fds=True)
     log.close()
     deadline = time.monotonic() + _START_S
     while time.monotonic() < deadline:

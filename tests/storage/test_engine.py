@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import multiprocessing as mp
 import os
+import threading
 import time
 
 import pytest
@@ -122,3 +123,27 @@ def test_a_forked_worker_gets_ranges_written_in_place_by_the_engine(served, tmp_
     with open(dest, "rb") as f:
         f.seek(4096)
         assert f.read() == data[4096:70000]  # at the object's own offsets
+
+
+def test_no_fork_while_the_engine_is_being_spawned():
+    """A fork (a DataLoader starting its workers) waits until Popen has returned: a
+    child forked meanwhile would hold the pipe Popen waits on, and both would hang."""
+    spawned = threading.Event()
+    done: list[float] = []
+
+    def spawn() -> None:  # what _start does around Popen
+        with engine._SPAWNING:
+            spawned.set()
+            time.sleep(0.3)
+            done.append(time.monotonic())
+
+    t = threading.Thread(target=spawn)
+    t.start()
+    spawned.wait()
+    pid = os.fork()
+    if pid == 0:
+        os._exit(0)
+    forked = time.monotonic()
+    os.waitpid(pid, 0)
+    t.join()
+    assert done and forked >= done[0]
